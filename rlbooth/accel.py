@@ -1,0 +1,55 @@
+"""Accelerator set-up shared by both stages: precision, TensorBoard logging, and friendly checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rlbooth.config import ConfigError, RuntimeConfig
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+
+
+def check_runtime(runtime: RuntimeConfig) -> None:
+    """Fail before loading anything when the precision cannot run here."""
+    import torch
+
+    if runtime.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("runtime.mixed_precision: fp16 needs a CUDA GPU; on this machine use "
+                          "`--set runtime.mixed_precision=no` (or bf16)")
+
+
+def make_accelerator(runtime: RuntimeConfig, output_dir: Path, gradient_accumulation_steps: int = 1
+                     ) -> "Accelerator":
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    if runtime.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return Accelerator(
+        mixed_precision=runtime.mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        log_with=None if runtime.report_to == "none" else runtime.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+
+
+def weight_dtype(accelerator: "Accelerator") -> "torch.dtype":
+    """The dtype frozen weights are kept in; trainable ones stay float32."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def flat_hparams(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """TensorBoard's hparams take scalars only: nested keys are dotted, lists and None become strings."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat

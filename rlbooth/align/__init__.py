@@ -1,0 +1,1 @@
+"""Stage two: DDPO over denoising trajectories."""

@@ -1,0 +1,114 @@
+"""PPO's clipped objective and DDPO's reward normalization.
+
+Written here rather than taken from TRL: TRL's last diffusion trainer
+(0.23.1) samples from the base model instead of the personalized one.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_STD_EPS = 1e-6
+
+
+def ppo_clip_loss(
+    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate loss; the info dict is for logging only (detached).
+
+    Taking the max of the two negated surrogates makes the update stop
+    wherever moving the ratio further out of [1 - clip, 1 + clip] would only
+    help the objective, which keeps each step close to the sampling policy.
+    """
+    if not clip_range > 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    if not log_prob.shape == old_log_prob.shape == advantages.shape:
+        # Broadcasting (B,) against (B, 1) would silently build a B x B loss.
+        raise ValueError(
+            "log_prob, old_log_prob and advantages must have the same shape, got "
+            f"{tuple(log_prob.shape)}, {tuple(old_log_prob.shape)}, {tuple(advantages.shape)}"
+        )
+    log_ratio = log_prob - old_log_prob
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.mean(torch.maximum(unclipped, clipped))
+    with torch.no_grad():
+        info = {
+            "approx_kl": 0.5 * torch.mean(log_ratio**2),
+            "clipfrac": torch.mean((torch.abs(ratio - 1.0) > clip_range).float()),
+            "ratio": torch.mean(ratio),
+        }
+    return loss, info
+
+
+def batch_advantages(rewards: np.ndarray) -> np.ndarray:
+    """Standardize over the whole batch, for runs without per-prompt tracking."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    return (rewards - rewards.mean()) / (rewards.std() + _STD_EPS)
+
+
+def clip_advantages(advantages: np.ndarray, max_abs: float) -> np.ndarray:
+    """Bound outliers, which would otherwise dominate a batch's gradient."""
+    if not max_abs > 0:
+        raise ValueError(f"max_abs must be > 0, got {max_abs}")
+    return np.clip(advantages, -max_abs, max_abs)
+
+
+class PerPromptStatTracker:
+    """Normalizes rewards per prompt, so easy prompts do not drown out hard ones.
+
+    Until a prompt's buffer holds ``min_count`` rewards its estimate is too
+    noisy, and the whole batch's statistics are used instead.
+    """
+
+    def __init__(self, buffer_size: int, min_count: int) -> None:
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+        if min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {min_count}")
+        if min_count > buffer_size:
+            # The buffer could never reach min_count: batch statistics forever.
+            raise ValueError(f"min_count ({min_count}) must be <= buffer_size ({buffer_size})")
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self._buffers: dict[str, deque[float]] = {}
+
+    def update(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+        """Record this batch's rewards and return their advantages (float64)."""
+        rewards = np.asarray(rewards, dtype=np.float64)
+        if rewards.ndim != 1 or len(prompts) != len(rewards):
+            raise ValueError(
+                f"rewards must be 1-D with one value per prompt, got shape {rewards.shape} for {len(prompts)} prompts"
+            )
+        prompt_array = np.asarray(prompts, dtype=object)
+        advantages = np.empty_like(rewards)
+        for prompt in dict.fromkeys(prompts):
+            mask = prompt_array == prompt
+            buffer = self._buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(rewards[mask].tolist())
+            reference = np.asarray(buffer) if len(buffer) > self.min_count else rewards
+            advantages[mask] = (rewards[mask] - reference.mean()) / (reference.std() + _STD_EPS)
+        return advantages
+
+    def stats(self) -> dict[str, float]:
+        lengths = [len(b) for b in self._buffers.values()]
+        return {
+            "num_prompts": len(lengths),
+            "mean_buffer_length": float(np.mean(lengths)) if lengths else 0.0,
+        }
+
+    def state_dict(self) -> dict[str, dict[str, list[float]]]:
+        """Plain lists of floats, so a checkpoint can store it as JSON."""
+        return {"buffers": {prompt: list(buffer) for prompt, buffer in self._buffers.items()}}
+
+    def load_state_dict(self, state: dict[str, dict[str, list[float]]]) -> None:
+        """Replace the buffers; a longer saved buffer keeps its newest values."""
+        self._buffers = {
+            prompt: deque((float(r) for r in values), maxlen=self.buffer_size)
+            for prompt, values in state["buffers"].items()
+        }

@@ -1,0 +1,93 @@
+"""The `rlbooth` console script: thin subcommands over plain functions.
+
+Nothing heavy is imported at module level, so `rlbooth --help` answers at once; each command
+imports its stage when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rlbooth import __version__
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default=None,
+                        help="preset YAML: a path or a name in configs/ (tiny, sd15, sd15-lora)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set personalize.max_train_steps=400 (repeatable)")
+
+
+def _add_subject_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("subject", "a subject spec YAML, or its fields as flags")
+    group.add_argument("--subject", "-s", type=Path, help="subject spec YAML (images, class_noun, identifier, ...)")
+    group.add_argument("--images", type=Path, help="folder of the subject's photos")
+    group.add_argument("--class-noun", help="class of the subject, e.g. dog")
+    group.add_argument("--identifier", default=None, help="rare token for the subject (default: sks)")
+    group.add_argument("--description", default=None, help="words between identifier and class noun")
+    group.add_argument("--kind", choices=["face", "live", "object"], default=None, help="subject kind")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlbooth", description="Personalize a text-to-image model to one subject (DreamBooth), then align it with RL (DDPO).")
+    parser.add_argument("--version", action="version", version=f"rlbooth {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("personalize", help="stage one: DreamBooth with prior preservation")
+    _add_config_args(p)
+    _add_subject_args(p)
+    p.add_argument("--output", "-o", type=Path, required=True, help="output folder of this stage")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    p.set_defaults(func=cmd_personalize)
+    return parser
+
+
+def subject_from_args(args: argparse.Namespace):
+    from rlbooth.subject import Subject, SubjectError
+
+    flags = {k: getattr(args, k) for k in ("images", "class_noun", "identifier", "description", "kind")
+             if getattr(args, k) is not None}
+    if args.subject is not None:
+        subject = Subject.from_yaml(args.subject)
+        if flags:
+            from dataclasses import replace
+
+            subject = replace(subject, **flags)
+        return subject
+    if "images" not in flags or "class_noun" not in flags:
+        raise SubjectError("give --subject SPEC.yaml, or at least --images DIR and --class-noun NOUN")
+    return Subject(**flags)
+
+
+def cmd_personalize(args: argparse.Namespace) -> None:
+    from rlbooth.config import load_config
+    from rlbooth.personalize.train import personalize
+
+    config = load_config(args.config, args.overrides)
+    subject = subject_from_args(args)
+    model_dir = personalize(config, subject, args.output, resume=args.resume)
+    print(f"stage one finished: {model_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    main_process = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from rlbooth.errors import RlboothError
+
+    try:
+        args.func(args)
+    except RlboothError as err:
+        print(f"rlbooth {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Typed configuration: one dataclass per concern, loaded from YAML presets that extend each other.
+
+Each field is documented once, in the string under it. A preset names its parent with
+`extends: other.yaml` (a path relative to the preset, or a preset name); command-line overrides
+(`--set personalize.learning_rate=1e-4`) are applied last. Unknown keys and wrong types raise
+`ConfigError` naming the dotted key, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from rlbooth.errors import RlboothError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(RlboothError, ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of the offline pipeline that `model.pretrained: tiny` builds from scratch (tests, CPU)."""
+
+    resolution: int = 32
+    """Image side in pixels; the VAE halves it once per extra entry of `vae_channels`."""
+    unet_channels: list[int] = field(default_factory=lambda: [32, 64])
+    """UNet `block_out_channels`; one down/up block pair per entry."""
+    vae_channels: list[int] = field(default_factory=lambda: [32, 64])
+    """VAE `block_out_channels`."""
+    text_hidden_size: int = 32
+    """Width of the CLIP text encoder (also the UNet's cross-attention width)."""
+    text_layers: int = 2
+    """Number of CLIP text encoder layers."""
+    seed: int = 0
+    """Seed of the random initialization, so every build gives the same weights."""
+
+    def __post_init__(self) -> None:
+        _check(self.resolution % 2 ** (len(self.vae_channels) - 1) == 0, "model.tiny.resolution",
+               "must be divisible by the VAE's downsampling factor")
+        _check(len(self.unet_channels) >= 2, "model.tiny.unet_channels", "needs at least two blocks")
+
+
+@dataclass
+class ModelConfig:
+    """Where the base text-to-image pipeline comes from."""
+
+    pretrained: str = "runwayml/stable-diffusion-v1-5"
+    """Hub id or local folder of a diffusers Stable Diffusion pipeline, or `tiny` for the offline test model."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of `pretrained`."""
+    variant: str | None = None
+    """Weight variant of `pretrained` to load, e.g. `fp16`."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Architecture of the offline model; read only when `pretrained` is `tiny`."""
+
+
+@dataclass
+class RuntimeConfig:
+    """How and where the work runs."""
+
+    seed: int = 0
+    """Seed of every random draw in training (batches, noise, timesteps); a resumed run repeats them."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    """Autocast dtype; frozen weights are stored in it, trainable weights stay fp32. fp16 needs a GPU."""
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    """Where accelerate sends the training logs (written under `<output>/logs`)."""
+    allow_tf32: bool = True
+    """Allow TF32 matmuls on Ampere or newer GPUs."""
+
+
+@dataclass
+class PersonalizeConfig:
+    """Stage one: DreamBooth with prior preservation (Ruiz et al. 2023)."""
+
+    mode: Literal["full", "lora"] = "full"
+    """`full` fine-tunes every UNet weight (the paper); `lora` trains adapters on its attention projections."""
+    instance_prompt: str = "a {identifier} {description} {class_noun}"
+    """Template of the prompt paired with the subject's photos (placeholders: identifier, description, class_noun)."""
+    class_prompt: str = "a {class_noun}"
+    """Template of the prompt for the prior-preservation images."""
+    resolution: int = 512
+    """Training resolution in pixels; photos are resized (shorter side) and cropped to it."""
+    center_crop: bool = True
+    """Crop the centre of each photo; otherwise a random (but seeded) crop per photo."""
+    with_prior_preservation: bool = True
+    """Add the prior-preservation loss on images of the class that the base model drew itself."""
+    prior_loss_weight: float = 1.0
+    """Weight of the prior-preservation loss: loss = instance + weight * prior."""
+    num_class_images: int = 200
+    """Class images to train against; only the missing ones are generated."""
+    class_data_dir: str | None = None
+    """Folder of class images; default: a cache folder per base model and class prompt."""
+    class_generation_steps: int = 50
+    """Denoising steps used to draw class images."""
+    class_guidance_scale: float = 7.5
+    """Classifier-free guidance scale used to draw class images."""
+    class_batch_size: int = 4
+    """Class images drawn per forward batch."""
+    train_batch_size: int = 1
+    """Instance images per micro-batch and process (as many class images join them)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+    max_train_steps: int = 800
+    """Optimizer steps of the run."""
+    learning_rate: float = 5e-6
+    """Peak AdamW learning rate."""
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "polynomial"] = "constant"
+    """Learning-rate schedule (diffusers' `get_scheduler`)."""
+    lr_warmup_steps: int = 0
+    """Optimizer steps of linear warm-up."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_weight_decay: float = 1e-2
+    """AdamW decoupled weight decay."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    use_8bit_adam: bool = False
+    """Use bitsandbytes' 8-bit AdamW (install the `8bit` extra)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    snr_gamma: float | None = None
+    """Min-SNR weighting gamma (5.0 is the paper's); off when null."""
+    train_text_encoder: bool = False
+    """Also train the text encoder (full weights, or LoRA in `lora` mode)."""
+    lora_rank: int = 4
+    """Rank of the LoRA adapters."""
+    lora_alpha: float | None = None
+    """LoRA alpha; defaults to the rank (scale 1)."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    """UNet modules that get LoRA adapters."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    checkpointing_steps: int = 200
+    """Write a resumable checkpoint every this many optimizer steps."""
+    checkpoints_total_limit: int | None = 2
+    """Keep only this many checkpoints (oldest removed first); all when null."""
+    validation_prompts: list[str] = field(default_factory=lambda: [
+        "a {identifier} {description} {class_noun} on the beach",
+        "a {identifier} {description} {class_noun} in the snow",
+    ])
+    """Templates of the prompts drawn for the validation grid."""
+    validation_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    """Seeds of the validation images (one grid column per seed)."""
+    validation_steps: int = 200
+    """Draw the validation grid every this many optimizer steps (and at the end); 0 turns it off."""
+    validation_inference_steps: int = 25
+    """Denoising steps of the validation images."""
+    validation_guidance_scale: float = 7.5
+    """Classifier-free guidance scale of the validation images."""
+
+    def __post_init__(self) -> None:
+        for name in ("resolution", "num_class_images", "class_generation_steps", "class_batch_size",
+                     "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
+                     "checkpointing_steps", "lora_rank", "validation_inference_steps"):
+            _check(getattr(self, name) > 0, f"personalize.{name}", "must be positive")
+        for name in ("learning_rate", "max_grad_norm", "prior_loss_weight"):
+            _check(getattr(self, name) > 0, f"personalize.{name}", "must be positive")
+        _check(self.lr_warmup_steps >= 0, "personalize.lr_warmup_steps", "must not be negative")
+        _check(self.validation_steps >= 0, "personalize.validation_steps", "must not be negative")
+        _check(self.snr_gamma is None or self.snr_gamma > 0, "personalize.snr_gamma", "must be positive or null")
+        _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
+               "personalize.checkpoints_total_limit", "must be at least 1 or null")
+        _check(bool(self.lora_target_modules), "personalize.lora_target_modules", "must name at least one module")
+
+
+@dataclass
+class Config:
+    """Everything a run needs besides the subject."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base pipeline."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Seeds, precision, logging."""
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
+    """Stage one."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_preset(name: str | Path, relative_to: Path | None = None) -> Path:
+    """A preset is a path (absolute, or relative to the file that extends it) or a name in `configs/`."""
+    candidates = [Path(name)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / name)
+    candidates += [CONFIG_DIR / str(name), CONFIG_DIR / f"{name}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file {name!r} not found (presets in {CONFIG_DIR}: {known})")
+
+
+def read_preset(name: str | Path, relative_to: Path | None = None, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The preset's mapping merged over its `extends` chain."""
+    path = resolve_preset(name, relative_to).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: `extends` loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must hold a mapping at the top level")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    return deep_merge(read_preset(parent, path.parent, _seen + (path,)), data)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings; the value is parsed as YAML (`1e-4`, `true`, `[1, 2]`, `null`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. personalize.max_train_steps=400")
+        update: dict[str, Any] = {}
+        node = update
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        data = deep_merge(data, update)
+    return data
+
+
+def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    data = read_preset(preset) if preset is not None else {}
+    return from_dict(Config, apply_overrides(data, overrides or []))
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a mapping, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"unknown key '{prefix}{key}' (known keys: {', '.join(sorted(fields))})")
+    kwargs = {key: _coerce(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, f"{key}.")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            _check(type(None) in args, key, "must not be null")
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        _check(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        _check(isinstance(value, list), key, f"expected a list, got {type(value).__name__} {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _check(isinstance(value, dict), key, f"expected a mapping, got {type(value).__name__} {value!r}")
+        key_type, value_type = typing.get_args(tp)
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key,
+               f"expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")  # a bug in the dataclass, not in the YAML

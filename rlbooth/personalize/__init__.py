@@ -1,0 +1,1 @@
+"""Stage one: DreamBooth with prior preservation."""

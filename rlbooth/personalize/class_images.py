@@ -1,0 +1,63 @@
+"""Prior-preservation images: drawn by the base model itself, only the missing ones, with fixed seeds."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tqdm.auto import tqdm
+
+from rlbooth.images import save_image_atomic
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from diffusers import StableDiffusionPipeline
+
+logger = logging.getLogger(__name__)
+
+
+def class_image_path(folder: Path, index: int) -> Path:
+    return folder / f"{index:05d}.png"
+
+
+def missing_class_images(folder: Path, count: int) -> list[int]:
+    """Indices whose image is not on disk yet; an interrupted generation resumes from these."""
+    return [i for i in range(count) if not class_image_path(folder, i).is_file()]
+
+
+def generate_class_images(
+    pipe: "StableDiffusionPipeline",
+    prompt: str,
+    folder: Path,
+    count: int,
+    *,
+    seed: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    batch_size: int,
+    accelerator: "Accelerator",
+) -> list[Path]:
+    """Fill `folder` with `count` images of `prompt`; image i always comes from seed `seed + i`.
+
+    Each process draws its share of the missing indices, so several GPUs split the work.
+    """
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = missing_class_images(folder, count)[accelerator.process_index::accelerator.num_processes]
+    if todo:
+        logger.info("drawing %d class images of %r into %s", len(todo), prompt, folder)
+        pipe.set_progress_bar_config(disable=True)
+        bar = tqdm(total=len(todo), desc="class images", disable=not accelerator.is_local_main_process)
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            generators = [torch.Generator(device=pipe.device).manual_seed(seed + i) for i in chunk]
+            images = pipe([prompt] * len(chunk), num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale, generator=generators).images
+            for index, image in zip(chunk, images):
+                save_image_atomic(image, class_image_path(folder, index))
+            bar.update(len(chunk))
+        bar.close()
+    accelerator.wait_for_everyone()
+    return [class_image_path(folder, i) for i in range(count)]

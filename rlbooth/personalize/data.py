@@ -1,0 +1,90 @@
+"""Training data for stage one, encoded once: VAE latent distributions and (frozen encoder) prompt embeddings.
+
+Batches are drawn from a generator seeded by (seed, micro-step, process), so a resumed run sees
+exactly the batches, noise and timesteps an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rlbooth.images import load_image
+
+if TYPE_CHECKING:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+
+@dataclass
+class LatentBank:
+    """Per-image mean and std of the VAE posterior; a fresh latent is drawn from them every step."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(self.mean[index].shape, generator=generator)
+        return self.mean[index] + self.std[index] * noise
+
+
+@torch.no_grad()
+def encode_images(vae: torch.nn.Module, paths: list[Path], resolution: int, center_crop: bool, seed: int,
+                  batch_size: int = 8, desc: str = "encoding") -> LatentBank:
+    rng = np.random.default_rng(seed)
+    means, stds = [], []
+    param = next(vae.parameters())
+    for start in tqdm(range(0, len(paths), batch_size), desc=desc, leave=False):
+        pixels = np.stack([np.asarray(load_image(p, resolution, center_crop, rng), dtype=np.float32)
+                           for p in paths[start:start + batch_size]])
+        pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
+        dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+        means.append(dist.mean.float().cpu())
+        stds.append(dist.std.float().cpu())
+    return LatentBank(torch.cat(means), torch.cat(stds))
+
+
+def tokenize(tokenizer: "CLIPTokenizer", prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def encode_prompts(tokenizer: "CLIPTokenizer", text_encoder: "CLIPTextModel", prompts: list[str]) -> torch.Tensor:
+    ids = tokenize(tokenizer, prompts).to(text_encoder.device)
+    return text_encoder(ids)[0]
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+
+@dataclass
+class DreamBoothData:
+    """Instance latents, and class latents when prior preservation is on."""
+
+    instance: LatentBank
+    prior: LatentBank | None
+    scaling_factor: float
+    num_train_timesteps: int
+    batch_size: int
+    seed: int
+
+    def batch(self, micro_step: int, process_index: int = 0) -> Batch:
+        """Instance rows first, then as many class rows: the loss splits the prediction in two halves."""
+        g = torch.Generator().manual_seed(hash((self.seed, micro_step, process_index)) % 2**63)
+        banks = [self.instance] + ([self.prior] if self.prior is not None else [])
+        latents = torch.cat([bank.sample(torch.randint(len(bank), (self.batch_size,), generator=g), g)
+                             for bank in banks]) * self.scaling_factor
+        noise = torch.randn(latents.shape, generator=g)
+        timesteps = torch.randint(0, self.num_train_timesteps, (latents.shape[0],), generator=g)
+        return Batch(latents, noise, timesteps)

@@ -1,0 +1,306 @@
+"""Stage one, end to end: check inputs, draw class images, encode, train, checkpoint, save.
+
+Output folder layout:
+    model/            the result: a diffusers pipeline folder (full) or pytorch_lora_weights.safetensors (lora)
+    rlbooth.json      what was run (subject, prompts, config); written last, so it marks a finished stage
+    checkpoints/      step-<N>/ folders for --resume
+    samples/          validation grids, step-<N>.png
+    logs/             TensorBoard event files
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from rlbooth import __version__
+from rlbooth.accel import check_runtime, flat_hparams, make_accelerator, weight_dtype
+from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlbooth.config import Config, PersonalizeConfig
+from rlbooth.errors import RlboothError
+from rlbooth.images import check_images, list_images, save_image_atomic
+from rlbooth.models import TEXT_ENCODER_LORA_TARGETS, add_lora, cache_dir, load_pipeline, model_key, save_lora
+from rlbooth.personalize.class_images import generate_class_images
+from rlbooth.personalize.data import DreamBoothData, encode_images, encode_prompts, tokenize
+from rlbooth.personalize.loss import dreambooth_loss
+from rlbooth.sampling import draw_grid
+from rlbooth.subject import Subject
+
+logger = logging.getLogger(__name__)
+
+METADATA = "rlbooth.json"
+
+
+class OutputError(RlboothError, RuntimeError):
+    """The output folder's state does not fit the request (finished already, or unfinished without --resume)."""
+
+
+def personalize(config: Config, subject: Subject, output_dir: str | Path, resume: bool = False) -> Path:
+    """Run stage one into `output_dir` and return the folder of the saved model."""
+    output_dir = Path(output_dir)
+    instance_paths = preflight(config, subject, output_dir, resume)
+    cfg = config.personalize
+    accelerator = make_accelerator(config.runtime, output_dir, cfg.gradient_accumulation_steps)
+    pipe = load_pipeline(config.model)
+    pipe.to(accelerator.device)
+    instance_prompt = subject.prompt(cfg.instance_prompt)
+    class_prompt = subject.prompt(cfg.class_prompt, with_identifier=False)
+
+    class_paths = None
+    if cfg.with_prior_preservation:
+        folder = Path(cfg.class_data_dir) if cfg.class_data_dir else default_class_dir(config, class_prompt)
+        class_paths = generate_class_images(
+            pipe, class_prompt, folder, cfg.num_class_images, seed=config.runtime.seed,
+            num_inference_steps=cfg.class_generation_steps, guidance_scale=cfg.class_guidance_scale,
+            batch_size=cfg.class_batch_size, accelerator=accelerator)
+
+    params = setup_trainable(pipe, cfg, weight_dtype(accelerator))
+    data = build_data(pipe, cfg, config.runtime.seed, instance_paths, class_paths)
+    prompts = PromptInputs.build(pipe, cfg.train_text_encoder, instance_prompt, class_prompt if class_paths else None)
+
+    optimizer = make_optimizer(params, cfg)
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=cfg.max_train_steps * accelerator.num_processes)
+    trained = {"unet": pipe.unet} | ({"text_encoder": pipe.text_encoder} if cfg.train_text_encoder else {})
+    prepared = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
+    models = dict(zip(trained, prepared[:len(trained)]))
+    optimizer, lr_scheduler = prepared[len(trained):]
+
+    start_step = 0
+    if resume and (ckpt := latest_checkpoint(output_dir / "checkpoints")) is not None:
+        start_step = load_checkpoint(ckpt, accelerator, models, optimizer, lr_scheduler)["step"]
+        logger.info("resumed from %s at step %d", ckpt, start_step)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("personalize", config=flat_hparams(config.to_dict()))
+        logger.info("stage one: %d instance + %d class images, %d steps x %d micro-batches x %d processes",
+                    len(instance_paths), len(class_paths or []), cfg.max_train_steps,
+                    cfg.gradient_accumulation_steps, accelerator.num_processes)
+
+    loop = TrainLoop(accelerator, pipe, cfg, data, prompts, models, optimizer, lr_scheduler, subject,
+                     output_dir, config.runtime.seed)
+    loop.run(start_step)
+    model_dir = save_output(accelerator, config, subject, pipe, models, output_dir,
+                            instance_prompt, class_prompt)
+    accelerator.end_training()
+    return model_dir
+
+
+def preflight(config: Config, subject: Subject, output_dir: Path, resume: bool) -> list[Path]:
+    """Everything that can be checked before a model is loaded; returns the instance photos."""
+    check_runtime(config.runtime)
+    paths = check_images(subject.images, config.personalize.resolution)
+    if (output_dir / METADATA).is_file():
+        raise OutputError(f"{output_dir} already holds a finished stage-one model ({METADATA}); "
+                          "choose another --output or remove it")
+    if not resume and latest_checkpoint(output_dir / "checkpoints") is not None:
+        raise OutputError(f"{output_dir} holds checkpoints of an unfinished run: pass --resume to continue it, "
+                          "or choose another --output")
+    if config.personalize.class_data_dir and Path(config.personalize.class_data_dir).is_dir():
+        existing = [p for p in Path(config.personalize.class_data_dir).iterdir() if not p.name.startswith(".")]
+        if existing:
+            check_images(Path(config.personalize.class_data_dir), 0)
+    return paths
+
+
+def default_class_dir(config: Config, class_prompt: str) -> Path:
+    slug = "".join(c if c.isalnum() else "_" for c in class_prompt)[:60]
+    return cache_dir() / "class_images" / model_key(config.model) / f"{slug}-seed{config.runtime.seed}"
+
+
+def setup_trainable(pipe: Any, cfg: PersonalizeConfig, frozen_dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """Freeze, attach LoRA or unfreeze, cast frozen weights to `frozen_dtype`; trainable ones stay fp32."""
+    full_text_encoder = cfg.mode == "full" and cfg.train_text_encoder
+    cast = (lambda m: m.to(dtype=frozen_dtype)) if frozen_dtype != torch.float32 else (lambda m: m)
+    cast(pipe.vae.requires_grad_(False))
+    pipe.unet.requires_grad_(cfg.mode == "full")
+    pipe.text_encoder.requires_grad_(full_text_encoder)
+    if not full_text_encoder:
+        cast(pipe.text_encoder)
+    if cfg.mode == "lora":
+        cast(pipe.unet)
+        add_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+        if cfg.train_text_encoder:
+            add_lora(pipe.text_encoder, cfg.lora_rank, cfg.lora_alpha, TEXT_ENCODER_LORA_TARGETS)
+    params = [p for m in (pipe.unet, pipe.text_encoder) for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            pipe.text_encoder.gradient_checkpointing_enable()
+    return params
+
+
+def build_data(pipe: Any, cfg: PersonalizeConfig, seed: int, instance_paths: list[Path],
+               class_paths: list[Path] | None) -> DreamBoothData:
+    encode = lambda paths, desc: encode_images(pipe.vae, paths, cfg.resolution, cfg.center_crop, seed,
+                                               desc=desc)
+    return DreamBoothData(
+        instance=encode(instance_paths, "encoding photos"),
+        prior=encode(class_paths, "encoding class images") if class_paths else None,
+        scaling_factor=pipe.vae.config.scaling_factor,
+        num_train_timesteps=pipe.scheduler.config.num_train_timesteps,
+        batch_size=cfg.train_batch_size, seed=seed,
+    )
+
+
+@dataclass
+class PromptInputs:
+    """The two prompts as token ids (trained encoder) or as embeddings computed once (frozen encoder)."""
+
+    ids: torch.Tensor
+    embeddings: torch.Tensor | None
+
+    @classmethod
+    def build(cls, pipe: Any, train_text_encoder: bool, instance_prompt: str, class_prompt: str | None
+              ) -> "PromptInputs":
+        prompts = [instance_prompt] + ([class_prompt] if class_prompt else [])
+        if train_text_encoder:
+            return cls(tokenize(pipe.tokenizer, prompts), None)
+        with torch.no_grad():
+            return cls(tokenize(pipe.tokenizer, prompts), encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts))
+
+    def hidden_states(self, text_encoder: torch.nn.Module, batch_size: int) -> torch.Tensor:
+        """Instance prompt for the first `batch_size` rows, class prompt for the rest."""
+        if self.embeddings is not None:
+            return self.embeddings.repeat_interleave(batch_size, dim=0)
+        ids = self.ids.repeat_interleave(batch_size, dim=0).to(next(text_encoder.parameters()).device)
+        return text_encoder(ids)[0]
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: PersonalizeConfig) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError("personalize.use_8bit_adam needs bitsandbytes: pip install 'rlbooth[8bit]'") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+class TrainLoop:
+    """The optimizer-step loop with accumulation, clipping, logging, validation and checkpoints."""
+
+    def __init__(self, accelerator, pipe, cfg: PersonalizeConfig, data: DreamBoothData, prompts: PromptInputs,
+                 models: dict[str, torch.nn.Module], optimizer, lr_scheduler, subject: Subject,
+                 output_dir: Path, seed: int) -> None:
+        self.accelerator, self.pipe, self.cfg, self.data, self.prompts = accelerator, pipe, cfg, data, prompts
+        self.models, self.optimizer, self.lr_scheduler = models, optimizer, lr_scheduler
+        self.subject, self.output_dir, self.seed = subject, output_dir, seed
+        self.noise_scheduler = self._noise_scheduler()
+        self.params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
+
+    def _noise_scheduler(self):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.pipe.scheduler.config)
+
+    def run(self, start_step: int) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        bar = tqdm(range(start_step, cfg.max_train_steps), initial=start_step, total=cfg.max_train_steps,
+                   desc="personalize", disable=not acc.is_local_main_process)
+        for step in bar:
+            for micro in range(cfg.gradient_accumulation_steps):
+                logs = self.micro_step(step * cfg.gradient_accumulation_steps + micro)
+            done = step + 1
+            logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+            acc.log(logs, step=done)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            if done % cfg.checkpointing_steps == 0 or done == cfg.max_train_steps:
+                save_checkpoint(acc, self.output_dir / "checkpoints", done, self.models, self.optimizer,
+                                self.lr_scheduler, {"step": done}, cfg.checkpoints_total_limit)
+            if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_train_steps):
+                self.validate(done)
+        bar.close()
+
+    def micro_step(self, micro_step: int) -> dict[str, float]:
+        acc, cfg = self.accelerator, self.cfg
+        batch = self.data.batch(micro_step, acc.process_index)
+        unet = self.models["unet"]
+        latents, noise, timesteps = (t.to(acc.device) for t in (batch.latents, batch.noise, batch.timesteps))
+        with acc.accumulate(*self.models.values()):
+            hidden = self.prompts.hidden_states(self.models.get("text_encoder", self.pipe.text_encoder),
+                                                cfg.train_batch_size).to(acc.device)
+            noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+            pred = unet(noisy, timesteps, hidden).sample
+            prediction_type = self.noise_scheduler.config.prediction_type
+            target = noise if prediction_type == "epsilon" else self.noise_scheduler.get_velocity(
+                latents, noise, timesteps)
+            loss, parts = dreambooth_loss(
+                pred, target, timesteps, with_prior=self.data.prior is not None,
+                prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma,
+                alphas_cumprod=self.noise_scheduler.alphas_cumprod, prediction_type=prediction_type)
+            acc.backward(loss)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.item()} | {k: v.item() for k, v in parts.items()}
+
+    def validate(self, step: int) -> None:
+        """A grid of validation prompts x seeds, on every process's model but written by the main one."""
+        cfg, acc = self.cfg, self.accelerator
+        if not acc.is_main_process:
+            acc.wait_for_everyone()
+            return
+        prompts = [self.subject.prompt(t) for t in cfg.validation_prompts]
+        dtype = weight_dtype(acc)
+        grid = draw_grid(self.pipe, prompts, cfg.validation_seeds, cfg.validation_inference_steps,
+                         cfg.validation_guidance_scale, autocast_dtype=None if dtype == torch.float32 else dtype)
+        save_image_atomic(grid, self.output_dir / "samples" / f"step-{step}.png")
+        for tracker in acc.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+        acc.wait_for_everyone()
+
+
+def save_output(accelerator, config: Config, subject: Subject, pipe: Any, models: dict[str, torch.nn.Module],
+                output_dir: Path, instance_prompt: str, class_prompt: str) -> Path:
+    """Write `model/` (atomically, through a temporary folder) and then the metadata that marks it finished."""
+    cfg = config.personalize
+    model_dir = output_dir / "model"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = output_dir / ".model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unet = accelerator.unwrap_model(models["unet"])
+        text_encoder = accelerator.unwrap_model(models["text_encoder"]) if "text_encoder" in models else None
+        if cfg.mode == "lora":
+            tmp.mkdir(parents=True)
+            save_lora(tmp, unet, text_encoder)
+        else:
+            base = load_pipeline(config.model)  # the frozen parts exactly as they were, in full precision
+            base.unet = unet.to(torch.float32)
+            if text_encoder is not None:
+                base.text_encoder = text_encoder.to(torch.float32)
+            base.save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        os.replace(tmp, model_dir)
+        metadata = {
+            "stage": "personalize", "rlbooth_version": __version__, "mode": cfg.mode,
+            "base_model": config.model.pretrained, "subject": subject.to_dict(),
+            "instance_prompt": instance_prompt, "class_prompt": class_prompt,
+            "num_instance_images": len(list_images(subject.images)), "steps": cfg.max_train_steps,
+            "config": config.to_dict(),
+        }
+        tmp_meta = output_dir / f".{METADATA}.tmp"
+        tmp_meta.write_text(json.dumps(metadata, indent=2))
+        os.replace(tmp_meta, output_dir / METADATA)
+    accelerator.wait_for_everyone()
+    return model_dir

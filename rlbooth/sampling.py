@@ -1,0 +1,35 @@
+"""Drawing images with the standard diffusers pipeline: validation grids during training, and `rlbooth sample`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from rlbooth.images import make_grid
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+
+@torch.no_grad()
+def draw(pipe: "StableDiffusionPipeline", prompts: list[str], seeds: list[int], num_inference_steps: int,
+         guidance_scale: float, autocast_dtype: torch.dtype | None = None) -> list["Image.Image"]:
+    """One image per (prompt, seed), prompt-major; image (p, s) depends only on p and s, not the batch."""
+    pipe.set_progress_bar_config(disable=True)
+    device = pipe.device
+    images = []
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        for prompt in prompts:
+            generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+            images += pipe([prompt] * len(seeds), num_inference_steps=num_inference_steps,
+                           guidance_scale=guidance_scale, generator=generators).images
+    return images
+
+
+def draw_grid(pipe: "StableDiffusionPipeline", prompts: list[str], seeds: list[int], num_inference_steps: int,
+              guidance_scale: float, autocast_dtype: torch.dtype | None = None) -> "Image.Image":
+    """A grid with one row per prompt and one column per seed."""
+    images = draw(pipe, prompts, seeds, num_inference_steps, guidance_scale, autocast_dtype)
+    return make_grid(images, cols=len(seeds))
