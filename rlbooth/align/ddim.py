@@ -111,7 +111,9 @@ def ddim_step_with_logprob(
 
     if prev_sample is None:
         # Same draw as diffusers' step (shape, generator, dtype), so seeded runs agree.
-        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        noise = randn_tensor(
+            model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+        )
         prev_sample = (mean + std_dev * noise.to(torch.float32)).to(sample.dtype)
 
     # Scored after the cast, so the value recomputed later from the stored

@@ -91,7 +91,7 @@ class PerPromptStatTracker:
             mask = prompt_array == prompt
             buffer = self._buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
             buffer.extend(rewards[mask].tolist())
-            reference = np.asarray(buffer) if len(buffer) > self.min_count else rewards
+            reference = np.asarray(buffer) if len(buffer) >= self.min_count else rewards
             advantages[mask] = (rewards[mask] - reference.mean()) / (reference.std() + _STD_EPS)
         return advantages
 

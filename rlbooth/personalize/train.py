@@ -62,7 +62,7 @@ def personalize(config: Config, subject: Subject, output_dir: str | Path, resume
             num_inference_steps=cfg.class_generation_steps, guidance_scale=cfg.class_guidance_scale,
             batch_size=cfg.class_batch_size, accelerator=accelerator)
 
-    params = setup_trainable(pipe, cfg, weight_dtype(accelerator))
+    params = setup_trainable(pipe, cfg, weight_dtype(accelerator), config.runtime.seed)
     data = build_data(pipe, cfg, config.runtime.seed, instance_paths, class_paths)
     prompts = PromptInputs.build(pipe, cfg.train_text_encoder, instance_prompt, class_prompt if class_paths else None)
 
@@ -118,8 +118,9 @@ def default_class_dir(config: Config, class_prompt: str) -> Path:
     return cache_dir() / "class_images" / model_key(config.model) / f"{slug}-seed{config.runtime.seed}"
 
 
-def setup_trainable(pipe: Any, cfg: PersonalizeConfig, frozen_dtype: torch.dtype) -> list[torch.nn.Parameter]:
-    """Freeze, attach LoRA or unfreeze, cast frozen weights to `frozen_dtype`; trainable ones stay fp32."""
+def setup_trainable(pipe: Any, cfg: PersonalizeConfig, frozen_dtype: torch.dtype, seed: int
+                    ) -> list[torch.nn.Parameter]:
+    """Freeze, attach LoRA (seeded init) or unfreeze; frozen weights cast to `frozen_dtype`, trainable ones fp32."""
     full_text_encoder = cfg.mode == "full" and cfg.train_text_encoder
     cast = (lambda m: m.to(dtype=frozen_dtype)) if frozen_dtype != torch.float32 else (lambda m: m)
     cast(pipe.vae.requires_grad_(False))
@@ -129,6 +130,7 @@ def setup_trainable(pipe: Any, cfg: PersonalizeConfig, frozen_dtype: torch.dtype
         cast(pipe.text_encoder)
     if cfg.mode == "lora":
         cast(pipe.unet)
+        torch.manual_seed(seed)
         add_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
         if cfg.train_text_encoder:
             add_lora(pipe.text_encoder, cfg.lora_rank, cfg.lora_alpha, TEXT_ENCODER_LORA_TARGETS)

@@ -1,0 +1,54 @@
+"""Shared test set-up: CPU only, one thread, no network, a private cache, tiny models built in code."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+torch.set_num_threads(1)  # tiny models run ~50x slower when two threads fight for two busy cores
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def rlbooth_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the session, so the tiny model and class images are built once."""
+    path = tmp_path_factory.mktemp("rlbooth-cache")
+    os.environ["RLBOOTH_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each run builds its own Accelerator; accelerate keeps process-wide singletons we reset between tests."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def draw_subject_photos(folder: Path, count: int = 4, size: int = 48) -> Path:
+    """Photos of a made-up subject: a red triangle with a yellow dot on varied backgrounds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        img = Image.new("RGB", (size, size), (40 * i + 60, 150, 220 - 30 * i))
+        draw = ImageDraw.Draw(img)
+        o = 4 + 3 * i
+        draw.polygon([(o, o + 30), (o + 15, o), (o + 30, o + 30)], fill=(210, 40, 40))
+        draw.ellipse([o + 12, o + 16, o + 18, o + 22], fill=(250, 220, 40))
+        img.save(folder / f"{i:02d}.png")
+    return folder
+
+
+@pytest.fixture
+def subject_photos(tmp_path: Path) -> Path:
+    return draw_subject_photos(tmp_path / "photos")

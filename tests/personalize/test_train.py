@@ -1,0 +1,146 @@
+"""Stage one end to end on the tiny pipeline: it learns, touches only what it trains, saves loadable output, resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from rlbooth.config import load_config
+from rlbooth.models import load_pipeline
+from rlbooth.personalize import train as train_module
+from rlbooth.personalize.data import encode_images
+from rlbooth.personalize.train import METADATA, OutputError, personalize
+from rlbooth.sampling import draw_grid
+from rlbooth.subject import Subject
+
+
+def tiny_config(*overrides: str):
+    return load_config("tiny", ["runtime.report_to=none", "personalize.validation_steps=0", *overrides])
+
+
+@pytest.fixture
+def subject(subject_photos: Path) -> Subject:
+    return Subject(images=subject_photos, class_noun="toy", description="triangular")
+
+
+def instance_loss(pipe, unet, paths: list[Path]) -> float:
+    """Denoising loss on the subject's photos with fixed noise and timesteps."""
+    bank = encode_images(pipe.vae, paths, 32, True, seed=0)
+    latents = bank.mean * pipe.vae.config.scaling_factor
+    g = torch.Generator().manual_seed(123)
+    noise = torch.randn(latents.shape, generator=g)
+    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=g)
+    ids = pipe.tokenizer(["a sks triangular toy"] * len(paths), padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids)[0]
+        pred = unet(pipe.scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
+    return torch.nn.functional.mse_loss(pred, noise).item()
+
+
+def test_full_finetune_lowers_instance_loss_and_leaves_frozen_parts(tmp_path, subject):
+    config = tiny_config("personalize.mode=full", "personalize.learning_rate=1e-3",
+                         "personalize.max_train_steps=25", "personalize.with_prior_preservation=false")
+    model_dir = personalize(config, subject, tmp_path / "out")
+    base = load_pipeline(config.model)
+    tuned = StableDiffusionPipeline.from_pretrained(model_dir)
+    photos = sorted(subject.images.iterdir())
+    assert instance_loss(base, tuned.unet, photos) < 0.8 * instance_loss(base, base.unet, photos)
+    changed = [k for k, v in tuned.unet.state_dict().items() if not torch.equal(v, base.unet.state_dict()[k])]
+    assert len(changed) > 0.9 * len(base.unet.state_dict())
+    for name in ("vae", "text_encoder"):
+        frozen, original = getattr(tuned, name).state_dict(), getattr(base, name).state_dict()
+        assert all(torch.equal(frozen[k], original[k]) for k in original), f"{name} changed"
+
+
+def test_lora_output_reloads_with_diffusers_and_draws_what_training_drew(tmp_path, subject):
+    """The last validation grid is drawn in memory; the reloaded LoRA must draw the same pixels."""
+    config = tiny_config("personalize.max_train_steps=6", "personalize.validation_steps=6",
+                         "personalize.train_text_encoder=true")
+    out = tmp_path / "out"
+    model_dir = personalize(config, subject, out)
+    lora = load_file(str(model_dir / "pytorch_lora_weights.safetensors"))
+    assert any(k.startswith("unet.") for k in lora) and any(k.startswith("text_encoder.") for k in lora)
+    assert all(k.split(".")[0] in {"unet", "text_encoder"} for k in lora)
+    assert any(".up." in k and v.abs().sum() > 0 for k, v in lora.items() if k.startswith("text_encoder."))
+
+    pipe = load_pipeline(config.model)
+    pipe.load_lora_weights(model_dir)
+    p = config.personalize
+    grid = draw_grid(pipe, [subject.prompt(t) for t in p.validation_prompts], p.validation_seeds,
+                     p.validation_inference_steps, p.validation_guidance_scale)
+    in_memory = np.asarray(Image.open(out / "samples" / "step-6.png"), dtype=np.int16)
+    assert np.abs(np.asarray(grid, dtype=np.int16) - in_memory).max() <= 1
+
+    meta = json.loads((out / METADATA).read_text())
+    assert meta["mode"] == "lora" and meta["instance_prompt"] == "a sks triangular toy"
+    assert meta["class_prompt"] == "a toy" and meta["subject"]["class_noun"] == "toy"
+    assert meta["config"]["personalize"]["max_train_steps"] == 6
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, subject, monkeypatch):
+    overrides = ("personalize.max_train_steps=6", "personalize.checkpointing_steps=2",
+                 "personalize.gradient_accumulation_steps=2", "personalize.lr_scheduler=linear",
+                 "personalize.checkpoints_total_limit=null")
+    whole = personalize(tiny_config(*overrides), subject, tmp_path / "whole")
+
+    original_micro_step = train_module.TrainLoop.micro_step
+
+    def dies_at_step_five(self, micro_step):
+        if micro_step == 4 * 2 + 1:  # second micro-batch of step 5: after the step-4 checkpoint
+            raise Killed
+        return original_micro_step(self, micro_step)
+
+    monkeypatch.setattr(train_module.TrainLoop, "micro_step", dies_at_step_five)
+    with pytest.raises(Killed):
+        personalize(tiny_config(*overrides), subject, tmp_path / "resumed")
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert not (tmp_path / "resumed" / METADATA).exists()
+    monkeypatch.setattr(train_module.TrainLoop, "micro_step", original_micro_step)
+
+    with pytest.raises(OutputError, match="--resume"):
+        personalize(tiny_config(*overrides), subject, tmp_path / "resumed")
+    resumed = personalize(tiny_config(*overrides), subject, tmp_path / "resumed", resume=True)
+
+    a = load_file(str(whole / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+    with pytest.raises(OutputError, match="finished"):
+        personalize(tiny_config(*overrides), subject, tmp_path / "resumed")
+
+
+def test_class_images_are_seeded_and_only_missing_ones_are_drawn(tmp_path, subject, monkeypatch):
+    class_dir = tmp_path / "class"
+    config = tiny_config("personalize.max_train_steps=1", f"personalize.class_data_dir={class_dir}",
+                         "personalize.num_class_images=3")
+    personalize(config, subject, tmp_path / "a")
+    first = {p.name: np.asarray(Image.open(p)) for p in sorted(class_dir.glob("*.png"))}
+    assert list(first) == ["00000.png", "00001.png", "00002.png"]
+    assert not np.array_equal(first["00000.png"], first["00001.png"])
+
+    (class_dir / "00001.png").unlink()
+    drawn: list[int] = []
+    original = StableDiffusionPipeline.__call__
+
+    def counting_call(self, prompt, *args, **kwargs):
+        drawn.append(len(prompt))
+        return original(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", counting_call)
+    personalize(config, subject, tmp_path / "b")
+    assert drawn == [1]
+    assert np.array_equal(np.asarray(Image.open(class_dir / "00001.png")), first["00001.png"])
