@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,12 +30,19 @@ def make_accelerator(runtime: RuntimeConfig, output_dir: Path, gradient_accumula
 
     if runtime.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    return Accelerator(
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(
+        # Without this, accelerate runs each torchrun process on CPUs as a separate single-process job.
+        cpu=world_size > 1 and not torch.cuda.is_available(),
         mixed_precision=runtime.mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=None if runtime.report_to == "none" else runtime.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
+    if accelerator.num_processes != world_size:
+        raise RuntimeError(f"launched as {world_size} processes but accelerate set up {accelerator.num_processes}: "
+                           "each would train on its own")
+    return accelerator
 
 
 def weight_dtype(accelerator: "Accelerator") -> "torch.dtype":

@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", type=Path, required=True, help="output folder of this stage")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     p.set_defaults(func=cmd_personalize)
+
+    p = sub.add_parser("align", help="stage two: DDPO on the personalized model")
+    _add_config_args(p)
+    p.add_argument("--stage-one", type=Path, required=True, help="output folder of `rlbooth personalize`")
+    p.add_argument("--output", "-o", type=Path, required=True, help="output folder of this stage")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    p.set_defaults(func=cmd_align)
     return parser
 
 
@@ -72,6 +79,15 @@ def cmd_personalize(args: argparse.Namespace) -> None:
     subject = subject_from_args(args)
     model_dir = personalize(config, subject, args.output, resume=args.resume)
     print(f"stage one finished: {model_dir}")
+
+
+def cmd_align(args: argparse.Namespace) -> None:
+    from rlbooth.align.train import align
+    from rlbooth.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    model_dir = align(config, args.stage_one, args.output, resume=args.resume)
+    print(f"stage two finished: {model_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -180,6 +180,109 @@ class PersonalizeConfig:
 
 
 @dataclass
+class AlignConfig:
+    """Stage two: DDPO (Black et al. 2023) over denoising trajectories, with and without the identifier."""
+
+    prompt_file: str | None = None
+    """Prompt set: a name in prompts/ (`live`, `object`) or a path; default chosen by the subject's kind."""
+    identifier_ratio: float = 0.5
+    """Fraction of training prompts that carry the identifier; the others name only the class (InstructBooth)."""
+    num_epochs: int = 100
+    """Epochs; each samples trajectories, scores them, then trains on them."""
+    sample_batch_size: int = 8
+    """Trajectories sampled per forward and process."""
+    num_batches_per_epoch: int = 4
+    """Sampling batches per epoch and process: samples per epoch = this x sample_batch_size x processes."""
+    num_steps: int = 50
+    """DDIM steps of a trajectory (also of the sample grids)."""
+    eta: float = 1.0
+    """DDIM noise scale; must be > 0, the log-prob of a deterministic step is undefined."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance, the same when sampling and when recomputing log-probs."""
+    train_batch_size: int = 4
+    """Trajectories per training forward and process."""
+    gradient_accumulation_steps: int = 1
+    """Training batches (each over all its trained timesteps) accumulated into one optimizer step."""
+    num_inner_epochs: int = 1
+    """Training passes over each epoch's samples."""
+    timestep_fraction: float = 1.0
+    """Fraction of each trajectory's steps trained on, a random subset per sample."""
+    clip_range: float = 1e-4
+    """PPO clip range of the importance ratio."""
+    adv_clip_max: float = 5.0
+    """Advantages are clipped to +- this."""
+    per_prompt_stat_tracking: bool = True
+    """Normalize rewards per prompt (a buffer each); per batch when false."""
+    stat_buffer_size: int = 16
+    """Rewards kept per prompt for its mean and std."""
+    stat_min_count: int = 16
+    """Below this many rewards for a prompt, the batch's mean and std are used instead."""
+    learning_rate: float = 3e-4
+    """AdamW learning rate of the stage-two LoRA."""
+    adam_weight_decay: float = 1e-4
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to the stage-one model (the adapter switched off) per trained step; 0 = off."""
+    lora_rank: int = 4
+    """Rank of the stage-two LoRA."""
+    lora_alpha: float | None = None
+    """LoRA alpha; defaults to the rank."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    """UNet modules that get the stage-two adapter."""
+    reward: dict[str, float] = field(default_factory=lambda: {"jpeg_compressibility": 1.0})
+    """Reward components (names in the reward registry) and their weights in the sum."""
+    checkpointing_epochs: int = 5
+    """Write a resumable checkpoint every this many epochs (and at the end)."""
+    checkpoints_total_limit: int | None = 2
+    """Keep only this many checkpoints; all when null."""
+    grid_prompts: list[str] = field(default_factory=lambda: [
+        "a {identifier} {description} {class_noun} playing in the snow",
+        "a {identifier} {description} {class_noun} in a spaceship",
+    ])
+    """Templates of the fixed prompts of the per-epoch sample grids (held out of training)."""
+    grid_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    """Seeds of the sample grids (one column each)."""
+    grid_every: int = 5
+    """Draw the sample grid every this many epochs (and at the end); 0 turns it off."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_epochs", "sample_batch_size", "num_batches_per_epoch", "num_steps", "train_batch_size",
+                     "gradient_accumulation_steps", "num_inner_epochs", "stat_buffer_size", "stat_min_count",
+                     "lora_rank", "checkpointing_epochs"):
+            _check(getattr(self, name) > 0, f"align.{name}", "must be positive")
+        for name in ("learning_rate", "max_grad_norm", "adv_clip_max", "guidance_scale"):
+            _check(getattr(self, name) > 0, f"align.{name}", "must be positive")
+        _check(self.eta > 0, "align.eta", "must be > 0: at eta = 0 DDIM is deterministic and a step has no "
+               "log-probability (DDPO uses 1.0)")
+        _check(0 < self.clip_range < 1, "align.clip_range", f"must be in (0, 1), got {self.clip_range}")
+        _check(0 < self.timestep_fraction <= 1, "align.timestep_fraction",
+               f"must be in (0, 1], got {self.timestep_fraction}")
+        _check(0 <= self.identifier_ratio <= 1, "align.identifier_ratio", "must be in [0, 1]")
+        _check(self.kl_coef >= 0, "align.kl_coef", "must not be negative")
+        _check(self.grid_every >= 0, "align.grid_every", "must not be negative")
+        _check(self.stat_min_count <= self.stat_buffer_size, "align.stat_min_count",
+               f"must not exceed align.stat_buffer_size ({self.stat_buffer_size})")
+        _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
+               "align.checkpoints_total_limit", "must be at least 1 or null")
+        _check(bool(self.reward), "align.reward", "name at least one reward, e.g. {jpeg_compressibility: 1.0}")
+        samples = self.sample_batch_size * self.num_batches_per_epoch
+        _check(samples % self.train_batch_size == 0, "align.train_batch_size",
+               f"must divide the samples per epoch and process (sample_batch_size x num_batches_per_epoch "
+               f"= {samples}), got {self.train_batch_size}")
+        batches = samples // self.train_batch_size
+        _check(batches % self.gradient_accumulation_steps == 0, "align.gradient_accumulation_steps",
+               f"must divide the training batches per epoch and process ({batches}), "
+               f"got {self.gradient_accumulation_steps}")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """Steps trained per trajectory."""
+        return max(1, int(self.num_steps * self.timestep_fraction))
+
+
+@dataclass
 class Config:
     """Everything a run needs besides the subject."""
 
@@ -189,6 +292,8 @@ class Config:
     """Seeds, precision, logging."""
     personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     """Stage one."""
+    align: AlignConfig = field(default_factory=AlignConfig)
+    """Stage two."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -294,6 +399,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(errors[0])
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and all(isinstance(c, str) for c in choices):
+            # YAML 1.1 reads an unquoted `no`/`off`/`yes`/`on` as a bool: map it back to the word offered.
+            words = ("no", "off", "false") if not value else ("yes", "on", "true")
+            value = next((w for w in words if w in choices), value)
         _check(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
         return value
     if origin is list:

@@ -45,7 +45,7 @@ def check_images(folder: Path, resolution: int) -> list[Path]:
                 mode, size = img.mode, ImageOps.exif_transpose(img).size
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise ImageError(f"{path} cannot be read as an image ({err}); replace or remove it") from None
-        if mode not in ("RGB", "L", "RGBA", "CMYK", "P", "LA", "I;16", "I", "F"):
+        if mode not in ("RGB", "L", "RGBA", "CMYK", "P", "LA", "1", "I;16", "I", "F"):
             raise ImageError(f"{path} has unsupported mode {mode}; save it as RGB")
         if mode != "RGB":
             logger.warning("%s is %s; it will be converted to RGB%s", path, mode,
@@ -59,11 +59,32 @@ def check_images(folder: Path, resolution: int) -> list[Path]:
 def to_rgb(img: Image.Image) -> Image.Image:
     """EXIF orientation applied, alpha flattened on white, any mode to RGB."""
     img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        img = _to_8bit_gray(img)
     if img.mode in ("RGBA", "LA", "P"):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
     return img.convert("RGB")
+
+
+def _to_8bit_gray(img: Image.Image) -> Image.Image:
+    """Rescale a high-bit-depth grayscale image to 'L' (Pillow's own convert clips instead of scaling).
+
+    16-bit modes (`I;16*`, and `I` whose values fit in 16 bits) are divided by 257, so 65535 maps to 255;
+    mode `I` with values above 65535 is scaled by its maximum. Float (`F`) is taken as [0, 1] when its
+    maximum is at most 1, else as [0, 255]. Values are then clipped to [0, 255].
+    """
+    arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    peak = float(arr.max()) if arr.size else 0.0
+    if img.mode == "F":
+        scale = 255.0 if peak <= 1.0 else 1.0
+    elif img.mode == "I" and peak > 65535:
+        scale = 255.0 / peak
+    else:
+        scale = 1.0 / 257.0
+    arr = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)  # 2-D uint8 -> mode L
 
 
 def load_image(path: Path, resolution: int, center_crop: bool = True, rng: np.random.Generator | None = None

@@ -39,6 +39,13 @@ class Subject:
     """Short name for folders and reports; defaults to the images folder's name."""
 
     def __post_init__(self) -> None:
+        for field in ("class_noun", "identifier", "description", "kind", "name"):
+            value = getattr(self, field)
+            if not isinstance(value, str):
+                raise SubjectError(f"subject.{field}: expected a string, got {type(value).__name__} {value!r}")
+        if not isinstance(self.images, (str, Path)):
+            raise SubjectError(f"subject.images: expected a folder path, got {type(self.images).__name__} "
+                               f"{self.images!r}")
         if not self.class_noun.strip():
             raise SubjectError("subject.class_noun: must not be empty (e.g. dog, backpack, woman)")
         if not self.identifier or any(c.isspace() for c in self.identifier):
@@ -55,7 +62,10 @@ class Subject:
         path = Path(path)
         if not path.is_file():
             raise SubjectError(f"subject spec {path} not found")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise SubjectError(f"{path}: not valid YAML ({err})") from None
         if not isinstance(data, dict):
             raise SubjectError(f"{path}: must hold a mapping (images, class_noun, identifier, description, kind)")
         known = {"images", "class_noun", "identifier", "description", "kind", "name"}
@@ -65,7 +75,10 @@ class Subject:
         for key in ("images", "class_noun"):
             if not data.get(key):
                 raise SubjectError(f"{path}: `{key}` is required")
-        data["images"] = (path.parent / str(data["images"])).resolve()
+        if not isinstance(data["images"], str):
+            raise SubjectError(f"{path}: `images` must be a folder path, got {type(data['images']).__name__} "
+                               f"{data['images']!r}")
+        data["images"] = (path.parent / Path(data["images"]).expanduser()).resolve()
         return cls(**{k: (v if v is not None else "") for k, v in data.items()})
 
     def to_dict(self) -> dict[str, Any]:

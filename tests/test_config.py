@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import rlbooth.config as config_module
 from rlbooth import cli
 from rlbooth.config import (
     CONFIG_DIR,
@@ -48,15 +49,26 @@ def test_every_preset_loads(preset: Path, how: str):
     config = load_config(str(preset) if how == "path" else preset.stem)
     assert isinstance(config, Config)
     assert isinstance(config.personalize, PersonalizeConfig)
-    # the preset's own top-level values end up in the config (not silently dropped)
-    raw = read_preset(preset)
-    for section, values in raw.items():
-        for key, value in values.items():
-            got = getattr(getattr(config, section), key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                assert got == pytest.approx(value), f"{section}.{key}"
-            elif not isinstance(value, dict):
-                assert got == value, f"{section}.{key}"
+    # every value the preset (and its parents) sets ends up in the config, none silently dropped
+    assert_subset(read_preset(preset), config.to_dict())
+
+
+def assert_subset(raw, built, key: str = "") -> None:
+    if isinstance(raw, dict):
+        assert isinstance(built, dict), key
+        for k, v in raw.items():
+            assert k in built, f"{key}{k}"
+            assert_subset(v, built[k], f"{key}{k}.")
+    elif isinstance(raw, list):
+        assert isinstance(built, list) and len(raw) == len(built), key
+        for i, (r, b) in enumerate(zip(raw, built)):
+            assert_subset(r, b, f"{key}[{i}].")
+    elif isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        assert built == pytest.approx(float(raw)), key
+    elif isinstance(raw, str) and isinstance(built, float):
+        assert built == pytest.approx(float(raw)), key  # `1e-4` read by YAML as a string
+    else:
+        assert built == raw, key
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
@@ -300,18 +312,18 @@ def test_bad_override_syntax(override: str):
     assert repr(override) in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG config.py apply_overrides: `no` is parsed as YAML 1.1 boolean False, "
-                   "so the value accel.check_runtime itself recommends (`--set runtime.mixed_precision=no`) "
-                   "is rejected by the Literal check")
 def test_mixed_precision_no_via_set():
     assert load_config("sd15", ["runtime.mixed_precision=no"]).runtime.mixed_precision == "no"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG config.py _coerce: unquoted `mixed_precision: no` in a YAML preset "
-                   "is read as False and rejected (tiny.yaml has to quote it)")
 def test_mixed_precision_no_unquoted_in_yaml(tmp_path: Path):
     path = write(tmp_path / "c.yaml", "runtime:\n  mixed_precision: no\n")
     assert load_config(path).runtime.mixed_precision == "no"
+
+
+def test_mixed_precision_true_still_rejected():
+    with pytest.raises(ConfigError, match="runtime.mixed_precision: must be one of"):
+        load_config("sd15", ["runtime.mixed_precision=yes"])
 
 
 # --------------------------------------------------------------------------- validation
@@ -353,7 +365,16 @@ def test_config_error_is_value_error():
     assert issubclass(ConfigError, ValueError)
 
 
-@pytest.mark.parametrize("cls", [Config, ModelConfig, RuntimeConfig, PersonalizeConfig, TinyModelConfig])
+SECTIONS = sorted((obj for obj in vars(config_module).values()
+                   if dataclasses.is_dataclass(obj) and obj.__module__ == config_module.__name__),
+                  key=lambda c: c.__name__)
+
+
+def test_sections_found():
+    assert {Config, ModelConfig, RuntimeConfig, PersonalizeConfig, TinyModelConfig} <= set(SECTIONS)
+
+
+@pytest.mark.parametrize("cls", SECTIONS, ids=lambda c: c.__name__)
 def test_every_section_builds_from_empty_mapping(cls):
     """Every section builds from an empty mapping, and every field type is one `from_dict` understands."""
     instance = from_dict(cls, {})

@@ -132,25 +132,30 @@ def test_spec_not_a_mapping(tmp_path: Path, text: str):
         Subject.from_yaml(spec(tmp_path / "subject.yaml", text))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG subject.py Subject.from_yaml: invalid YAML raises yaml.YAMLError, not "
-                   "SubjectError, so `rlbooth personalize --subject bad.yaml` ends in a traceback")
 def test_invalid_yaml_is_subject_error(tmp_path: Path):
     path = spec(tmp_path / "subject.yaml", "images: photos\nclass_noun: [dog\n")
     with pytest.raises(SubjectError, match="subject.yaml"):
         Subject.from_yaml(path)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG subject.py Subject.__post_init__/from_yaml: non-string values are not "
-                   "type-checked; `class_noun: 3` raises AttributeError, `identifier: 123` TypeError")
-@pytest.mark.parametrize("field_yaml, field", [("class_noun: 3", "class_noun"), ("identifier: 123", "identifier")])
+@pytest.mark.parametrize("field_yaml, field", [
+    ("class_noun: 3", "class_noun"),
+    ("identifier: 123", "identifier"),
+    ("kind: 5", "kind"),
+    ("description: [a, b]", "description"),
+    ("images: [a]", "images"),
+])
 def test_wrong_type_is_subject_error(tmp_path: Path, field_yaml: str, field: str):
-    base = "images: photos\n" + ("" if field == "class_noun" else "class_noun: dog\n")
+    base = ("" if field == "images" else "images: photos\n") + ("" if field == "class_noun" else "class_noun: dog\n")
     with pytest.raises(SubjectError, match=field):
         Subject.from_yaml(spec(tmp_path / "subject.yaml", base + field_yaml + "\n"))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG subject.py Subject.from_yaml: `images: ~/photos` is not user-expanded; "
-                   "it resolves to <spec dir>/~/photos")
+def test_wrong_type_in_constructor_is_subject_error(tmp_path: Path):
+    with pytest.raises(SubjectError, match="class_noun"):
+        Subject(images=tmp_path, class_noun=3)  # type: ignore[arg-type]
+
+
 def test_home_in_images_expanded(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     subject = Subject.from_yaml(spec(tmp_path / "s" / "subject.yaml", "images: ~/photos\nclass_noun: dog\n"))

@@ -28,23 +28,18 @@ def _alphas(scheduler: DDIMScheduler, timestep: Tensor) -> tuple[Tensor, Tensor]
     return alpha_t, alpha_prev
 
 
-def ddim_step_with_logprob(
+def ddim_mean_std(
     scheduler: DDIMScheduler,
     model_output: Tensor,
     timestep: int | Tensor,
     sample: Tensor,
     *,
     eta: float,
-    prev_sample: Tensor | None = None,
-    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One DDIM step x_t -> x_{t-1} and log p(x_{t-1} | x_t), shape (B,).
+    """Mean and std of the Gaussian DDIM step x_t -> x_{t-1}, float32; std broadcasts over the latent.
 
     ``timestep`` may be one step for the batch or one per sample, since
-    training replays each stored trajectory at its own step. Pass
-    ``prev_sample`` to score a stored step instead of drawing one. The
-    log-prob is averaged over the latent's dimensions, not summed: the sum
-    grows with the latent size and overflows the importance ratio.
+    training replays each stored trajectory at its own step.
     """
     if not eta > 0:
         raise ValueError(
@@ -57,10 +52,6 @@ def ddim_step_with_logprob(
         raise ValueError(f"sample must be batched, shape (B, ...), got {tuple(sample.shape)}")
     if model_output.shape != sample.shape:
         raise ValueError(f"model_output shape {tuple(model_output.shape)} != sample shape {tuple(sample.shape)}")
-    if prev_sample is not None and prev_sample.shape != sample.shape:
-        raise ValueError(f"prev_sample shape {tuple(prev_sample.shape)} != sample shape {tuple(sample.shape)}")
-    if prev_sample is not None and generator is not None:
-        raise ValueError("pass either prev_sample or generator, not both: a given prev_sample is not drawn")
 
     batch = sample.shape[0]
     t = torch.as_tensor(timestep, dtype=torch.long)
@@ -109,6 +100,30 @@ def ddim_step_with_logprob(
 
     mean = alpha_prev.sqrt() * x0_hat + (1 - alpha_prev - std_dev**2).sqrt() * eps_hat
 
+    return mean, std_dev
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    model_output: Tensor,
+    timestep: int | Tensor,
+    sample: Tensor,
+    *,
+    eta: float,
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One DDIM step x_t -> x_{t-1} and log p(x_{t-1} | x_t), shape (B,).
+
+    Pass ``prev_sample`` to score a stored step instead of drawing one. The
+    log-prob is averaged over the latent's dimensions, not summed: the sum
+    grows with the latent size and overflows the importance ratio.
+    """
+    if prev_sample is not None and prev_sample.shape != sample.shape:
+        raise ValueError(f"prev_sample shape {tuple(prev_sample.shape)} != sample shape {tuple(sample.shape)}")
+    if prev_sample is not None and generator is not None:
+        raise ValueError("pass either prev_sample or generator, not both: a given prev_sample is not drawn")
+    mean, std_dev = ddim_mean_std(scheduler, model_output, timestep, sample, eta=eta)
     if prev_sample is None:
         # Same draw as diffusers' step (shape, generator, dtype), so seeded runs agree.
         noise = randn_tensor(
@@ -122,3 +137,9 @@ def ddim_step_with_logprob(
     diff = prev_sample.detach().to(torch.float32) - mean
     log_prob = -(diff**2) / (2 * std_dev**2) - std_dev.log() - _LOG_SQRT_2PI
     return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
+    """KL between two steps' Gaussians of equal std, averaged over the latent's dimensions, shape (B,)."""
+    kl = (mean - ref_mean) ** 2 / (2 * std**2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))

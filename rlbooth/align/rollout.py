@@ -1,0 +1,66 @@
+"""Sampling denoising trajectories with the log-probability of every step (the policy's actions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from rlbooth.align.ddim import ddim_step_with_logprob
+
+
+def guided_noise(unet: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
+                 guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance in one batched forward; `embeds` is (2B, L, D): unconditional rows first."""
+    batch = latents.shape[0]
+    timesteps = timesteps.expand(batch) if timesteps.ndim == 0 else timesteps
+    out = unet(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), embeds).sample
+    uncond, cond = out.float().chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def cfg_embeds(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """Stack per-sample unconditional and conditional embeddings as `guided_noise` expects."""
+    return torch.cat([uncond.expand_as(cond), cond])
+
+
+@dataclass
+class Rollout:
+    """One batch of trajectories: latents x_T..x_0 (B, T+1, C, H, W), log p of each step (B, T), timesteps (T,)."""
+
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    timesteps: torch.Tensor
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.latents[:, -1]
+
+
+@torch.no_grad()
+def sample_rollout(unet: torch.nn.Module, scheduler: DDIMScheduler, embeds: torch.Tensor,
+                   generators: list[torch.Generator], latent_shape: tuple[int, ...], *, num_steps: int,
+                   guidance_scale: float, eta: float) -> Rollout:
+    """Sample B trajectories; sample i depends only on generators[i], never on the batch it shares."""
+    device = embeds.device
+    scheduler.set_timesteps(num_steps, device=device)
+    latents = randn_tensor((len(generators), *latent_shape), generator=generators, device=device,
+                           dtype=torch.float32)
+    latents = latents * scheduler.init_noise_sigma
+    trajectory, log_probs = [latents], []
+    for t in scheduler.timesteps:
+        noise = guided_noise(unet, latents, t, embeds, guidance_scale)
+        latents, log_prob = ddim_step_with_logprob(scheduler, noise, t, latents, eta=eta, generator=generators)
+        trajectory.append(latents)
+        log_probs.append(log_prob)
+    return Rollout(torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1), scheduler.timesteps.clone())
+
+
+@torch.no_grad()
+def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Latents to images in [0, 1], float32."""
+    param = next(vae.parameters())
+    images = vae.decode(latents.to(param.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)

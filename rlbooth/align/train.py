@@ -1,0 +1,377 @@
+"""Stage two, end to end: DDPO with the importance-clipped PPO objective on a personalized model.
+
+Each epoch samples trajectories (rewards of one batch computed while the next one samples),
+turns global rewards into per-prompt advantages, then trains a fresh LoRA on the stored steps.
+Stage one's personalization is fused into the weights, so it stays on throughout; the new
+adapter starts at zero, so epoch 0 samples exactly the stage-one model.
+
+Every random draw is keyed by (seed, epoch, global sample index), so a run resumed from a
+checkpoint, or run on another number of processes, draws the same samples.
+
+Output folder layout:
+    model/pytorch_lora_weights.safetensors   the stage-two LoRA (load it on top of stage one's model)
+    rlbooth.json                             what was run, the per-epoch history; written last
+    checkpoints/step-<epoch>/                for --resume
+    samples/epoch-<N>.png                    fixed prompts x seeds, drawn with the current LoRA
+    logs/                                    TensorBoard
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rlbooth import __version__
+from rlbooth.accel import check_runtime, flat_hparams, make_accelerator, weight_dtype
+from rlbooth.align.ddim import ddim_mean_std, ddim_step_with_logprob, gaussian_kl
+from rlbooth.align.ppo import PerPromptStatTracker, batch_advantages, clip_advantages, ppo_clip_loss
+from rlbooth.align.rollout import Rollout, cfg_embeds, decode, guided_noise, sample_rollout
+from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlbooth.config import AlignConfig, Config
+from rlbooth.errors import RlboothError
+from rlbooth.images import save_image_atomic
+from rlbooth.models import add_lora, save_lora
+from rlbooth.personalize.data import encode_prompts
+from rlbooth.prompts import Prompt, PromptSampler, default_prompt_set, read_prompt_file
+from rlbooth.rewards import CompositeReward
+from rlbooth.sampling import draw_grid
+from rlbooth.stages import ALIGN_ADAPTER, METADATA, StageOutput, load_stage_pipeline, read_stage
+
+logger = logging.getLogger(__name__)
+
+
+class AlignOutputError(RlboothError, RuntimeError):
+    """The output folder is finished already, or unfinished without --resume."""
+
+
+def _seed(*parts: int) -> int:
+    return hash(parts) % 2**63
+
+
+@dataclass
+class Samples:
+    """One epoch's trajectories on this process, with what training needs and nothing recomputed."""
+
+    latents: torch.Tensor      # (N, T+1, C, H, W)
+    log_probs: torch.Tensor    # (N, T)
+    timesteps: torch.Tensor    # (T,)
+    embeds: torch.Tensor       # (N, L, D) conditional prompt embeddings
+    indices: torch.Tensor      # (N,) global sample indices within the epoch
+    rewards: torch.Tensor      # (N,)
+    components: dict[str, torch.Tensor]
+
+    @classmethod
+    def concat(cls, rollouts: list[Rollout], embeds: list[torch.Tensor], indices: list[torch.Tensor],
+               scored: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> "Samples":
+        return cls(
+            latents=torch.cat([r.latents for r in rollouts]), log_probs=torch.cat([r.log_probs for r in rollouts]),
+            timesteps=rollouts[0].timesteps, embeds=torch.cat(embeds), indices=torch.cat(indices),
+            rewards=torch.cat([total for total, _ in scored]),
+            components={name: torch.cat([parts[name] for _, parts in scored]) for name in scored[0][1]},
+        )
+
+
+def align(config: Config, stage_one_dir: str | Path, output_dir: str | Path, resume: bool = False) -> Path:
+    """Run stage two on stage one's output; returns the folder of the saved LoRA."""
+    output_dir = Path(output_dir)
+    stage_one, templates = preflight(config, Path(stage_one_dir), output_dir, resume)
+    cfg = config.align
+    accelerator = make_accelerator(config.runtime, output_dir, cfg.gradient_accumulation_steps * cfg.num_train_timesteps)
+    with CompositeReward(cfg.reward, executor_workers=1) as reward:
+        trainer = DDPOTrainer(config, accelerator, stage_one, templates, reward, output_dir)
+        start_epoch = trainer.restore() if resume else 0
+        trainer.log_plan()
+        for epoch in range(start_epoch, cfg.num_epochs):
+            trainer.run_epoch(epoch)
+        model_dir = trainer.save_output()
+    accelerator.end_training()
+    return model_dir
+
+
+def preflight(config: Config, stage_one_dir: Path, output_dir: Path, resume: bool
+              ) -> tuple[StageOutput, list[str]]:
+    """Everything checkable before a model is loaded: runtime, stage-one folder, prompts, output state."""
+    check_runtime(config.runtime)
+    stage_one = read_stage(stage_one_dir, "personalize")
+    templates = read_prompt_file(config.align.prompt_file or default_prompt_set(stage_one.subject))
+    if (output_dir / METADATA).is_file():
+        raise AlignOutputError(f"{output_dir} already holds a finished stage-two model ({METADATA}); "
+                               "choose another --output or remove it")
+    if not resume and latest_checkpoint(output_dir / "checkpoints") is not None:
+        raise AlignOutputError(f"{output_dir} holds checkpoints of an unfinished run: pass --resume to continue "
+                               "it, or choose another --output")
+    return stage_one, templates
+
+
+class DDPOTrainer:
+    """Holds the models and state of one stage-two run; `run_epoch` is the whole algorithm."""
+
+    def __init__(self, config: Config, accelerator, stage_one: StageOutput, templates: list[str],
+                 reward: CompositeReward, output_dir: Path) -> None:
+        from diffusers import DDIMScheduler
+        from diffusers.optimization import get_scheduler
+
+        self.config, self.cfg, self.acc = config, config.align, accelerator
+        self.stage_one, self.subject, self.reward, self.output_dir = stage_one, stage_one.subject, reward, output_dir
+        self.seed = config.runtime.seed
+        self.pipe = load_stage_pipeline(stage_one, fuse=True)
+        self.pipe.to(accelerator.device)
+        self._freeze_and_add_lora(weight_dtype(accelerator))
+        self.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        params = [p for p in self.pipe.unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.cfg.learning_rate, weight_decay=self.cfg.adam_weight_decay)
+        lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+        self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(self.pipe.unet, optimizer, lr_scheduler)
+        self.params = params
+        self.sampler = PromptSampler(templates, self.subject, self.cfg.identifier_ratio, self.seed)
+        self.tracker = PerPromptStatTracker(self.cfg.stat_buffer_size, self.cfg.stat_min_count)
+        self.history: list[dict[str, float]] = []
+        self._embeds: dict[str, torch.Tensor] = {}
+        self.uncond = self.embed([""])
+        vae = self.pipe.vae
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        size = self.pipe.unet.config.sample_size
+        self.latent_shape = (self.pipe.unet.config.in_channels, size, size)
+        self.resolution = size * factor
+
+    def _freeze_and_add_lora(self, frozen_dtype: torch.dtype) -> None:
+        pipe, cfg = self.pipe, self.cfg
+        for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+            module.requires_grad_(False)
+            if frozen_dtype != torch.float32:
+                module.to(dtype=frozen_dtype)
+        torch.manual_seed(self.seed)
+        add_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, adapter_name=ALIGN_ADAPTER,
+                 zero_init=True)
+        for p in pipe.unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+    # ------------------------------------------------------------------ state
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet}
+
+    def restore(self) -> int:
+        ckpt = latest_checkpoint(self.output_dir / "checkpoints")
+        if ckpt is None:
+            return 0
+        state = load_checkpoint(ckpt, self.acc, self.models(), self.optimizer, self.lr_scheduler)
+        self.tracker.load_state_dict(state["tracker"])
+        self.history = state["history"]
+        logger.info("resumed from %s at epoch %d", ckpt, state["epoch"])
+        return state["epoch"]
+
+    def log_plan(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        if acc.is_main_process:
+            acc.init_trackers("align", config=flat_hparams(self.config.to_dict()))
+        samples = cfg.sample_batch_size * cfg.num_batches_per_epoch * acc.num_processes
+        batches = cfg.sample_batch_size * cfg.num_batches_per_epoch // cfg.train_batch_size
+        logger.info("stage two: %d samples/epoch (%d processes x %d batches x %d), %d optimizer steps/epoch "
+                    "(%d trained timesteps of %d per sample), %d epochs", samples, acc.num_processes,
+                    cfg.num_batches_per_epoch, cfg.sample_batch_size,
+                    batches // cfg.gradient_accumulation_steps * cfg.num_inner_epochs,
+                    cfg.num_train_timesteps, cfg.num_steps, cfg.num_epochs)
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """Prompt embeddings, each computed once per run."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._embeds]
+        if missing:
+            for text, emb in zip(missing, encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, missing)):
+                self._embeds[text] = emb
+        return torch.stack([self._embeds[t] for t in texts])
+
+    def sample_epoch(self, epoch: int) -> Samples:
+        cfg, acc = self.cfg, self.acc
+        per_batch = cfg.sample_batch_size * acc.num_processes
+        rollouts, embeds, indices, futures = [], [], [], []
+        self.unet.eval()
+        for b in tqdm(range(cfg.num_batches_per_epoch), desc=f"epoch {epoch} sampling", leave=False,
+                      disable=not acc.is_local_main_process):
+            index = torch.arange(cfg.sample_batch_size) + b * per_batch + acc.process_index * cfg.sample_batch_size
+            prompts = [self.sampler(epoch, int(i)) for i in index]
+            cond = self.embed([p.text for p in prompts])
+            generators = [torch.Generator(device=acc.device).manual_seed(_seed(self.seed, epoch, int(i)))
+                          for i in index]
+            with acc.autocast():
+                rollout = sample_rollout(self.unet, self.scheduler, cfg_embeds(self.uncond, cond), generators,
+                                         self.latent_shape, num_steps=cfg.num_steps,
+                                         guidance_scale=cfg.guidance_scale, eta=cfg.eta)
+            images = decode(self.pipe.vae, rollout.final)
+            futures.append(self.reward.submit(images, [p.text for p in prompts], self.metadata(prompts)))
+            rollouts.append(rollout)
+            embeds.append(cond)
+            indices.append(index)
+        return Samples.concat(rollouts, embeds, indices, [f.result() for f in futures])
+
+    def metadata(self, prompts: list[Prompt]) -> list[dict[str, Any]]:
+        return [{"subject": self.subject, "with_identifier": p.with_identifier, "template": p.template}
+                for p in prompts]
+
+    # ------------------------------------------------------------------ advantages
+
+    def advantages(self, epoch: int, samples: Samples) -> torch.Tensor:
+        """Normalize rewards over all processes' samples in global-index order, return this process's share."""
+        acc = self.acc
+        rewards = acc.gather(samples.rewards.to(acc.device)).cpu().numpy()
+        indices = acc.gather(samples.indices.to(acc.device)).cpu().numpy()
+        order = np.argsort(indices)
+        if self.cfg.per_prompt_stat_tracking:
+            texts = [self.sampler(epoch, int(i)).text for i in indices[order]]
+            adv = self.tracker.update(texts, rewards[order])
+        else:
+            adv = batch_advantages(rewards[order])
+        adv = clip_advantages(adv, self.cfg.adv_clip_max)
+        by_index = dict(zip(indices[order].tolist(), adv.tolist()))
+        return torch.tensor([by_index[int(i)] for i in samples.indices], dtype=torch.float32, device=acc.device)
+
+    # ------------------------------------------------------------------ training
+
+    def train_epoch(self, epoch: int, samples: Samples, advantages: torch.Tensor) -> dict[str, float]:
+        cfg, acc = self.cfg, self.acc
+        n, num_steps = samples.log_probs.shape
+        stats: dict[str, list[float]] = {}
+        self.unet.train()
+        for inner in range(cfg.num_inner_epochs):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(
+                _seed(self.seed, epoch, inner, acc.process_index)))
+            steps = torch.stack([torch.randperm(num_steps, generator=torch.Generator().manual_seed(
+                _seed(self.seed, epoch, inner, int(samples.indices[i]))))[:cfg.num_train_timesteps] for i in order])
+            batches = range(0, n, cfg.train_batch_size)
+            for start in tqdm(batches, desc=f"epoch {epoch} training", leave=False,
+                              disable=not acc.is_local_main_process):
+                rows = order[start:start + cfg.train_batch_size].to(acc.device)
+                for j in range(cfg.num_train_timesteps):
+                    step = steps[start:start + cfg.train_batch_size, j].to(acc.device)
+                    for key, value in self.train_step(samples, rows, step, advantages[rows]).items():
+                        stats.setdefault(key, []).append(value)
+        return {key: float(np.mean(values)) for key, values in stats.items()}
+
+    def step_log_prob(self, samples: Samples, rows: torch.Tensor, step: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Guided noise and log-prob of stored steps `step` of trajectories `rows` under the current weights."""
+        x_t = samples.latents[rows, step]
+        t = samples.timesteps[step]
+        with self.acc.autocast():
+            noise = guided_noise(self.unet, x_t, t, cfg_embeds(self.uncond, samples.embeds[rows]),
+                                 self.cfg.guidance_scale)
+        _, log_prob = ddim_step_with_logprob(self.scheduler, noise, t, x_t, eta=self.cfg.eta,
+                                             prev_sample=samples.latents[rows, step + 1])
+        return noise, log_prob
+
+    def train_step(self, samples: Samples, rows: torch.Tensor, step: torch.Tensor, advantages: torch.Tensor
+                   ) -> dict[str, float]:
+        """One PPO term: the clipped surrogate of stored steps, accumulated until the optimizer step."""
+        cfg, acc = self.cfg, self.acc
+        with acc.accumulate(self.unet):
+            noise, log_prob = self.step_log_prob(samples, rows, step)
+            loss, info = ppo_clip_loss(log_prob, samples.log_probs[rows, step], advantages, cfg.clip_range)
+            if cfg.kl_coef > 0:
+                kl = self.kl_to_stage_one(noise, samples, rows, step)
+                loss = loss + cfg.kl_coef * kl
+                info["kl_stage_one"] = kl.detach()
+            acc.backward(loss)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.item()} | {k: v.item() for k, v in info.items()}
+
+    def kl_to_stage_one(self, noise: torch.Tensor, samples: Samples, rows: torch.Tensor, step: torch.Tensor
+                        ) -> torch.Tensor:
+        """KL of this step's Gaussian to stage one's: the same forward with the adapter switched off."""
+        x_t, t = samples.latents[rows, step], samples.timesteps[step]
+        unet = self.acc.unwrap_model(self.unet)
+        with torch.no_grad(), self.acc.autocast():
+            unet.disable_adapters()
+            try:
+                ref_noise = guided_noise(unet, x_t, t, cfg_embeds(self.uncond, samples.embeds[rows]),
+                                         self.cfg.guidance_scale)
+            finally:
+                unet.enable_adapters()
+        mean, std = ddim_mean_std(self.scheduler, noise, t, x_t, eta=self.cfg.eta)
+        ref_mean, _ = ddim_mean_std(self.scheduler, ref_noise, t, x_t, eta=self.cfg.eta)
+        return gaussian_kl(mean, ref_mean, std).mean()
+
+    # ------------------------------------------------------------------ epoch
+
+    def run_epoch(self, epoch: int) -> None:
+        cfg, acc = self.cfg, self.acc
+        samples = self.sample_epoch(epoch)
+        advantages = self.advantages(epoch, samples)
+        logs = {"epoch": epoch} | self.reward_stats(samples) | self.train_epoch(epoch, samples, advantages)
+        logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+        self.history.append(logs)
+        acc.log(logs, step=epoch)
+        if acc.is_main_process:
+            logger.info("epoch %d: reward %.4f +- %.4f, approx_kl %.2e, clipfrac %.3f", epoch, logs["reward_mean"],
+                        logs["reward_std"], logs["approx_kl"], logs["clipfrac"])
+        done = epoch + 1
+        if done % cfg.checkpointing_epochs == 0 or done == cfg.num_epochs:
+            save_checkpoint(acc, self.output_dir / "checkpoints", done, self.models(), self.optimizer,
+                            self.lr_scheduler, {"epoch": done, "tracker": self.tracker.state_dict(),
+                                                "history": self.history}, cfg.checkpoints_total_limit)
+        if cfg.grid_every and (done % cfg.grid_every == 0 or done == cfg.num_epochs):
+            self.draw_grid(done)
+
+    def reward_stats(self, samples: Samples) -> dict[str, float]:
+        rewards = self.acc.gather(samples.rewards.to(self.acc.device)).float()
+        stats = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item()}
+        for name, values in samples.components.items():
+            stats[f"reward/{name}"] = self.acc.gather(values.to(self.acc.device)).float().mean().item()
+        return stats
+
+    def draw_grid(self, epoch: int) -> None:
+        acc = self.acc
+        if acc.is_main_process:
+            dtype = weight_dtype(acc)
+            grid = draw_grid(self.pipe, [self.subject.prompt(t) for t in self.cfg.grid_prompts], self.cfg.grid_seeds,
+                             self.cfg.num_steps, self.cfg.guidance_scale,
+                             autocast_dtype=None if dtype == torch.float32 else dtype)
+            save_image_atomic(grid, self.output_dir / "samples" / f"epoch-{epoch}.png")
+        acc.wait_for_everyone()
+
+    def replica_checksums(self) -> list[list[float]]:
+        """Sum and sum of squares of the LoRA on every process: they differ if gradients were not synchronized."""
+        flat = torch.cat([p.detach().float().flatten() for p in self.params])
+        sums = torch.stack([flat.sum(), flat.pow(2).sum()]).to(self.acc.device)
+        gathered = self.acc.gather(sums[None]).cpu()
+        if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-5, atol=1e-7):
+            raise RuntimeError(f"the stage-two LoRA differs across processes {gathered.tolist()}: "
+                               "gradients were not synchronized")
+        return gathered.tolist()
+
+    def save_output(self) -> Path:
+        acc, model_dir = self.acc, self.output_dir / "model"
+        checksums = self.replica_checksums()
+        if acc.is_main_process:
+            tmp = self.output_dir / ".model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_lora(tmp, acc.unwrap_model(self.unet), adapter_name=ALIGN_ADAPTER)
+            shutil.rmtree(model_dir, ignore_errors=True)
+            os.replace(tmp, model_dir)
+            metadata = {
+                "stage": "align", "rlbooth_version": __version__, "stage_one": str(self.stage_one.folder.resolve()),
+                "subject": self.subject.to_dict(), "reward": self.cfg.reward, "epochs": self.cfg.num_epochs,
+                "history": self.history, "replica_checksums": checksums, "config": self.config.to_dict(),
+            }
+            tmp_meta = self.output_dir / f".{METADATA}.tmp"
+            tmp_meta.write_text(json.dumps(metadata, indent=2))
+            os.replace(tmp_meta, self.output_dir / METADATA)
+        acc.wait_for_everyone()
+        return model_dir

@@ -1,0 +1,94 @@
+"""The weighted sum of rewards that stage two maximizes, optionally computed off the sampling thread."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
+
+import torch
+
+from rlbooth.rewards import RewardError, build_reward, validate_batch
+
+Result = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
+class CompositeReward:
+    """Sum of `weights[name] * reward(name)`, with each raw component kept for logging.
+
+    `options[name]` are keyword options for that reward's factory. `executor_workers` threads
+    compute `submit`ted batches while the caller samples the next one (GPU kernels, PIL and
+    ONNX runtime release the GIL); 0 computes them inline, which keeps runs single-threaded.
+    """
+
+    def __init__(self, weights: dict[str, float], options: dict[str, dict] | None = None,
+                 executor_workers: int = 0) -> None:
+        if not weights:
+            raise RewardError("the composite reward needs at least one weighted reward")
+        options = options or {}
+        unused = sorted(set(options) - set(weights))
+        if unused:
+            raise RewardError(f"options given for rewards {unused} that have no weight; "
+                              f"weighted rewards: {sorted(weights)}")
+        for name, weight in weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+                raise RewardError(f"weight of reward {name!r} must be a finite number, got {weight!r}")
+        if executor_workers < 0:
+            raise RewardError(f"executor_workers must be >= 0, got {executor_workers}")
+        self.weights = {name: float(weight) for name, weight in weights.items()}
+        self.components = {name: build_reward(name, **options.get(name, {})) for name in weights}
+        self.executor_workers = executor_workers
+        self._executor: ThreadPoolExecutor | None = None
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> Result:
+        """Returns the (B,) float32 total and the raw (B,) score of each component by name."""
+        batch = validate_batch(images, prompts, metadata)
+        return self._compute(images, prompts, metadata, batch)
+
+    def submit(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> Future[Result]:
+        """Same result as calling, as a future; the inputs are copied, so the caller may reuse them."""
+        batch = validate_batch(images, prompts, metadata)
+        images, prompts, metadata = images.detach().clone(), list(prompts), [dict(m) for m in metadata]
+        if self.executor_workers == 0:
+            future: Future[Result] = Future()
+            try:
+                future.set_result(self._compute(images, prompts, metadata, batch))
+            except Exception as err:  # delivered through the future, as a worker thread would
+                future.set_exception(err)
+            return future
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.executor_workers, thread_name_prefix="rlbooth-reward")
+        return self._executor.submit(self._compute, images, prompts, metadata, batch)
+
+    def close(self) -> None:
+        """Waits for submitted batches, then stops the worker threads."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def __enter__(self) -> CompositeReward:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+    @torch.no_grad()
+    def _compute(self, images: torch.Tensor, prompts: list[str], metadata: list[dict], batch: int) -> Result:
+        total = torch.zeros(batch, dtype=torch.float32)
+        components = {}
+        for name, reward in self.components.items():
+            score = reward(images, prompts, metadata)
+            if not isinstance(score, torch.Tensor) or score.shape != (batch,):
+                got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+                raise RewardError(f"reward {name!r} returned {got} for {batch} images; "
+                                  f"expected shape ({batch},)")
+            score = score.detach().to("cpu", torch.float32)
+            bad = (~torch.isfinite(score)).nonzero().flatten().tolist()
+            if bad:
+                raise RewardError(f"reward {name!r} returned non-finite values {score[bad].tolist()} for "
+                                  f"{len(bad)} of {batch} images, first prompt: {prompts[bad[0]]!r}")
+            components[name] = score
+            total += self.weights[name] * score
+        return total, components

@@ -1,0 +1,28 @@
+"""A finished stage-one output (tiny, LoRA) shared by the stage-two tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rlbooth.config import load_config
+from rlbooth.personalize.train import personalize
+from rlbooth.subject import Subject
+from tests.conftest import draw_subject_photos
+
+
+def align_config(*overrides: str):
+    """The tiny preset, made quicker: 4 DDIM steps, no logs, no grids."""
+    return load_config("tiny", ["runtime.report_to=none", "align.num_steps=4", "align.grid_every=0",
+                                "align.reward={brightness: 1.0}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def stage_one(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("stage-one")
+    subject = Subject(images=draw_subject_photos(root / "photos"), class_noun="toy", description="triangular")
+    config = load_config("tiny", ["runtime.report_to=none", "personalize.validation_steps=0",
+                                  "personalize.max_train_steps=8", "personalize.learning_rate=1e-2"])
+    personalize(config, subject, root / "out")
+    return root / "out"

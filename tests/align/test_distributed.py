@@ -1,0 +1,53 @@
+"""Two CPU processes under torchrun (gloo): global rewards, synchronized LoRA, the same result as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from rlbooth.align.train import align
+from tests.align.conftest import align_config
+
+COMMON = ["runtime.report_to=none", "align.num_steps=4", "align.grid_every=0", "align.reward={brightness: 1.0}",
+          "align.num_epochs=2", "align.num_batches_per_epoch=1", "align.learning_rate=1e-2",
+          "align.stat_min_count=1", "align.checkpointing_epochs=1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(stage_one, tmp_path):
+    single = align(align_config(*COMMON, "align.sample_batch_size=4", "align.train_batch_size=4"),
+                   stage_one, tmp_path / "single")
+
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(free_port()), "-m", "rlbooth.cli", "align", "-c", "tiny", "--stage-one", str(stage_one),
+            "-o", str(tmp_path / "two")]
+    for item in COMMON + ["align.sample_batch_size=2", "align.train_batch_size=2"]:
+        args += ["--set", item]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    meta = json.loads((tmp_path / "two" / "rlbooth.json").read_text())
+    checksums = torch.tensor(meta["replica_checksums"])
+    assert checksums.shape == (2, 2) and torch.equal(checksums[0], checksums[1]), "ranks ended with different LoRAs"
+    single_history = json.loads((single.parent / "rlbooth.json").read_text())["history"]
+    assert [h["reward_mean"] for h in meta["history"]] == \
+        [h["reward_mean"] for h in single_history], "the two runs did not draw the same samples"
+
+    a = load_file(str(single / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    assert any(v.abs().sum() > 0 for k, v in a.items() if ".up." in k), "nothing was trained"
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -1,0 +1,189 @@
+"""Stage two on the tiny pipeline: personalization stays on, the update climbs the reward, state resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image
+from safetensors.torch import load_file
+
+from rlbooth.accel import make_accelerator
+from rlbooth.align import train as train_module
+from rlbooth.align.rollout import cfg_embeds, decode, sample_rollout
+from rlbooth.align.train import AlignOutputError, DDPOTrainer, align
+from rlbooth.models import load_pipeline
+from rlbooth.personalize.data import encode_prompts
+from rlbooth.prompts import read_prompt_file
+from rlbooth.rewards import CompositeReward
+from rlbooth.sampling import draw_grid
+from rlbooth.stages import load_stage_pipeline, read_stage
+from tests.align.conftest import align_config
+
+PROMPT = "a sks triangular toy playing soccer"
+
+
+def make_trainer(config, stage_one: Path, out: Path) -> DDPOTrainer:
+    stage = read_stage(stage_one, "personalize")
+    accelerator = make_accelerator(config.runtime, out, config.align.num_train_timesteps)
+    return DDPOTrainer(config, accelerator, stage, read_prompt_file("object"),
+                       CompositeReward(config.align.reward), out)
+
+
+@torch.no_grad()
+def final_latents(pipe, unet, seeds: list[int], prompt: str = PROMPT, steps: int = 4) -> torch.Tensor:
+    """Trajectories through the stage-two sampler with fixed per-sample seeds."""
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt] * len(seeds))
+    uncond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return sample_rollout(unet, scheduler, cfg_embeds(uncond, cond), gens, (4, 16, 16), num_steps=steps,
+                          guidance_scale=5.0, eta=1.0).final
+
+
+def test_zero_lora_samples_exactly_the_stage_one_model(stage_one, tmp_path):
+    trainer = make_trainer(align_config(), stage_one, tmp_path)
+    seeds = [0, 1, 2]
+    ours = final_latents(trainer.pipe, trainer.unet, seeds)
+
+    personalized = load_pipeline(read_stage(stage_one).base_model)
+    personalized.load_lora_weights(stage_one / "model")  # stage one as plain diffusers loads it
+    reference = final_latents(personalized, personalized.unet, seeds)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+    base = load_pipeline(read_stage(stage_one).base_model)
+    assert (final_latents(base, base.unet, seeds) - ours).abs().max() > 1e-2, "personalization is off"
+
+
+def test_first_inner_epoch_ratio_is_one_and_only_lora_changes(stage_one, tmp_path):
+    trainer = make_trainer(align_config("align.num_epochs=1"), stage_one, tmp_path)
+    samples = trainer.sample_epoch(0)
+    rows = torch.arange(len(samples.indices))
+    for step in range(samples.log_probs.shape[1]):
+        with torch.no_grad():
+            _, log_prob = trainer.step_log_prob(samples, rows, torch.full_like(rows, step))
+        torch.testing.assert_close(log_prob, samples.log_probs[:, step], rtol=0, atol=1e-5)
+
+    unet = trainer.pipe.unet
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    frozen = {name: {k: v.clone() for k, v in getattr(trainer.pipe, name).state_dict().items()}
+              for name in ("vae", "text_encoder")}
+    trainer.train_epoch(0, samples, trainer.advantages(0, samples))
+    after = unet.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora" in k for k in changed)
+    assert any("lora_B" in k for k in changed)
+    for name, state in frozen.items():
+        assert all(torch.equal(v, getattr(trainer.pipe, name).state_dict()[k]) for k, v in state.items()), name
+
+
+def brightness_gain(stage_one: Path, stage_two: Path, seeds: list[int]) -> torch.Tensor:
+    """Per-seed brightness of stage two minus stage one, both loaded the standard way, same noise."""
+    scores = []
+    for folder in (stage_one, stage_two):
+        pipe = load_stage_pipeline(read_stage(folder))
+        scores.append(decode(pipe.vae, final_latents(pipe, pipe.unet, seeds)).mean(dim=(1, 2, 3)))
+    return scores[1] - scores[0]
+
+
+@pytest.mark.parametrize("weight", [1.0, -1.0])
+def test_training_climbs_the_reward_in_its_sign(stage_one, tmp_path, weight):
+    """+brightness must brighten, -brightness darken: fails if the update sign or the ratio is wrong."""
+    config = align_config(f"align.reward={{brightness: {weight}}}", "align.num_epochs=4",
+                          "align.learning_rate=1e-2")
+    out = align(config, stage_one, tmp_path / "out")
+    gain = brightness_gain(stage_one, out.parent, seeds=list(range(100, 116)))
+    z = gain.mean() / (gain.std() / len(gain) ** 0.5)
+    assert weight * z > 4, f"brightness change {gain.mean():.2e} (z={z:.1f}) does not follow the reward {weight}"
+    history = json.loads((out.parent / "rlbooth.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert all(h["reward/brightness"] == pytest.approx(weight * h["reward_mean"]) for h in history)
+
+
+def test_output_loads_on_top_of_stage_one_with_diffusers(stage_one, tmp_path):
+    """The last grid is drawn in memory (fused stage one + adapter); plain diffusers must draw the same."""
+    config = align_config("align.num_epochs=2", "align.grid_every=2", "align.learning_rate=1e-2")
+    out = align(config, stage_one, tmp_path / "out").parent
+    lora = load_file(str(out / "model" / "pytorch_lora_weights.safetensors"))
+    assert lora and all(k.startswith("unet.") and "lora" in k for k in lora)
+
+    pipe = load_pipeline(read_stage(stage_one).base_model)
+    pipe.load_lora_weights(stage_one / "model", adapter_name="personalize")
+    pipe.load_lora_weights(out / "model", adapter_name="align")
+    pipe.set_adapters(["personalize", "align"])
+    subject = read_stage(stage_one).subject
+    a = config.align
+    grid = draw_grid(pipe, [subject.prompt(t) for t in a.grid_prompts], a.grid_seeds, a.num_steps, a.guidance_scale)
+    in_memory = np.asarray(Image.open(out / "samples" / "epoch-2.png"), dtype=np.int16)
+    assert np.abs(np.asarray(grid, dtype=np.int16) - in_memory).max() <= 2
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_result(stage_one, tmp_path, monkeypatch):
+    overrides = ("align.num_epochs=4", "align.checkpointing_epochs=2", "align.checkpoints_total_limit=null",
+                 "align.learning_rate=1e-2", "align.stat_min_count=1")
+    whole = align(align_config(*overrides), stage_one, tmp_path / "whole")
+
+    run_epoch = DDPOTrainer.run_epoch
+
+    def dies_in_epoch_three(self, epoch):
+        if epoch == 3:
+            raise Killed
+        run_epoch(self, epoch)
+
+    monkeypatch.setattr(DDPOTrainer, "run_epoch", dies_in_epoch_three)
+    with pytest.raises(Killed):
+        align(align_config(*overrides), stage_one, tmp_path / "resumed")
+    monkeypatch.setattr(DDPOTrainer, "run_epoch", run_epoch)
+    with pytest.raises(AlignOutputError, match="--resume"):
+        align(align_config(*overrides), stage_one, tmp_path / "resumed")
+    resumed = align(align_config(*overrides), stage_one, tmp_path / "resumed", resume=True)
+
+    a = load_file(str(whole / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    history = lambda folder: json.loads((folder.parent / "rlbooth.json").read_text())["history"]
+    assert history(whole) == history(resumed)
+
+
+@pytest.mark.parametrize("overrides, prompt_file, message", [
+    (["align.eta=0"], None, "align.eta"),
+    (["align.clip_range=0"], None, "align.clip_range"),
+    (["align.clip_range=1.5"], None, "align.clip_range"),
+    (["align.timestep_fraction=0"], None, "align.timestep_fraction"),
+    (["align.timestep_fraction=1.2"], None, "align.timestep_fraction"),
+    (["align.sample_batch_size=3", "align.num_batches_per_epoch=1", "align.train_batch_size=2"], None,
+     "align.train_batch_size"),
+    (["align.gradient_accumulation_steps=3"], None, "align.gradient_accumulation_steps"),
+    (["align.reward={no_such_reward: 1.0}"], None, "no_such_reward"),
+    ([], "missing.txt", "not found"),
+    ([], "empty.txt", "holds no prompts"),
+])
+def test_bad_input_fails_before_any_model_is_loaded(stage_one, tmp_path, monkeypatch, overrides, prompt_file,
+                                                    message):
+    from rlbooth.cli import main
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(train_module, "load_stage_pipeline", no_models)
+    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
+    args = ["align", "-c", "tiny", "--stage-one", str(stage_one), "-o", str(tmp_path / "out")]
+    for item in overrides + ([f"align.prompt_file={tmp_path / prompt_file}"] if prompt_file else []):
+        args += ["--set", item]
+    assert main(args) == 2
+
+
+def test_stage_one_folder_that_is_not_one(tmp_path, capsys):
+    from rlbooth.cli import main
+
+    assert main(["align", "-c", "tiny", "--stage-one", str(tmp_path), "-o", str(tmp_path / "out")]) == 2
+    assert "not a finished rlbooth stage output" in capsys.readouterr().err

@@ -1,0 +1,130 @@
+import threading
+
+import pytest
+import torch
+
+import rlbooth.rewards as rewards
+from rlbooth.rewards import CompositeReward, RewardError, build_reward, register
+
+PROMPTS = ["a dog", "a cat", "a dog on the moon", "a cat swimming"]
+METADATA = [{"has_identifier": i % 2 == 0} for i in range(4)]
+
+
+def batch() -> torch.Tensor:
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    images[1] = 0.5
+    return images
+
+
+@pytest.fixture
+def broken_rewards():
+    """Test-only rewards that break the output contract, removed from the registry afterwards."""
+    names = ["test_nan", "test_inf", "test_wrong_shape"]
+
+    @register("test_nan")
+    def nan():
+        return lambda images, prompts, metadata: torch.tensor([0.0, float("nan"), 1.0, 2.0])
+
+    @register("test_inf")
+    def inf():
+        return lambda images, prompts, metadata: torch.tensor([float("inf"), 0.0, 1.0, 2.0])
+
+    @register("test_wrong_shape")
+    def wrong_shape():
+        return lambda images, prompts, metadata: torch.zeros(4, 1)
+
+    yield names
+    for name in names:
+        rewards._REGISTRY.pop(name)
+
+
+def test_weighted_sum_and_components():
+    images = batch()
+    weights = {"brightness": 2.0, "saturation": -0.5, "jpeg_compressibility": 0.01}
+    composite = CompositeReward(weights, options={"jpeg_compressibility": {"quality": 80}})
+    total, components = composite(images, PROMPTS, METADATA)
+
+    expected = {
+        "brightness": build_reward("brightness")(images, PROMPTS, METADATA),
+        "saturation": build_reward("saturation")(images, PROMPTS, METADATA),
+        "jpeg_compressibility": build_reward("jpeg_compressibility", quality=80)(images, PROMPTS, METADATA),
+    }
+    assert list(components) == list(weights)
+    for name in weights:
+        torch.testing.assert_close(components[name], expected[name], rtol=0, atol=0)
+    hand = (2.0 * expected["brightness"] - 0.5 * expected["saturation"]
+            + 0.01 * expected["jpeg_compressibility"])
+    assert total.shape == (4,) and total.dtype == torch.float32 and total.device.type == "cpu"
+    torch.testing.assert_close(total, hand)
+    assert not total.requires_grad
+
+
+def test_no_grad_with_grad_input():
+    total, components = CompositeReward({"brightness": 1.0})(batch().requires_grad_(True), PROMPTS, METADATA)
+    assert not total.requires_grad and not components["brightness"].requires_grad
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"weights": {}}, "at least one"),
+    ({"weights": {"brightnes": 1.0}}, "unknown reward 'brightnes'"),
+    ({"weights": {"brightness": float("nan")}}, "weight of reward 'brightness'"),
+    ({"weights": {"brightness": 1.0}, "options": {"saturation": {}}}, r"options given .*\['saturation'\]"),
+    ({"weights": {"brightness": 1.0}, "executor_workers": -1}, "executor_workers"),
+])
+def test_bad_configuration(kwargs, message):
+    with pytest.raises(RewardError, match=message):
+        CompositeReward(**kwargs)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("test_nan", r"'test_nan' returned non-finite .*'a cat'"),
+    ("test_inf", r"'test_inf' returned non-finite .*'a dog'"),
+    ("test_wrong_shape", r"'test_wrong_shape' returned \(4, 1\)"),
+])
+def test_misbehaving_component_is_named(broken_rewards, name, message):
+    composite = CompositeReward({"brightness": 1.0, name: 1.0})
+    with pytest.raises(RewardError, match=message):
+        composite(batch(), PROMPTS, METADATA)
+    with pytest.raises(RewardError, match=message):
+        composite.submit(batch(), PROMPTS, METADATA).result()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_submit_equals_direct_call(workers):
+    images = batch()
+    weights = {"brightness": 1.0, "jpeg_incompressibility": 0.1}
+    with CompositeReward(weights, executor_workers=workers) as composite:
+        direct_total, direct_components = composite(images, PROMPTS, METADATA)
+        future = composite.submit(images, PROMPTS, METADATA)
+        images.zero_()  # the caller reuses its buffer while the reward is computed
+        total, components = future.result(timeout=30)
+    torch.testing.assert_close(total, direct_total, rtol=0, atol=0)
+    assert components.keys() == direct_components.keys()
+    for name in components:
+        torch.testing.assert_close(components[name], direct_components[name], rtol=0, atol=0)
+    assert composite._executor is None
+
+
+def test_submit_runs_in_a_worker_thread():
+    seen = []
+
+    @register("test_thread")
+    def record_thread():
+        def reward(images, prompts, metadata):
+            seen.append(threading.current_thread())
+            return torch.zeros(len(prompts))
+        return reward
+
+    try:
+        with CompositeReward({"test_thread": 1.0}, executor_workers=1) as composite:
+            composite.submit(batch(), PROMPTS, METADATA).result(timeout=30)
+            composite.submit(batch(), PROMPTS, METADATA).result(timeout=30)
+    finally:
+        rewards._REGISTRY.pop("test_thread")
+    assert len(seen) == 2 and seen[0] is seen[1] and seen[0] is not threading.main_thread()
+
+
+def test_submit_rejects_bad_batch_at_the_call_site():
+    with CompositeReward({"brightness": 1.0}, executor_workers=1) as composite:
+        with pytest.raises(RewardError, match="4 images, 3 prompts"):
+            composite.submit(batch(), PROMPTS[:3], METADATA)
