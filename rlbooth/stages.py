@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from rlbooth.config import ModelConfig, from_dict
 from rlbooth.errors import RlboothError
@@ -88,3 +88,36 @@ def load_stage_pipeline(stage: StageOutput, fuse: bool = False) -> "StableDiffus
         names = [ALIGN_ADAPTER] + ([PERSONALIZE_ADAPTER] if one.metadata["mode"] == "lora" and not fuse else [])
         pipe.set_adapters(names)
     return pipe
+
+
+class OutputError(RlboothError, RuntimeError):
+    """The output folder's state does not fit the request (finished already, or unfinished without --resume)."""
+
+
+def check_output_dir(output_dir: Path, resume: bool, stage: str) -> None:
+    """Refuse to overwrite a finished stage or to restart over an unfinished one's checkpoints."""
+    from rlbooth.checkpoint import latest_checkpoint
+
+    if (output_dir / METADATA).is_file():
+        raise OutputError(f"{output_dir} already holds a finished {stage} stage ({METADATA}); "
+                          "choose another --output or remove it")
+    if not resume and latest_checkpoint(output_dir / "checkpoints") is not None:
+        raise OutputError(f"{output_dir} holds checkpoints of an unfinished run: pass --resume to continue it, "
+                          "or choose another --output")
+
+
+def publish(output_dir: Path, write_model: "Callable[[Path], None]", metadata: dict[str, Any]) -> Path:
+    """Write `model/` through a temporary folder, then the metadata that marks the stage finished."""
+    import os
+    import shutil
+
+    model_dir, tmp = output_dir / "model", output_dir / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_model(tmp)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)
+    tmp_meta = output_dir / f".{METADATA}.tmp"
+    tmp_meta.write_text(json.dumps(metadata, indent=2))
+    os.replace(tmp_meta, output_dir / METADATA)
+    return model_dir

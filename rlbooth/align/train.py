@@ -18,10 +18,7 @@ Output folder layout:
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,21 +33,16 @@ from rlbooth.align.ddim import ddim_mean_std, ddim_step_with_logprob, gaussian_k
 from rlbooth.align.ppo import PerPromptStatTracker, batch_advantages, clip_advantages, ppo_clip_loss
 from rlbooth.align.rollout import Rollout, cfg_embeds, decode, guided_noise, sample_rollout
 from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rlbooth.config import AlignConfig, Config
-from rlbooth.errors import RlboothError
+from rlbooth.config import Config
 from rlbooth.images import save_image_atomic
 from rlbooth.models import add_lora, save_lora
 from rlbooth.personalize.data import encode_prompts
 from rlbooth.prompts import Prompt, PromptSampler, default_prompt_set, read_prompt_file
 from rlbooth.rewards import CompositeReward
 from rlbooth.sampling import draw_grid
-from rlbooth.stages import ALIGN_ADAPTER, METADATA, StageOutput, load_stage_pipeline, read_stage
+from rlbooth.stages import ALIGN_ADAPTER, StageOutput, check_output_dir, load_stage_pipeline, publish, read_stage
 
 logger = logging.getLogger(__name__)
-
-
-class AlignOutputError(RlboothError, RuntimeError):
-    """The output folder is finished already, or unfinished without --resume."""
 
 
 def _seed(*parts: int) -> int:
@@ -103,12 +95,7 @@ def preflight(config: Config, stage_one_dir: Path, output_dir: Path, resume: boo
     check_runtime(config.runtime)
     stage_one = read_stage(stage_one_dir, "personalize")
     templates = read_prompt_file(config.align.prompt_file or default_prompt_set(stage_one.subject))
-    if (output_dir / METADATA).is_file():
-        raise AlignOutputError(f"{output_dir} already holds a finished stage-two model ({METADATA}); "
-                               "choose another --output or remove it")
-    if not resume and latest_checkpoint(output_dir / "checkpoints") is not None:
-        raise AlignOutputError(f"{output_dir} holds checkpoints of an unfinished run: pass --resume to continue "
-                               "it, or choose another --output")
+    check_output_dir(output_dir, resume, "align")
     return stage_one, templates
 
 
@@ -356,22 +343,13 @@ class DDPOTrainer:
         return gathered.tolist()
 
     def save_output(self) -> Path:
-        acc, model_dir = self.acc, self.output_dir / "model"
         checksums = self.replica_checksums()
-        if acc.is_main_process:
-            tmp = self.output_dir / ".model.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_lora(tmp, acc.unwrap_model(self.unet), adapter_name=ALIGN_ADAPTER)
-            shutil.rmtree(model_dir, ignore_errors=True)
-            os.replace(tmp, model_dir)
-            metadata = {
+        if self.acc.is_main_process:
+            unet = self.acc.unwrap_model(self.unet)
+            publish(self.output_dir, lambda folder: save_lora(folder, unet, adapter_name=ALIGN_ADAPTER), {
                 "stage": "align", "rlbooth_version": __version__, "stage_one": str(self.stage_one.folder.resolve()),
                 "subject": self.subject.to_dict(), "reward": self.cfg.reward, "epochs": self.cfg.num_epochs,
                 "history": self.history, "replica_checksums": checksums, "config": self.config.to_dict(),
-            }
-            tmp_meta = self.output_dir / f".{METADATA}.tmp"
-            tmp_meta.write_text(json.dumps(metadata, indent=2))
-            os.replace(tmp_meta, self.output_dir / METADATA)
-        acc.wait_for_everyone()
-        return model_dir
+            })
+        self.acc.wait_for_everyone()
+        return self.output_dir / "model"

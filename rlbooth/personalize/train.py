@@ -10,10 +10,7 @@ Output folder layout:
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,23 +22,16 @@ from rlbooth import __version__
 from rlbooth.accel import check_runtime, flat_hparams, make_accelerator, weight_dtype
 from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlbooth.config import Config, PersonalizeConfig
-from rlbooth.errors import RlboothError
 from rlbooth.images import check_images, list_images, save_image_atomic
 from rlbooth.models import TEXT_ENCODER_LORA_TARGETS, add_lora, cache_dir, load_pipeline, model_key, save_lora
 from rlbooth.personalize.class_images import generate_class_images
 from rlbooth.personalize.data import DreamBoothData, encode_images, encode_prompts, tokenize
 from rlbooth.personalize.loss import dreambooth_loss
 from rlbooth.sampling import draw_grid
+from rlbooth.stages import check_output_dir, publish
 from rlbooth.subject import Subject
 
 logger = logging.getLogger(__name__)
-
-METADATA = "rlbooth.json"
-
-
-class OutputError(RlboothError, RuntimeError):
-    """The output folder's state does not fit the request (finished already, or unfinished without --resume)."""
-
 
 def personalize(config: Config, subject: Subject, output_dir: str | Path, resume: bool = False) -> Path:
     """Run stage one into `output_dir` and return the folder of the saved model."""
@@ -100,12 +90,7 @@ def preflight(config: Config, subject: Subject, output_dir: Path, resume: bool) 
     """Everything that can be checked before a model is loaded; returns the instance photos."""
     check_runtime(config.runtime)
     paths = check_images(subject.images, config.personalize.resolution)
-    if (output_dir / METADATA).is_file():
-        raise OutputError(f"{output_dir} already holds a finished stage-one model ({METADATA}); "
-                          "choose another --output or remove it")
-    if not resume and latest_checkpoint(output_dir / "checkpoints") is not None:
-        raise OutputError(f"{output_dir} holds checkpoints of an unfinished run: pass --resume to continue it, "
-                          "or choose another --output")
+    check_output_dir(output_dir, resume, "personalize")
     if config.personalize.class_data_dir and Path(config.personalize.class_data_dir).is_dir():
         existing = [p for p in Path(config.personalize.class_data_dir).iterdir() if not p.name.startswith(".")]
         if existing:
@@ -276,33 +261,27 @@ def save_output(accelerator, config: Config, subject: Subject, pipe: Any, models
                 output_dir: Path, instance_prompt: str, class_prompt: str) -> Path:
     """Write `model/` (atomically, through a temporary folder) and then the metadata that marks it finished."""
     cfg = config.personalize
-    model_dir = output_dir / "model"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tmp = output_dir / ".model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         unet = accelerator.unwrap_model(models["unet"])
         text_encoder = accelerator.unwrap_model(models["text_encoder"]) if "text_encoder" in models else None
-        if cfg.mode == "lora":
-            tmp.mkdir(parents=True)
-            save_lora(tmp, unet, text_encoder)
-        else:
+
+        def write_model(folder: Path) -> None:
+            if cfg.mode == "lora":
+                save_lora(folder, unet, text_encoder)
+                return
             base = load_pipeline(config.model)  # the frozen parts exactly as they were, in full precision
             base.unet = unet.to(torch.float32)
             if text_encoder is not None:
                 base.text_encoder = text_encoder.to(torch.float32)
-            base.save_pretrained(tmp, safe_serialization=True)
-        shutil.rmtree(model_dir, ignore_errors=True)
-        os.replace(tmp, model_dir)
-        metadata = {
+            base.save_pretrained(folder, safe_serialization=True)
+
+        publish(output_dir, write_model, {
             "stage": "personalize", "rlbooth_version": __version__, "mode": cfg.mode,
             "base_model": config.model.pretrained, "subject": subject.to_dict(),
             "instance_prompt": instance_prompt, "class_prompt": class_prompt,
             "num_instance_images": len(list_images(subject.images)), "steps": cfg.max_train_steps,
             "config": config.to_dict(),
-        }
-        tmp_meta = output_dir / f".{METADATA}.tmp"
-        tmp_meta.write_text(json.dumps(metadata, indent=2))
-        os.replace(tmp_meta, output_dir / METADATA)
+        })
     accelerator.wait_for_everyone()
-    return model_dir
+    return output_dir / "model"

@@ -18,11 +18,21 @@ def align_config(*overrides: str):
                                 "align.reward={brightness: 1.0}", *overrides])
 
 
-@pytest.fixture(scope="session")
-def stage_one(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("stage-one")
+def make_stage_one(root: Path, resolution: int) -> Path:
     subject = Subject(images=draw_subject_photos(root / "photos"), class_noun="toy", description="triangular")
     config = load_config("tiny", ["runtime.report_to=none", "personalize.validation_steps=0",
-                                  "personalize.max_train_steps=8", "personalize.learning_rate=1e-2"])
+                                  "personalize.max_train_steps=8", "personalize.learning_rate=1e-2",
+                                  f"model.tiny.resolution={resolution}", f"personalize.resolution={resolution}"])
     personalize(config, subject, root / "out")
     return root / "out"
+
+
+@pytest.fixture(scope="session")
+def stage_one(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_stage_one(tmp_path_factory.mktemp("stage-one"), 32)
+
+
+@pytest.fixture(scope="session")
+def stage_one_8px(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 px images, 4x4x4 latents: few enough action dimensions for the policy gradient to be seen on a CPU."""
+    return make_stage_one(tmp_path_factory.mktemp("stage-one-8px"), 8)

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from rlbooth.accel import make_accelerator
 from rlbooth.align import train as train_module
 from rlbooth.align.rollout import cfg_embeds, decode, sample_rollout
-from rlbooth.align.train import AlignOutputError, DDPOTrainer, align
+from rlbooth.align.train import DDPOTrainer, align
+from rlbooth.stages import OutputError
 from rlbooth.models import load_pipeline
 from rlbooth.personalize.data import encode_prompts
 from rlbooth.prompts import read_prompt_file
@@ -41,7 +42,8 @@ def final_latents(pipe, unet, seeds: list[int], prompt: str = PROMPT, steps: int
     cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt] * len(seeds))
     uncond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    return sample_rollout(unet, scheduler, cfg_embeds(uncond, cond), gens, (4, 16, 16), num_steps=steps,
+    size = pipe.unet.config.sample_size
+    return sample_rollout(unet, scheduler, cfg_embeds(uncond, cond), gens, (4, size, size), num_steps=steps,
                           guidance_scale=5.0, eta=1.0).final
 
 
@@ -91,17 +93,42 @@ def brightness_gain(stage_one: Path, stage_two: Path, seeds: list[int]) -> torch
 
 
 @pytest.mark.parametrize("weight", [1.0, -1.0])
-def test_training_climbs_the_reward_in_its_sign(stage_one, tmp_path, weight):
-    """+brightness must brighten, -brightness darken: fails if the update sign or the ratio is wrong."""
-    config = align_config(f"align.reward={{brightness: {weight}}}", "align.num_epochs=4",
-                          "align.learning_rate=1e-2")
-    out = align(config, stage_one, tmp_path / "out")
-    gain = brightness_gain(stage_one, out.parent, seeds=list(range(100, 116)))
+def test_training_climbs_the_reward_in_its_sign(stage_one_8px, tmp_path, weight):
+    """+brightness must brighten, -brightness darken: fails if the update sign or the ratio is wrong.
+
+    The score-function gradient's signal-to-noise ratio scales like sqrt(samples / latent dims), so this
+    runs on 8 px images (64 latent dims) with 128 samples and one optimizer step per epoch. With these
+    settings the sign came out right for both weights on each of the 4 seeds tried; the seed is fixed.
+    """
+    config = align_config(f"align.reward={{brightness: {weight}}}", "runtime.seed=2", "align.num_epochs=6",
+                          "align.sample_batch_size=16", "align.num_batches_per_epoch=8", "align.train_batch_size=32",
+                          "align.gradient_accumulation_steps=4", "align.learning_rate=1e-1")
+    out = align(config, stage_one_8px, tmp_path / "out")
+    gain = brightness_gain(stage_one_8px, out.parent, seeds=list(range(100, 132)))
     z = gain.mean() / (gain.std() / len(gain) ** 0.5)
-    assert weight * z > 4, f"brightness change {gain.mean():.2e} (z={z:.1f}) does not follow the reward {weight}"
+    assert weight * z > 3, f"brightness change {gain.mean():.2e} (z={z:.1f}) does not follow the reward {weight}"
     history = json.loads((out.parent / "rlbooth.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert [h["epoch"] for h in history] == list(range(6))
     assert all(h["reward/brightness"] == pytest.approx(weight * h["reward_mean"]) for h in history)
+
+
+def test_one_update_ascends_the_surrogate_on_its_samples(stage_one, tmp_path):
+    """Sum of advantage x log-prob over the epoch's samples rises after one optimizer step (first order)."""
+    config = align_config("align.sample_batch_size=8", "align.num_batches_per_epoch=1", "align.train_batch_size=8",
+                          "align.learning_rate=1e-3")
+    trainer = make_trainer(config, stage_one, tmp_path)
+    samples = trainer.sample_epoch(0)
+    advantages = trainer.advantages(0, samples)
+    rows = torch.arange(len(samples.indices))
+
+    def surrogate() -> float:
+        with torch.no_grad():
+            return sum((advantages * trainer.step_log_prob(samples, rows, torch.full_like(rows, j))[1]).sum().item()
+                       for j in range(samples.log_probs.shape[1]))
+
+    before = surrogate()
+    trainer.train_epoch(0, samples, advantages)
+    assert surrogate() > before
 
 
 def test_output_loads_on_top_of_stage_one_with_diffusers(stage_one, tmp_path):
@@ -142,7 +169,7 @@ def test_killed_run_resumes_to_the_same_result(stage_one, tmp_path, monkeypatch)
     with pytest.raises(Killed):
         align(align_config(*overrides), stage_one, tmp_path / "resumed")
     monkeypatch.setattr(DDPOTrainer, "run_epoch", run_epoch)
-    with pytest.raises(AlignOutputError, match="--resume"):
+    with pytest.raises(OutputError, match="--resume"):
         align(align_config(*overrides), stage_one, tmp_path / "resumed")
     resumed = align(align_config(*overrides), stage_one, tmp_path / "resumed", resume=True)
 

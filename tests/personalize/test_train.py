@@ -16,7 +16,8 @@ from rlbooth.config import load_config
 from rlbooth.models import load_pipeline
 from rlbooth.personalize import train as train_module
 from rlbooth.personalize.data import encode_images
-from rlbooth.personalize.train import METADATA, OutputError, personalize
+from rlbooth.personalize.train import personalize
+from rlbooth.stages import METADATA, OutputError
 from rlbooth.sampling import draw_grid
 from rlbooth.subject import Subject
 
