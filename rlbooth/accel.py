@@ -61,3 +61,14 @@ def flat_hparams(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
+
+
+def backward_and_step(accelerator: "Accelerator", loss: "torch.Tensor", params: list, max_grad_norm: float,
+                      optimizer: Any, lr_scheduler: Any) -> None:
+    """One accumulation micro-step; inside `accelerator.accumulate` the optimizer acts only on sync steps."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)

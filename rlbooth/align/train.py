@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlbooth import __version__
-from rlbooth.accel import check_runtime, flat_hparams, make_accelerator, weight_dtype
+from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, make_accelerator, weight_dtype
 from rlbooth.align.ddim import ddim_mean_std, ddim_step_with_logprob, gaussian_kl
 from rlbooth.align.ppo import PerPromptStatTracker, batch_advantages, clip_advantages, ppo_clip_loss
 from rlbooth.align.rollout import Rollout, cfg_embeds, decode, guided_noise, sample_rollout
@@ -270,12 +270,7 @@ class DDPOTrainer:
                 kl = self.kl_to_stage_one(noise, samples, rows, step)
                 loss = loss + cfg.kl_coef * kl
                 info["kl_stage_one"] = kl.detach()
-            acc.backward(loss)
-            if acc.sync_gradients:
-                acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            backward_and_step(acc, loss, self.params, cfg.max_grad_norm, self.optimizer, self.lr_scheduler)
         return {"loss": loss.item()} | {k: v.item() for k, v in info.items()}
 
     def kl_to_stage_one(self, noise: torch.Tensor, samples: Samples, rows: torch.Tensor, step: torch.Tensor

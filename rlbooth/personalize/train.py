@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlbooth import __version__
-from rlbooth.accel import check_runtime, flat_hparams, make_accelerator, weight_dtype
+from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, make_accelerator, weight_dtype
 from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlbooth.config import Config, PersonalizeConfig
 from rlbooth.images import check_images, list_images, save_image_atomic
@@ -230,12 +230,7 @@ class TrainLoop:
                 pred, target, timesteps, with_prior=self.data.prior is not None,
                 prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma,
                 alphas_cumprod=self.noise_scheduler.alphas_cumprod, prediction_type=prediction_type)
-            acc.backward(loss)
-            if acc.sync_gradients:
-                acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            backward_and_step(acc, loss, self.params, cfg.max_grad_norm, self.optimizer, self.lr_scheduler)
         return {"loss": loss.item()} | {k: v.item() for k, v in parts.items()}
 
     def validate(self, step: int) -> None:
