@@ -51,6 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", type=Path, required=True, help="output folder of this stage")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     p.set_defaults(func=cmd_align)
+
+    p = sub.add_parser("run", help="both stages and a report for one subject, resumable")
+    p.add_argument("subject_spec", type=Path, metavar="SUBJECT.yaml", help="subject spec")
+    _add_config_args(p)
+    p.add_argument("--output", "-o", type=Path, default=None, help="run folder (default: runs/<subject name>)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sample", help="draw images from a finished stage's output")
+    p.add_argument("stage", type=Path, help="output folder of `rlbooth personalize` or `rlbooth align`")
+    p.add_argument("--prompt", "-p", action="append", default=[],
+                   help="prompt (repeatable); {identifier}, {description}, {class_noun} are filled in")
+    p.add_argument("--prompt-file", default=None, help="prompt set: a name in prompts/ or a path")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image per prompt and seed")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--output", "-o", type=Path, required=True, help="folder for the images")
+    p.set_defaults(func=cmd_sample)
     return parser
 
 
@@ -88,6 +105,37 @@ def cmd_align(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     model_dir = align(config, args.stage_one, args.output, resume=args.resume)
     print(f"stage two finished: {model_dir}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from rlbooth.config import load_config
+    from rlbooth.run import run
+    from rlbooth.subject import Subject
+
+    config = load_config(args.config, args.overrides)
+    subject = Subject.from_yaml(args.subject_spec)
+    index = run(config, subject, args.output or Path("runs") / subject.name)
+    print(f"report: {index}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from rlbooth.images import save_image_atomic
+    from rlbooth.prompts import read_prompt_file
+    from rlbooth.sampling import sample_stage
+    from rlbooth.stages import read_stage
+    from rlbooth.subject import SubjectError
+
+    stage = read_stage(args.stage)
+    templates = args.prompt + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
+    if not templates:
+        raise SubjectError("give at least one --prompt or a --prompt-file")
+    prompts = [stage.subject.prompt(t) for t in templates]
+    images = sample_stage(stage, prompts, args.seeds, args.steps, args.guidance_scale)
+    for index, image in enumerate(images):
+        p, s = divmod(index, len(args.seeds))
+        path = args.output / f"p{p}-seed{args.seeds[s]}.png"
+        save_image_atomic(image, path)
+        print(f"{path}\t{prompts[p]}")
 
 
 def main(argv: list[str] | None = None) -> int:

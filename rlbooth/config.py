@@ -238,10 +238,10 @@ class AlignConfig:
     checkpoints_total_limit: int | None = 2
     """Keep only this many checkpoints; all when null."""
     grid_prompts: list[str] = field(default_factory=lambda: [
-        "a {identifier} {description} {class_noun} playing in the snow",
-        "a {identifier} {description} {class_noun} in a spaceship",
+        "a {identifier} {description} {class_noun} with a pagoda in the background",
+        "a {identifier} {description} {class_noun} next to a birthday cake",
     ])
-    """Templates of the fixed prompts of the per-epoch sample grids (held out of training)."""
+    """Templates of the fixed prompts of the per-epoch sample grids (from the held-out sets, never trained on)."""
     grid_seeds: list[int] = field(default_factory=lambda: [0, 1])
     """Seeds of the sample grids (one column each)."""
     grid_every: int = 5
@@ -283,6 +283,27 @@ class AlignConfig:
 
 
 @dataclass
+class ReportConfig:
+    """The sample sheet of `rlbooth run`: held-out prompts drawn by stage one and stage two side by side."""
+
+    prompt_file: str | None = None
+    """Prompt set of the sheet: a name in prompts/ or a path; default: the held-out set for the subject's kind."""
+    num_prompts: int = 4
+    """Rows of the sheet: the first this many prompts of the set, with the identifier."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    """Seeds of the sheet; each gives a stage-one and a stage-two column, from the same noise."""
+    num_inference_steps: int = 50
+    """Denoising steps of the sheet's images (the model's own scheduler)."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance of the sheet's images."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_prompts > 0, "report.num_prompts", "must be positive")
+        _check(bool(self.seeds), "report.seeds", "must hold at least one seed")
+        _check(self.num_inference_steps > 0, "report.num_inference_steps", "must be positive")
+
+
+@dataclass
 class Config:
     """Everything a run needs besides the subject."""
 
@@ -294,6 +315,8 @@ class Config:
     """Stage one."""
     align: AlignConfig = field(default_factory=AlignConfig)
     """Stage two."""
+    report: ReportConfig = field(default_factory=ReportConfig)
+    """The sample sheet and report of `rlbooth run`."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
+    from rlbooth.stages import StageOutput
+
 
 @torch.no_grad()
 def draw(pipe: "StableDiffusionPipeline", prompts: list[str], seeds: list[int], num_inference_steps: int,
@@ -33,3 +35,13 @@ def draw_grid(pipe: "StableDiffusionPipeline", prompts: list[str], seeds: list[i
     """A grid with one row per prompt and one column per seed."""
     images = draw(pipe, prompts, seeds, num_inference_steps, guidance_scale, autocast_dtype)
     return make_grid(images, cols=len(seeds))
+
+
+def sample_stage(stage: "StageOutput", prompts: list[str], seeds: list[int], num_inference_steps: int,
+                 guidance_scale: float) -> list["Image.Image"]:
+    """Draw from a finished stage's output, loaded the standard diffusers way (LoRAs as adapters)."""
+    from rlbooth.stages import load_stage_pipeline
+
+    pipe = load_stage_pipeline(stage)
+    pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+    return draw(pipe, prompts, seeds, num_inference_steps, guidance_scale)

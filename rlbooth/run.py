@@ -1,0 +1,59 @@
+"""`rlbooth run`: one subject from photos to an aligned model and a report, resumable stage by stage.
+
+Layout of the run folder (default `runs/<subject name>`):
+    personalize/   stage one's output (see rlbooth.personalize.train)
+    align/         stage two's output (see rlbooth.align.train)
+    report/        sample sheet, reward curves, index.html (see rlbooth.report)
+
+A stage whose output is finished is skipped; one that left checkpoints is resumed. So rerunning
+the same command after a crash continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rlbooth.checkpoint import latest_checkpoint
+from rlbooth.config import Config
+from rlbooth.prompts import default_prompt_set, heldout_prompt_set, read_prompt_file
+from rlbooth.stages import METADATA
+from rlbooth.subject import Subject
+
+logger = logging.getLogger(__name__)
+
+
+def run(config: Config, subject: Subject, run_dir: Path) -> Path:
+    """Both stages and the report; returns the report's index.html."""
+    from rlbooth.align.train import align
+    from rlbooth.images import check_images
+    from rlbooth.personalize.train import personalize
+    from rlbooth.report import write_report
+
+    # Everything checkable is checked before the first stage spends compute.
+    check_images(subject.images, config.personalize.resolution)
+    read_prompt_file(config.align.prompt_file or default_prompt_set(subject))
+    read_prompt_file(config.report.prompt_file or heldout_prompt_set(subject))
+
+    one, two = run_dir / "personalize", run_dir / "align"
+    if _finished(one):
+        logger.info("stage one already finished in %s: skipped", one)
+    else:
+        personalize(config, subject, one, resume=_started(one))
+    if _finished(two):
+        logger.info("stage two already finished in %s: skipped", two)
+    else:
+        align(config, one, two, resume=_started(two))
+    index = run_dir / "report" / "index.html"
+    if index.is_file():
+        logger.info("report already written: %s", index)
+        return index
+    return write_report(run_dir, config.report)
+
+
+def _finished(stage_dir: Path) -> bool:
+    return (stage_dir / METADATA).is_file()
+
+
+def _started(stage_dir: Path) -> bool:
+    return latest_checkpoint(stage_dir / "checkpoints") is not None
