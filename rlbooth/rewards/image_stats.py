@@ -29,35 +29,28 @@ def _jpeg_kb(images: torch.Tensor, quality: int) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.float32)
 
 
-def _check_quality(quality: int) -> None:
+def _jpeg_reward(quality: int, sign: float) -> RewardFn:
     if not 1 <= quality <= 100:
         raise RewardError(f"jpeg quality must be in [1, 100], got {quality}")
+
+    @torch.no_grad()
+    def reward(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
+        validate_batch(images, prompts, metadata)
+        return sign * _jpeg_kb(images, quality)
+
+    return reward
 
 
 @register("jpeg_compressibility")
 def jpeg_compressibility(quality: int = 95) -> RewardFn:
     """Minus the JPEG size in kB: rewards simple, smooth images."""
-    _check_quality(quality)
-
-    @torch.no_grad()
-    def reward(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
-        validate_batch(images, prompts, metadata)
-        return -_jpeg_kb(images, quality)
-
-    return reward
+    return _jpeg_reward(quality, -1.0)
 
 
 @register("jpeg_incompressibility")
 def jpeg_incompressibility(quality: int = 95) -> RewardFn:
     """The JPEG size in kB: rewards detail and texture."""
-    _check_quality(quality)
-
-    @torch.no_grad()
-    def reward(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
-        validate_batch(images, prompts, metadata)
-        return _jpeg_kb(images, quality)
-
-    return reward
+    return _jpeg_reward(quality, 1.0)
 
 
 @torch.no_grad()
