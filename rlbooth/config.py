@@ -233,6 +233,8 @@ class AlignConfig:
     """UNet modules that get the stage-two adapter."""
     reward: dict[str, float] = field(default_factory=lambda: {"jpeg_compressibility": 1.0})
     """Reward components (names in the reward registry) and their weights in the sum."""
+    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Options of each reward's factory by reward name, e.g. {aesthetic: {clip_model: /local/clip}}."""
     checkpointing_epochs: int = 5
     """Write a resumable checkpoint every this many epochs (and at the end)."""
     checkpoints_total_limit: int | None = 2
@@ -404,6 +406,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, f"{key}.")
     if origin in (Union, types.UnionType):

@@ -78,7 +78,9 @@ def align(config: Config, stage_one_dir: str | Path, output_dir: str | Path, res
     stage_one, templates = preflight(config, Path(stage_one_dir), output_dir, resume)
     cfg = config.align
     accelerator = make_accelerator(config.runtime, output_dir, cfg.gradient_accumulation_steps * cfg.num_train_timesteps)
-    with CompositeReward(cfg.reward, executor_workers=1) as reward:
+    context = {"device": str(accelerator.device), "dtype": str(weight_dtype(accelerator)).removeprefix("torch."),
+               "subject": stage_one.subject}
+    with CompositeReward(cfg.reward, cfg.reward_options, executor_workers=1, context=context) as reward:
         trainer = DDPOTrainer(config, accelerator, stage_one, templates, reward, output_dir)
         start_epoch = trainer.restore() if resume else 0
         trainer.log_plan()
@@ -313,9 +315,9 @@ class DDPOTrainer:
     def reward_stats(self, samples: Samples) -> dict[str, float]:
         rewards = self.acc.gather(samples.rewards.to(self.acc.device)).float()
         stats = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item()}
-        for name, values in samples.components.items():
-            stats[f"reward/{name}"] = self.acc.gather(values.to(self.acc.device)).float().mean().item()
-        return stats
+        for name, values in samples.components.items():  # NaN marks a component absent for that prompt
+            stats[f"reward/{name}"] = self.acc.gather(values.to(self.acc.device)).float().nanmean().item()
+        return stats | self.reward.log_stats()
 
     def draw_grid(self, epoch: int) -> None:
         acc = self.acc

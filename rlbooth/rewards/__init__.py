@@ -60,6 +60,12 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def reward_parameters(name: str) -> list[str]:
+    """The option names reward `name`'s factory takes (empty for an unknown name)."""
+    factory = _REGISTRY.get(name)
+    return list(inspect.signature(factory).parameters) if factory is not None else []
+
+
 def build_reward(name: str, **options: object) -> RewardFn:
     """Builds a registered reward; a typo in its name or options is a user error, not a traceback."""
     factory = _REGISTRY.get(name)

@@ -9,7 +9,7 @@ from types import TracebackType
 
 import torch
 
-from rlbooth.rewards import RewardError, build_reward, validate_batch
+from rlbooth.rewards import RewardError, build_reward, reward_parameters, validate_batch
 
 Result = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
@@ -17,13 +17,16 @@ Result = tuple[torch.Tensor, dict[str, torch.Tensor]]
 class CompositeReward:
     """Sum of `weights[name] * reward(name)`, with each raw component kept for logging.
 
-    `options[name]` are keyword options for that reward's factory. `executor_workers` threads
-    compute `submit`ted batches while the caller samples the next one (GPU kernels, PIL and
-    ONNX runtime release the GIL); 0 computes them inline, which keeps runs single-threaded.
+    `options[name]` are keyword options for that reward's factory. `context` holds what the run
+    knows (`device`, `dtype`, `subject`); each entry goes to the factories that take it. A reward
+    marked `identifier_only` (identity) scores only the prompts that name the subject: elsewhere
+    its component is absent (NaN in `components`) and adds nothing to the total. `executor_workers`
+    threads compute `submit`ted batches while the caller samples the next one (GPU kernels, PIL
+    and ONNX runtime release the GIL); 0 computes them inline, which keeps runs single-threaded.
     """
 
     def __init__(self, weights: dict[str, float], options: dict[str, dict] | None = None,
-                 executor_workers: int = 0) -> None:
+                 executor_workers: int = 0, context: dict[str, object] | None = None) -> None:
         if not weights:
             raise RewardError("the composite reward needs at least one weighted reward")
         options = options or {}
@@ -37,7 +40,8 @@ class CompositeReward:
         if executor_workers < 0:
             raise RewardError(f"executor_workers must be >= 0, got {executor_workers}")
         self.weights = {name: float(weight) for name, weight in weights.items()}
-        self.components = {name: build_reward(name, **options.get(name, {})) for name in weights}
+        self.components = {name: build_reward(name, **(_accepted(name, context or {}) | options.get(name, {})))
+                            for name in weights}
         self.executor_workers = executor_workers
         self._executor: ThreadPoolExecutor | None = None
 
@@ -79,16 +83,35 @@ class CompositeReward:
         total = torch.zeros(batch, dtype=torch.float32)
         components = {}
         for name, reward in self.components.items():
-            score = reward(images, prompts, metadata)
-            if not isinstance(score, torch.Tensor) or score.shape != (batch,):
-                got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
-                raise RewardError(f"reward {name!r} returned {got} for {batch} images; "
-                                  f"expected shape ({batch},)")
-            score = score.detach().to("cpu", torch.float32)
-            bad = (~torch.isfinite(score)).nonzero().flatten().tolist()
-            if bad:
-                raise RewardError(f"reward {name!r} returned non-finite values {score[bad].tolist()} for "
-                                  f"{len(bad)} of {batch} images, first prompt: {prompts[bad[0]]!r}")
-            components[name] = score
-            total += self.weights[name] * score
+            rows = list(range(batch))
+            if getattr(reward, "identifier_only", False):
+                rows = [i for i, m in enumerate(metadata) if m.get("with_identifier", True)]
+            component = torch.full((batch,), float("nan"))
+            if rows:
+                score = reward(images[rows], [prompts[i] for i in rows], [metadata[i] for i in rows])
+                if not isinstance(score, torch.Tensor) or score.shape != (len(rows),):
+                    got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+                    raise RewardError(f"reward {name!r} returned {got} for {len(rows)} images; "
+                                      f"expected shape ({len(rows)},)")
+                score = score.detach().to("cpu", torch.float32)
+                bad = (~torch.isfinite(score)).nonzero().flatten().tolist()
+                if bad:
+                    raise RewardError(f"reward {name!r} returned non-finite values {score[bad].tolist()} for "
+                                      f"{len(bad)} of {len(rows)} images, first prompt: {prompts[rows[bad[0]]]!r}")
+                component[rows] = score
+                total[rows] += self.weights[name] * score
+            components[name] = component
         return total, components
+
+    def log_stats(self) -> dict[str, float]:
+        """Counters the components keep (e.g. images where no face was found), reset on read."""
+        stats: dict[str, float] = {}
+        for reward in self.components.values():
+            stats.update(getattr(reward, "log_stats", dict)())
+        return stats
+
+
+def _accepted(name: str, context: dict[str, object]) -> dict[str, object]:
+    """The context entries that reward `name`'s factory takes as keyword options."""
+    parameters = reward_parameters(name)
+    return {key: value for key, value in context.items() if key in parameters}

@@ -7,7 +7,7 @@ import rlbooth.rewards as rewards
 from rlbooth.rewards import CompositeReward, RewardError, build_reward, register
 
 PROMPTS = ["a dog", "a cat", "a dog on the moon", "a cat swimming"]
-METADATA = [{"has_identifier": i % 2 == 0} for i in range(4)]
+METADATA = [{"with_identifier": i % 2 == 0} for i in range(4)]
 
 
 def batch() -> torch.Tensor:
@@ -128,3 +128,46 @@ def test_submit_rejects_bad_batch_at_the_call_site():
     with CompositeReward({"brightness": 1.0}, executor_workers=1) as composite:
         with pytest.raises(RewardError, match="4 images, 3 prompts"):
             composite.submit(batch(), PROMPTS[:3], METADATA)
+
+
+@pytest.fixture
+def context_rewards():
+    """An identity-like reward (identifier prompts only, takes the run's context) and a plain one."""
+    calls: dict[str, object] = {}
+
+    @register("test_identity")
+    def identity(device: str = "cpu", subject: object = None):
+        calls["factory"] = {"device": device, "subject": subject}
+
+        def reward(images, prompts, metadata):
+            calls["prompts"] = list(prompts)
+            return torch.full((len(prompts),), 10.0)
+
+        reward.identifier_only = True
+        return reward
+
+    @register("test_plain")
+    def plain():
+        return lambda images, prompts, metadata: torch.ones(len(prompts))
+
+    yield calls
+    for name in ("test_identity", "test_plain"):
+        rewards._REGISTRY.pop(name)
+
+
+def test_identifier_only_component_is_absent_elsewhere_and_context_reaches_who_takes_it(context_rewards):
+    composite = CompositeReward({"test_identity": 0.5, "test_plain": 2.0},
+                                context={"device": "meta-device", "subject": "the-subject", "dtype": "float16"})
+    assert context_rewards["factory"] == {"device": "meta-device", "subject": "the-subject"}
+    total, components = composite(batch(), PROMPTS, METADATA)
+    assert context_rewards["prompts"] == [PROMPTS[0], PROMPTS[2]]  # only the prompts with the identifier
+    identity = components["test_identity"]
+    assert identity[[0, 2]].tolist() == [10.0, 10.0] and identity[[1, 3]].isnan().all()
+    assert total.tolist() == [0.5 * 10 + 2.0, 2.0, 0.5 * 10 + 2.0, 2.0]
+
+
+def test_identifier_only_reward_is_not_called_without_identifier_prompts(context_rewards):
+    composite = CompositeReward({"test_identity": 1.0, "test_plain": 1.0})
+    total, components = composite(batch(), PROMPTS, [{"with_identifier": False}] * 4)
+    assert "prompts" not in context_rewards and components["test_identity"].isnan().all()
+    assert total.tolist() == [1.0] * 4
