@@ -3,7 +3,8 @@
 A reward module registers factories with `@register(name)`; a config names a reward and its
 options, and `build_reward` builds it. Factories of model-based rewards import their heavy
 dependencies (transformers, insightface) inside the factory body, so importing this package
-stays cheap: only the weight-free statistics of `image_stats` are imported here.
+stays cheap: the reward modules are imported here, but none of them imports a model library at
+module level.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def validate_batch(images: torch.Tensor, prompts: list[str], metadata: list[dict
     return batch
 
 
-from rlbooth.rewards import image_stats  # noqa: E402,F401  (registers the weight-free rewards)
+from rlbooth.rewards import clip_models, image_stats  # noqa: E402,F401  (register their rewards)
 from rlbooth.rewards.composite import CompositeReward  # noqa: E402
 
 __all__ = [
