@@ -102,7 +102,7 @@ def validate_batch(images: torch.Tensor, prompts: list[str], metadata: list[dict
     return batch
 
 
-from rlbooth.rewards import clip_models, image_stats  # noqa: E402,F401  (register their rewards)
+from rlbooth.rewards import clip_models, identity, image_reward, image_stats  # noqa: E402,F401  (register their rewards)
 from rlbooth.rewards.composite import CompositeReward  # noqa: E402
 
 __all__ = [

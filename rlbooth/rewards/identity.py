@@ -1,0 +1,378 @@
+"""Identity rewards: how much a generated image looks like the subject's own photos.
+
+Both score by cosine similarity to one reference embedding computed once, when the reward is
+built: the normalized mean of the subject photos' normalized embeddings.
+
+- `identity_dino`: DINO ViT-S/16's CLS embedding, DreamBench's subject-fidelity metric (objects, pets).
+- `identity_face`: insightface's SCRFD detection, 5-point alignment and ArcFace embedding (people).
+
+Identity applies only to prompts that name the subject: each reward object is marked
+`identifier_only = True`, and the composite calls it on those rows only. Heavy dependencies
+(transformers, insightface, onnxruntime, cv2) are imported inside the factories.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rlbooth.images import list_images, to_rgb
+from rlbooth.rewards import RewardError, register, validate_batch
+from rlbooth.rewards.hub import load_or_explain
+from rlbooth.subject import Subject
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _require_subject(subject: Subject | None, reward: str) -> Subject:
+    if subject is None:
+        raise RewardError(f"reward {reward!r} compares images with the subject's photos: build it with "
+                          "subject=<Subject> (the run passes the subject of the config)")
+    if not isinstance(subject, Subject):
+        raise RewardError(f"reward {reward!r}: subject must be a Subject, got {type(subject).__name__}")
+    return subject
+
+
+def _subject_photos(subject: Subject, reward: str) -> list[Path]:
+    try:
+        return list_images(subject.images)
+    except Exception as err:  # ImageError: missing folder, no images, a stray file
+        raise RewardError(f"reward {reward!r}: {err}") from err
+
+
+def _open_rgb(path: Path, reward: str) -> Image.Image:
+    try:
+        with Image.open(path) as raw:
+            return to_rgb(raw)
+    except Exception as err:
+        raise RewardError(f"reward {reward!r}: subject photo {path} cannot be read ({err})") from err
+
+
+def _torch_dtype(dtype: str, reward: str) -> torch.dtype:
+    if dtype not in _DTYPES:
+        raise RewardError(f"reward {reward!r}: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+def reference_embedding(embeddings: torch.Tensor) -> torch.Tensor:
+    """The normalized mean of the normalized rows of `embeddings` (N, D) -> (D,)."""
+    return torch.nn.functional.normalize(_normalize_rows(embeddings).mean(dim=0), dim=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# DINO
+
+
+def dino_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 3, size, size): bicubic antialiased resize, ImageNet mean/std, float32."""
+    images = images.float()
+    if images.shape[-2:] != (size, size):
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic",
+                                                 align_corners=False, antialias=True)
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def _center_square(img: Image.Image) -> torch.Tensor:
+    """A photo's central square as (1, 3, S, S) in [0, 1]; generated images are square, so photos are too."""
+    side = min(img.size)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    array = np.asarray(img.crop((left, top, left + side, top + side)), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+
+
+class DinoIdentityReward:
+    """Cosine of an image's DINO CLS embedding to the subject's reference embedding, in [-1, 1]."""
+
+    identifier_only = True
+
+    def __init__(self, model: torch.nn.Module, photos: Sequence[torch.Tensor], device: str,
+                 dtype: torch.dtype) -> None:
+        self.model = model
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.image_size = int(model.config.image_size)
+        self.reference = reference_embedding(torch.cat([self.embed(photo) for photo in photos]))
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, D) unnormalized CLS embeddings, float32 on the CPU."""
+        pixels = dino_preprocess(images.to(self.device), self.image_size).to(self.dtype)
+        hidden = self.model(pixel_values=pixels).last_hidden_state
+        return hidden[:, 0].float().cpu()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
+        if validate_batch(images, prompts, metadata) == 0:
+            return torch.zeros(0, dtype=torch.float32)
+        return (_normalize_rows(self.embed(images)) @ self.reference).float()
+
+
+@register("identity_dino")
+def identity_dino(model: str = "facebook/dino-vits16", device: str = "cpu", dtype: str = "float32",
+                  subject: Subject | None = None) -> DinoIdentityReward:
+    """DINO ViT-S/16 subject fidelity (DreamBench's DINO score): cosine of CLS embeddings.
+
+    `model` is a hub id or a local folder of a `ViTModel` checkpoint; the image size comes from its
+    config. The reference is the normalized mean of the subject photos' normalized embeddings, each
+    photo's central square resized like the generated images.
+    """
+    subject = _require_subject(subject, "identity_dino")
+    torch_dtype = _torch_dtype(dtype, "identity_dino")
+    paths = _subject_photos(subject, "identity_dino")
+    photos = [_center_square(_open_rgb(path, "identity_dino")) for path in paths]
+
+    from transformers import ViTModel
+
+    vit = load_or_explain(lambda name: ViTModel.from_pretrained(name, add_pooling_layer=False), model,
+                          field="align.reward_options.identity_dino.model")
+    vit = vit.to(device=device, dtype=torch_dtype).eval().requires_grad_(False)
+    return DinoIdentityReward(vit, photos, device, torch_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# faces: detection -> largest face -> alignment -> ArcFace embedding
+
+
+@dataclass(frozen=True, eq=False)
+class DetectedFace:
+    """One detection: box (x1, y1, x2, y2) and five landmarks (eyes, nose tip, mouth corners) in pixels."""
+
+    bbox: np.ndarray
+    kps: np.ndarray
+    score: float = 1.0
+
+    @property
+    def area(self) -> float:
+        x1, y1, x2, y2 = (float(v) for v in self.bbox[:4])
+        return max(0.0, x2 - x1) * max(0.0, y2 - y1)
+
+
+Detector = Callable[[np.ndarray], list[DetectedFace]]
+"""BGR uint8 (H, W, 3) -> the faces found, each with 5-point landmarks."""
+
+
+class ScrfdDetector:
+    """insightface's SCRFD (`model.detect(img) -> (bboxes (N, 5), kpss (N, 5, 2))`) as a Detector."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __call__(self, image_bgr: np.ndarray) -> list[DetectedFace]:
+        bboxes, kpss = self.model.detect(image_bgr, max_num=0)
+        if kpss is None:
+            raise RewardError("identity_face: the detection model gives no landmarks; use an SCRFD model "
+                              "with keypoints (the det_* models of the buffalo packs)")
+        return [DetectedFace(bbox=np.asarray(b[:4], np.float32), kps=np.asarray(k, np.float32),
+                             score=float(b[4])) for b, k in zip(bboxes, kpss)]
+
+
+def largest_face(faces: Sequence[DetectedFace]) -> DetectedFace | None:
+    """The face with the largest box (the first of equals), or None when there is none."""
+    best = None
+    for face in faces:
+        if best is None or face.area > best.area:
+            best = face
+    return best
+
+
+def align_face(image_bgr: np.ndarray, kps: np.ndarray, size: int = 112) -> np.ndarray:
+    """ArcFace alignment: the similarity transform taking `kps` (5, 2) onto insightface's template, size x size."""
+    from insightface.utils import face_align
+
+    kps = np.asarray(kps, dtype=np.float32)
+    if kps.shape != (5, 2):
+        raise RewardError(f"identity_face: alignment needs 5 landmarks (5, 2), got {kps.shape}")
+    return face_align.norm_crop(image_bgr, kps, size)
+
+
+def embed_aligned(rec_model: Any, crops: Sequence[np.ndarray]) -> np.ndarray:
+    """L2-normalized ArcFace embeddings (N, D) of aligned BGR crops, in one batch."""
+    if not crops:
+        return np.zeros((0, 0), dtype=np.float32)
+    features = np.asarray(rec_model.get_feat(list(crops)), dtype=np.float32).reshape(len(crops), -1)
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    return features / np.maximum(norms, 1e-12)
+
+
+def tensor_to_bgr(images: torch.Tensor) -> list[np.ndarray]:
+    """(B, 3, H, W) in [0, 1] -> B contiguous BGR uint8 arrays, quantized as a saved image would be."""
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    return [np.ascontiguousarray(array[:, :, ::-1]) for array in pixels.permute(0, 2, 3, 1).numpy()]
+
+
+def _pil_to_bgr(img: Image.Image) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8)[:, :, ::-1])
+
+
+class FaceIdentityReward:
+    """Cosine of the largest face's ArcFace embedding to the subject's reference embedding.
+
+    `detect` finds faces with landmarks, `rec_model` is an insightface recognition model (anything
+    with `get_feat(list of BGR crops)` and `input_size`). Images without a face score
+    `no_face_score` and are counted in `log_stats`.
+    """
+
+    identifier_only = True
+
+    def __init__(self, detect: Detector, rec_model: Any, photos: Sequence[Path], no_face_score: float = -1.0
+                 ) -> None:
+        self.detect = detect
+        self.rec_model = rec_model
+        self.no_face_score = float(no_face_score)
+        self.crop_size = int(getattr(rec_model, "input_size", (112, 112))[0])
+        self._lock = threading.Lock()
+        self._counts = {"no_face": 0, "several_faces": 0, "scored": 0}
+        crops = []
+        for path in photos:
+            photo = _pil_to_bgr(_open_rgb(path, "identity_face"))
+            face = largest_face(self.detect(photo))
+            if face is None:
+                raise RewardError(f"identity_face: no face found in subject photo {path}; replace it with a photo "
+                                  "that shows the face, or use identity_dino for subjects that are not people")
+            crops.append(align_face(photo, face.kps, self.crop_size))
+        if not crops:
+            raise RewardError("identity_face: the subject has no photos")
+        self.reference = reference_embedding(torch.from_numpy(embed_aligned(rec_model, crops))).numpy()
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
+        batch = validate_batch(images, prompts, metadata)
+        scores = np.full(batch, self.no_face_score, dtype=np.float32)
+        crops, rows, several = [], [], 0
+        for i, image in enumerate(tensor_to_bgr(images)):
+            faces = self.detect(image)
+            several += len(faces) > 1
+            face = largest_face(faces)
+            if face is not None:
+                crops.append(align_face(image, face.kps, self.crop_size))
+                rows.append(i)
+        if crops:
+            scores[rows] = embed_aligned(self.rec_model, crops) @ self.reference
+        with self._lock:
+            self._counts["no_face"] += batch - len(rows)
+            self._counts["several_faces"] += several
+            self._counts["scored"] += len(rows)
+        return torch.from_numpy(scores)
+
+    def log_stats(self) -> dict[str, float]:
+        """Images without a face, with several faces, and scored, since the last call; reset on read."""
+        with self._lock:
+            stats = {f"identity_face/{key}": float(value) for key, value in self._counts.items()}
+            self._counts = dict.fromkeys(self._counts, 0)
+        return stats
+
+
+def _onnx_providers(device: str) -> tuple[list[Any], int]:
+    """ONNX Runtime providers and insightface's ctx_id for a torch-style device string."""
+    import onnxruntime
+
+    kind, _, index = str(device).partition(":")
+    if kind == "cpu":
+        return ["CPUExecutionProvider"], -1
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise RewardError(f"identity_face: device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        logger.warning("identity_face: device %s asked for, but this onnxruntime has no CUDA provider "
+                       "(install onnxruntime-gpu instead of onnxruntime); face models run on the CPU", device)
+        return ["CPUExecutionProvider"], -1
+    device_id = int(index or 0)
+    return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"], device_id
+
+
+def _load_face_models(pack: str, recognition: str | None, providers: list[Any], ctx_id: int, det_size: int
+                      ) -> tuple[Any, Any]:
+    """(SCRFD detection model, ArcFace recognition model) from a pack name or folder and an optional ONNX file."""
+    from insightface.app import FaceAnalysis
+    from insightface.model_zoo import get_model
+    from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+
+    field = "align.reward_options.identity_face"
+    modules = ["detection"] if recognition else ["detection", "recognition"]
+    looks_like_path = "/" in pack or "\\" in pack or pack.startswith((".", "~"))
+    if looks_like_path and not Path(pack).expanduser().is_dir():
+        raise RewardError(f"{field}.pack={pack!r}: no such folder; give an unzipped model pack's folder "
+                          "(holding its SCRFD and ArcFace .onnx files) or a pack name such as buffalo_l")
+    try:
+        app = FaceAnalysis(name=pack, allowed_modules=modules, providers=providers)
+    except Exception as err:  # download, unzip, missing model, ONNX errors
+        if Path(pack).expanduser().is_dir():
+            reason = f"the folder could not be loaded as a model pack ({type(err).__name__}: {err})"
+        else:
+            reason = (f"insightface could not find or download the pack ({type(err).__name__}: {err}); it "
+                      f"keeps packs in ~/.insightface/models/<name>. Without network access, download "
+                      f"{pack}.zip from insightface's model zoo where you can, unzip it, and pass the folder: "
+                      f"`--set {field}.pack=/path/to/{pack}`")
+        raise RewardError(f"{field}.pack={pack!r}: {reason}") from err
+    det_model = app.models.get("detection")
+    if det_model is None:
+        raise RewardError(f"{field}.pack={pack!r}: no face detection (SCRFD) model in the pack")
+    if recognition:
+        if not Path(recognition).expanduser().is_file():
+            raise RewardError(f"{field}.recognition={recognition!r}: no such ONNX file")
+        try:
+            rec_model = get_model(str(Path(recognition).expanduser()), providers=providers)
+        except Exception as err:
+            raise RewardError(f"{field}.recognition={recognition!r}: cannot be loaded "
+                              f"({type(err).__name__}: {err})") from err
+        if not isinstance(rec_model, ArcFaceONNX):
+            raise RewardError(f"{field}.recognition={recognition!r}: not a face recognition model (insightface "
+                              "takes a square input of at least 112 px, a multiple of 16, as ArcFace)")
+    else:
+        rec_model = app.models.get("recognition")
+        if rec_model is None:
+            raise RewardError(f"{field}.pack={pack!r}: no face recognition (ArcFace) model in the pack; "
+                              f"pass one with `--set {field}.recognition=/path/to/model.onnx`")
+    det_model.prepare(ctx_id, input_size=(det_size, det_size), det_thresh=0.5)
+    rec_model.prepare(ctx_id)
+    return det_model, rec_model
+
+
+@register("identity_face")
+def identity_face(pack: str = "buffalo_l", recognition: str | None = None, no_face_score: float = -1.0,
+                  det_size: int = 640, device: str = "cpu", dtype: str = "float32",
+                  subject: Subject | None = None) -> FaceIdentityReward:
+    """ArcFace face identity: cosine of the largest face's embedding to the subject's mean embedding.
+
+    Faces are found by SCRFD from an insightface model pack (`pack`: a pack name, downloaded to
+    ~/.insightface/models on first use, or a local folder of one), aligned on their five landmarks
+    with `face_align.norm_crop` and embedded by the pack's ArcFace model, or by the single ArcFace
+    ONNX file `recognition`. Generated images without a face score `no_face_score` (counted in
+    `log_stats`); a subject photo without a face is an error that names the photo. `det_size` is
+    the detector's square input size (a multiple of 32). The ONNX models run in float32: `dtype`
+    is accepted for the common factory signature and ignored.
+
+    License: insightface's model packs (buffalo_l, antelopev2, ...) are released for
+    non-commercial research purposes only; their weights are not part of rlbooth.
+    """
+    subject = _require_subject(subject, "identity_face")
+    if isinstance(no_face_score, bool) or not isinstance(no_face_score, (int, float)) \
+            or not math.isfinite(no_face_score):
+        raise RewardError(f"identity_face: no_face_score must be a finite number, got {no_face_score!r}")
+    if isinstance(det_size, bool) or not isinstance(det_size, int) or det_size <= 0 or det_size % 32:
+        raise RewardError(f"identity_face: det_size must be a positive multiple of 32, got {det_size!r}")
+    photos = _subject_photos(subject, "identity_face")
+    providers, ctx_id = _onnx_providers(device)
+    det_model, rec_model = _load_face_models(pack, recognition, providers, ctx_id, det_size)
+    return FaceIdentityReward(ScrfdDetector(det_model), rec_model, photos, no_face_score)
