@@ -235,6 +235,8 @@ class AlignConfig:
     """Reward components (names in the reward registry) and their weights in the sum."""
     reward_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Options of each reward's factory by reward name, e.g. {aesthetic: {clip_model: /local/clip}}."""
+    reward_standardize: list[str] = field(default_factory=list)
+    """Components rescaled to zero mean and unit std over each epoch's samples (all processes) before weighting."""
     checkpointing_epochs: int = 5
     """Write a resumable checkpoint every this many epochs (and at the end)."""
     checkpoints_total_limit: int | None = 2
@@ -269,6 +271,8 @@ class AlignConfig:
         _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
                "align.checkpoints_total_limit", "must be at least 1 or null")
         _check(bool(self.reward), "align.reward", "name at least one reward, e.g. {jpeg_compressibility: 1.0}")
+        for name in self.reward_standardize:
+            _check(name in self.reward, "align.reward_standardize", f"{name!r} is not a weighted reward in align.reward")
         samples = self.sample_batch_size * self.num_batches_per_epoch
         _check(samples % self.train_batch_size == 0, "align.train_batch_size",
                f"must divide the samples per epoch and process (sample_batch_size x num_batches_per_epoch "

@@ -212,6 +212,15 @@ class DDPOTrainer:
 
     # ------------------------------------------------------------------ advantages
 
+    def standardize(self, samples: Samples) -> None:
+        """Recompute the totals with the chosen components standardized over the epoch's global samples."""
+        stats = {}
+        for name in self.cfg.reward_standardize:
+            values = self.acc.gather(samples.components[name].to(self.acc.device)).float().cpu()
+            present = values[~values.isnan()]
+            stats[name] = (present.mean().item(), present.std().item()) if len(present) > 1 else (0.0, 1.0)
+        samples.rewards = self.reward.total(samples.components, stats)
+
     def advantages(self, epoch: int, samples: Samples) -> torch.Tensor:
         """Normalize rewards over all processes' samples in global-index order, return this process's share."""
         acc = self.acc
@@ -296,6 +305,8 @@ class DDPOTrainer:
     def run_epoch(self, epoch: int) -> None:
         cfg, acc = self.cfg, self.acc
         samples = self.sample_epoch(epoch)
+        if cfg.reward_standardize:
+            self.standardize(samples)
         advantages = self.advantages(epoch, samples)
         logs = {"epoch": epoch} | self.reward_stats(samples) | self.train_epoch(epoch, samples, advantages)
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]

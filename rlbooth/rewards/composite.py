@@ -99,9 +99,20 @@ class CompositeReward:
                     raise RewardError(f"reward {name!r} returned non-finite values {score[bad].tolist()} for "
                                       f"{len(bad)} of {len(rows)} images, first prompt: {prompts[rows[bad[0]]]!r}")
                 component[rows] = score
-                total[rows] += self.weights[name] * score
             components[name] = component
-        return total, components
+        return self.total(components), components
+
+    def total(self, components: dict[str, torch.Tensor],
+              standardize: dict[str, tuple[float, float]] | None = None) -> torch.Tensor:
+        """Weighted sum of the present components; `standardize[name] = (mean, std)` rescales one first."""
+        standardize = standardize or {}
+        total = torch.zeros_like(next(iter(components.values())))
+        for name, values in components.items():
+            if name in standardize:
+                mean, std = standardize[name]
+                values = (values - mean) / (std + 1e-8)
+            total += self.weights[name] * torch.nan_to_num(values, nan=0.0)  # NaN: absent for this prompt
+        return total
 
     def log_stats(self) -> dict[str, float]:
         """Counters the components keep (e.g. images where no face was found), reset on read."""

@@ -171,3 +171,12 @@ def test_identifier_only_reward_is_not_called_without_identifier_prompts(context
     total, components = composite(batch(), PROMPTS, [{"with_identifier": False}] * 4)
     assert "prompts" not in context_rewards and components["test_identity"].isnan().all()
     assert total.tolist() == [1.0] * 4
+
+
+def test_total_standardizes_the_chosen_components_and_skips_absent_ones():
+    composite = CompositeReward({"brightness": 2.0, "saturation": 0.5})
+    components = {"brightness": torch.tensor([1.0, 3.0, float("nan")]), "saturation": torch.tensor([4.0, 0.0, 2.0])}
+    total = composite.total(components, {"brightness": (2.0, 1.0)})
+    # brightness -> (x - 2) / 1 = [-1, 1, absent]; saturation raw
+    assert torch.allclose(total, torch.tensor([2.0 * -1 + 0.5 * 4, 2.0 * 1 + 0.5 * 0, 0.5 * 2]))
+    assert torch.allclose(composite.total(components), torch.tensor([2.0 + 2.0, 6.0, 1.0]))
