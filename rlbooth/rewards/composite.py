@@ -80,7 +80,6 @@ class CompositeReward:
 
     @torch.no_grad()
     def _compute(self, images: torch.Tensor, prompts: list[str], metadata: list[dict], batch: int) -> Result:
-        total = torch.zeros(batch, dtype=torch.float32)
         components = {}
         for name, reward in self.components.items():
             rows = list(range(batch))
