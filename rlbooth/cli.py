@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--output", "-o", type=Path, required=True, help="folder for the images")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", add_help=False,
+                       help="DreamBench evaluation of stage outputs (options: `rlbooth eval --help`)")
+    p.set_defaults(func=cmd_eval, eval_args=[])
     return parser
 
 
@@ -138,7 +142,20 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"{path}\t{prompts[p]}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Forwards everything after `eval` to `python -m dreambench.evaluate`."""
+    from dreambench.evaluate import main as evaluate_main
+
+    code = evaluate_main(args.eval_args)
+    if code:
+        raise SystemExit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:  # its options belong to dreambench.evaluate's own parser
+        cmd_eval(argparse.Namespace(eval_args=argv[1:]))
+        return 0
     args = build_parser().parse_args(argv)
     main_process = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlbooth.rewards import RewardError, RewardFn, register, validate_batch
+from rlbooth.rewards import common
 from rlbooth.rewards.hub import load_or_explain
 
 if TYPE_CHECKING:
@@ -30,18 +31,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TEXT_LENGTH = 77  # CLIP's context length
 
 AESTHETIC_HEAD = "camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def _field(reward: str, option: str) -> str:
     return f"align.reward_options.{reward}.{option}"
-
-
-def _torch_dtype(dtype: str, reward: str) -> torch.dtype:
-    if dtype not in _DTYPES:
-        raise RewardError(f"{_field(reward, 'dtype')}={dtype!r}: expected one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
 
 
 def _check_batch_size(batch_size: int, reward: str) -> None:
@@ -190,7 +183,7 @@ class ClipEncoder:
 def _clip_encoder(reward: str, model_id: str, model_option: str, processor_id: str, processor_option: str,
                   device: str, dtype: str, batch_size: int, with_text: bool) -> ClipEncoder:
     _check_batch_size(batch_size, reward)
-    torch_dtype = _torch_dtype(dtype, reward)
+    torch_dtype = common.torch_dtype(dtype, _field(reward, "dtype"))
     model = _load_clip(model_id, _field(reward, model_option), device, torch_dtype)
     preprocess = _load_preprocess(processor_id, _field(reward, processor_option), model.config.vision_config.image_size)
     tokenizer = _load_tokenizer(processor_id, _field(reward, processor_option)) if with_text else None
@@ -198,26 +191,6 @@ def _clip_encoder(reward: str, model_id: str, model_option: str, processor_id: s
 
 
 # ---------------------------------------------------------------- aesthetic
-
-
-class AestheticHead(torch.nn.Module):
-    """The LAION improved-aesthetic-predictor MLP: linear layers, dropout between the first ones, no activations.
-
-    Layer indices (0, 2, 4, 6, 7) match the keys of `sac+logos+ava1-l14-linearMSE.pth`.
-    """
-
-    def __init__(self, width: int = 768):
-        super().__init__()
-        self.layers = torch.nn.Sequential(
-            torch.nn.Linear(width, 1024), torch.nn.Dropout(0.2),
-            torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
-            torch.nn.Linear(64, 16),
-            torch.nn.Linear(16, 1),
-        )
-
-    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
-        return self.layers(embeds)
 
 
 def _head_file(head: str, field: str) -> Path:
@@ -244,7 +217,7 @@ def _head_file(head: str, field: str) -> Path:
         ) from err
 
 
-def load_aesthetic_head(head: str, width: int, field: str = _field("aesthetic", "head")) -> AestheticHead:
+def load_aesthetic_head(head: str, width: int, field: str = _field("aesthetic", "head")) -> common.ScoreMLP:
     """Loads the head strictly: a missing or unexpected key, or a width that does not fit the CLIP, is an error."""
     path = _head_file(head, field)
     try:
@@ -262,7 +235,7 @@ def load_aesthetic_head(head: str, width: int, field: str = _field("aesthetic", 
         raise RewardError(f"{field}={head!r}: could not read {path} ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict):
         raise RewardError(f"{field}={head!r}: expected a state dict, got {type(state).__name__}")
-    module = AestheticHead(width)
+    module = common.ScoreMLP(width)
     expected = set(module.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

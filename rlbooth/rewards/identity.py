@@ -27,6 +27,7 @@ from PIL import Image
 
 from rlbooth.images import list_images, to_rgb
 from rlbooth.rewards import RewardError, register, validate_batch
+from rlbooth.rewards import common
 from rlbooth.rewards.hub import load_or_explain
 from rlbooth.subject import Subject
 
@@ -34,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,10 +65,6 @@ def _open_rgb(path: Path, reward: str) -> Image.Image:
         raise RewardError(f"reward {reward!r}: subject photo {path} cannot be read ({err})") from err
 
 
-def _torch_dtype(dtype: str, reward: str) -> torch.dtype:
-    if dtype not in _DTYPES:
-        raise RewardError(f"reward {reward!r}: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
 
 
 def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
@@ -140,7 +136,7 @@ def identity_dino(model: str = "facebook/dino-vits16", device: str = "cpu", dtyp
     photo's central square resized like the generated images.
     """
     subject = _require_subject(subject, "identity_dino")
-    torch_dtype = _torch_dtype(dtype, "identity_dino")
+    torch_dtype = common.torch_dtype(dtype, "align.reward_options.identity_dino.dtype")
     paths = _subject_photos(subject, "identity_dino")
     photos = [_center_square(_open_rgb(path, "identity_dino")) for path in paths]
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlbooth.rewards import RewardError, register, validate_batch
+from rlbooth.rewards import common
 from rlbooth.rewards.hub import load_or_explain
 
 if TYPE_CHECKING:
@@ -61,8 +62,6 @@ IMAGE_REWARD_CONFIG: dict[str, Any] = {
     "image_text_hidden_size": 256,  # BLIP_Pretrain's embed_dim: vision_proj / text_proj (unused here)
 }
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 # Original key (full match) -> where it goes ("blip", "mlp", or None to drop) and its new name.
 # First match wins, so the position_ids drop comes before the 1:1 text-encoder rule.
@@ -94,27 +93,10 @@ def _field(option: str) -> str:
     return f"align.reward_options.image_reward.{option}"
 
 
-class ImageRewardHead(torch.nn.Module):
-    """ImageReward's MLP: linear layers, dropout between the first ones, no activations (keys layers.0/2/4/6/7)."""
-
-    def __init__(self, width: int = 768):
-        super().__init__()
-        self.layers = torch.nn.Sequential(
-            torch.nn.Linear(width, 1024), torch.nn.Dropout(0.2),
-            torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
-            torch.nn.Linear(64, 16),
-            torch.nn.Linear(16, 1),
-        )
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(features)
-
-
 def convert_image_reward_state_dict(
     state_dict: Mapping[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Renames an `ImageReward.pt` state dict into (BlipForImageTextRetrieval keys, ImageRewardHead keys).
+    """Renames an `ImageReward.pt` state dict into (BlipForImageTextRetrieval keys, common.ScoreMLP keys).
 
     A key no rule matches is passed through unchanged into the BLIP dict, so a strict load reports it as
     unexpected together with everything else that does not fit.
@@ -263,7 +245,7 @@ class ImageRewardScorer:
     `ignored_missing_keys` lists the unused model keys the checkpoint did not hold (the ITM head).
     """
 
-    def __init__(self, model: BlipForImageTextRetrieval, head: ImageRewardHead, tokenizer: Any,
+    def __init__(self, model: BlipForImageTextRetrieval, head: common.ScoreMLP, tokenizer: Any,
                  batch_size: int = 16, ignored_missing_keys: list[str] | None = None):
         self.model, self.head, self.tokenizer, self.batch_size = model, head, tokenizer, batch_size
         self.ignored_missing_keys = list(ignored_missing_keys or [])
@@ -324,8 +306,7 @@ def load_image_reward(checkpoint: str = "THUDM/ImageReward", tokenizer: str = "b
                       device: str = "cpu", dtype: str = "float32", batch_size: int = 16,
                       config: Mapping[str, Any] | None = None) -> ImageRewardScorer:
     """Builds the model from `config`, loads the converted checkpoint strictly, and the tokenizer."""
-    if dtype not in _DTYPES:
-        raise RewardError(f"{_field('dtype')}={dtype!r}: expected one of {', '.join(_DTYPES)}")
+    torch_dtype = common.torch_dtype(dtype, _field("dtype"))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise RewardError(f"{_field('batch_size')}={batch_size!r}: must be an integer of at least 1")
     blip_cfg = blip_config(config)
@@ -341,13 +322,13 @@ def load_image_reward(checkpoint: str = "THUDM/ImageReward", tokenizer: str = "b
             model.get_parameter(key).zero_()
     del blip_state
 
-    head = ImageRewardHead(blip_cfg.text_config.hidden_size)
+    head = common.ScoreMLP(blip_cfg.text_config.hidden_size)
     _check_keys("reward MLP", checkpoint, head.state_dict(), head_state)
     head.load_state_dict(head_state)
 
     text_tokenizer = _load_tokenizer(tokenizer, blip_cfg.text_config.vocab_size)
     try:
-        model = model.to(device=device, dtype=_DTYPES[dtype]).eval().requires_grad_(False)
+        model = model.to(device=device, dtype=torch_dtype).eval().requires_grad_(False)
         head = head.to(device).eval().requires_grad_(False)  # the MLP runs in float32, as the original's .float()
     except Exception as err:
         raise RewardError(f"{_field('device')}={device!r}: cannot place ImageReward there "

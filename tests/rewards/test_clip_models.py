@@ -14,12 +14,8 @@ from rlbooth.rewards import (
     build_reward,
     clip_models,  # noqa: F401  (registers aesthetic, clip_t, pickscore)
 )
-from rlbooth.rewards.clip_models import (
-    CLIP_MEAN,
-    CLIP_STD,
-    AestheticHead,
-    ClipPreprocess,
-)
+from rlbooth.rewards.clip_models import CLIP_MEAN, CLIP_STD, ClipPreprocess
+from rlbooth.rewards.common import ScoreMLP
 
 PROJECTION = 16
 SIZE = 32
@@ -54,7 +50,7 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def random_head(width: int = PROJECTION) -> dict[str, torch.Tensor]:
     """Original key names (layers.0/2/4/6/7 of sac+logos+ava1-l14-linearMSE.pth), input width of the tiny CLIP."""
     torch.manual_seed(1)
-    return {key: value.clone() for key, value in AestheticHead(width).state_dict().items()}
+    return {key: value.clone() for key, value in ScoreMLP(width).state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +124,7 @@ def test_aesthetic_is_the_head_on_the_normalized_embedding(rewards: dict, tiny_c
     from transformers import CLIPModel
 
     model = CLIPModel.from_pretrained(tiny_clip).eval()
-    head = AestheticHead(PROJECTION)
+    head = ScoreMLP(PROJECTION)
     head.load_state_dict(random_head())
     x = images(height=SIZE, width=SIZE)
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
@@ -139,9 +135,9 @@ def test_aesthetic_is_the_head_on_the_normalized_embedding(rewards: dict, tiny_c
 
 
 def test_aesthetic_head_keys_match_the_original_checkpoint():
-    keys = list(AestheticHead().state_dict())
+    keys = list(ScoreMLP().state_dict())
     assert keys == [f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")]
-    assert AestheticHead().state_dict()["layers.0.weight"].shape == (1024, 768)
+    assert ScoreMLP().state_dict()["layers.0.weight"].shape == (1024, 768)
 
 
 def test_aesthetic_head_from_safetensors(tiny_clip: Path, head_file: Path, tmp_path: Path, rewards: dict):

@@ -19,6 +19,7 @@ from PIL import Image
 
 from rlbooth.rewards import RewardError, build_reward
 from rlbooth.rewards import image_reward as ir
+from rlbooth.rewards.common import ScoreMLP
 
 WORDS = ["a", "photo", "of", "cat", "dog", "sks", "on", "the", "beach", "red", "in", "snow", "##s", "with", "hat"]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "[DEC]", "[ENC]"]
@@ -199,7 +200,7 @@ def test_default_config_fits_the_released_checkpoint_layout():
         from transformers import BlipForImageTextRetrieval
 
         model = BlipForImageTextRetrieval(config)
-        mlp = ir.ImageRewardHead(config.text_config.hidden_size)
+        mlp = ScoreMLP(config.text_config.hidden_size)
     assert ir._check_keys("BLIP model", "meta", model.state_dict(), blip, ir.UNUSED_PREFIXES) == [
         "itm_head.bias", "itm_head.weight"]
     assert ir._check_keys("reward MLP", "meta", mlp.state_dict(), head) == []
