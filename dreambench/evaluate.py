@@ -52,6 +52,9 @@ REFERENCES = [  # published numbers (SD v1.x), blanks where the paper gives none
 ]
 
 
+HUB_DATASET = "google/dreambooth"
+
+
 class EvalError(RlboothError, ValueError):
     """Bad evaluation input: unknown subject, missing photos or model folder, bad option."""
 
@@ -72,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", action="append", default=[], metavar="NAME=PATH", required=True,
                    help="a model to evaluate (repeatable): a stage output folder, or a JSON/YAML file "
                         "mapping subject -> stage output folder")
-    p.add_argument("--dreambench-root", type=Path, required=True,
-                   help="folder of the subject photos in DreamBench's layout: <root>/<subject>/*.jpg")
+    p.add_argument("--dreambench-root", required=True,
+                   help="folder of the subject photos in DreamBench's layout: <root>/<subject>/*.jpg; "
+                        f"or `hub` to download the subjects' photos from the dataset repo {HUB_DATASET}")
     p.add_argument("--subjects", nargs="+", default=None,
                    help="subjects to evaluate (default: all 30, or those every mapping file names)")
     p.add_argument("--num-prompts", type=int, default=25, help="first N prompts of each prompt set (max 25)")
@@ -132,6 +136,23 @@ def parse_models(specs: Sequence[str]) -> dict[str, Path | dict[str, Path]]:
     return models
 
 
+def photo_root(root: str, subjects: list[str]) -> Path:
+    """A local folder as given, or `hub`: the subjects' folders of the dataset repo, in its original layout."""
+    if root != "hub":
+        return Path(root)
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(HUB_DATASET, repo_type="dataset",
+                                   allow_patterns=[f"dataset/{name}/*" for name in subjects])
+    except Exception as err:  # network, auth and hub errors come in many classes
+        raise EvalError(f"--dreambench-root hub: could not download {HUB_DATASET} ({type(err).__name__}: {err}); "
+                        f"without network, download it where you can (`hf download {HUB_DATASET} "
+                        "--repo-type dataset --local-dir dreambooth`) and pass --dreambench-root "
+                        "dreambooth/dataset") from err
+    return Path(folder) / "dataset"
+
+
 def plan(args: argparse.Namespace) -> list[Job]:
     """Every (model, subject) job, with all input checked; raises EvalError before anything runs."""
     from rlbooth.images import ImageError, list_images
@@ -153,12 +174,13 @@ def plan(args: argparse.Namespace) -> list[Job]:
         raise EvalError(f"unknown DreamBench subject(s) {sorted(set(unknown))}; known: {', '.join(known)}")
     if not names:
         raise EvalError("no subject to evaluate: the mapping files share none")
+    root = photo_root(args.dreambench_root, names)
     photos: dict[str, tuple[Path, ...]] = {}
     for name in names:
         try:
-            photos[name] = tuple(list_images(args.dreambench_root / name))
+            photos[name] = tuple(list_images(root / name))
         except ImageError as err:
-            raise EvalError(f"subject {name!r}: {err} (expected {args.dreambench_root}/{name}/*.jpg)") from err
+            raise EvalError(f"subject {name!r}: {err} (expected {root}/{name}/*.jpg)") from err
     jobs = []
     for model, where in models.items():
         for name in names:

@@ -192,3 +192,34 @@ def test_rlbooth_eval_forwards_its_arguments(bench, tiny_vit, tiny_clip, tmp_pat
         main(["eval", *args])
     assert exit_info.value.code == 2
     assert "unknown DreamBench subject(s) ['nope']" in capsys.readouterr().err
+
+
+def test_hub_root_downloads_the_subjects_in_the_original_layout(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from dreambench.evaluate import photo_root
+
+    calls = {}
+
+    def fake_snapshot(repo_id, repo_type, allow_patterns):
+        calls.update(repo_id=repo_id, repo_type=repo_type, allow_patterns=allow_patterns)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    assert photo_root("hub", ["dog", "can"]) == tmp_path / "dataset"
+    assert calls == {"repo_id": "google/dreambooth", "repo_type": "dataset",
+                     "allow_patterns": ["dataset/dog/*", "dataset/can/*"]}
+    assert photo_root(str(tmp_path), ["dog"]) == tmp_path
+
+
+def test_hub_root_offline_explains_the_fix(monkeypatch):
+    import huggingface_hub
+
+    from dreambench.evaluate import EvalError, photo_root
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(EvalError, match="--dreambench-root dreambooth/dataset"):
+        photo_root("hub", ["dog"])
