@@ -112,16 +112,10 @@ class DinoEncoder:
 
 def clip_encoder(model_id: str = DEFAULT_CLIP, device: str = "cpu", batch_size: int = 16) -> Any:
     """rlbooth's ClipEncoder (the CLIP-T / PickScore reward path) with image and text towers."""
-    from rlbooth.rewards.clip_models import (
-        ClipEncoder,
-        _load_clip,
-        _load_preprocess,
-        _load_tokenizer,
-    )
+    from rlbooth.rewards.clip_models import load_clip_encoder
 
-    model = _load_clip(model_id, "--clip-model", device, torch.float32)
-    preprocess = _load_preprocess(model_id, "--clip-model", model.config.vision_config.image_size)
-    return ClipEncoder(model, preprocess, _load_tokenizer(model_id, "--clip-model"), batch_size)
+    return load_clip_encoder(model_id, "--clip-model", model_id, "--clip-model", device, torch.float32, batch_size,
+                             with_text=True)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from rlbooth.config import ReportConfig
 from rlbooth.images import make_grid, save_image_atomic
 from rlbooth.prompts import heldout_prompt_set, read_prompt_file
-from rlbooth.stages import StageOutput, read_stage
+from rlbooth.stages import StageOutput, read_stage, write_text_atomic
 from rlbooth.subject import Subject
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
@@ -47,7 +47,7 @@ def write_report(run_dir: Path, cfg: ReportConfig) -> Path:
     history = two.metadata["history"]
     save_image_atomic(plot_curves(curves(history)), out / "rewards.png")
     index = out / "index.html"
-    index.write_text(render_html(one, two, prompts, cfg.seeds))
+    write_text_atomic(index, render_html(one, two, prompts, cfg.seeds))
     return index
 
 

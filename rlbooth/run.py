@@ -17,7 +17,7 @@ from pathlib import Path
 from rlbooth.checkpoint import latest_checkpoint
 from rlbooth.config import Config
 from rlbooth.prompts import default_prompt_set, heldout_prompt_set, read_prompt_file
-from rlbooth.stages import METADATA
+from rlbooth.stages import is_finished
 from rlbooth.subject import Subject
 
 logger = logging.getLogger(__name__)
@@ -36,11 +36,11 @@ def run(config: Config, subject: Subject, run_dir: Path) -> Path:
     read_prompt_file(config.report.prompt_file or heldout_prompt_set(subject))
 
     one, two = run_dir / "personalize", run_dir / "align"
-    if _finished(one):
+    if is_finished(one):
         logger.info("stage one already finished in %s: skipped", one)
     else:
         personalize(config, subject, one, resume=_started(one))
-    if _finished(two):
+    if is_finished(two):
         logger.info("stage two already finished in %s: skipped", two)
     else:
         align(config, one, two, resume=_started(two))
@@ -49,10 +49,6 @@ def run(config: Config, subject: Subject, run_dir: Path) -> Path:
         logger.info("report already written: %s", index)
         return index
     return write_report(run_dir, config.report)
-
-
-def _finished(stage_dir: Path) -> bool:
-    return (stage_dir / METADATA).is_file()
 
 
 def _started(stage_dir: Path) -> bool:

@@ -8,6 +8,8 @@ a LoRA over stage one's model.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -90,6 +92,11 @@ def load_stage_pipeline(stage: StageOutput, fuse: bool = False) -> "StableDiffus
     return pipe
 
 
+def is_finished(stage_dir: Path) -> bool:
+    """The metadata is written last, so its presence means the stage's model is complete."""
+    return (stage_dir / METADATA).is_file()
+
+
 class OutputError(RlboothError, RuntimeError):
     """The output folder's state does not fit the request (finished already, or unfinished without --resume)."""
 
@@ -98,7 +105,7 @@ def check_output_dir(output_dir: Path, resume: bool, stage: str) -> None:
     """Refuse to overwrite a finished stage or to restart over an unfinished one's checkpoints."""
     from rlbooth.checkpoint import latest_checkpoint
 
-    if (output_dir / METADATA).is_file():
+    if is_finished(output_dir):
         raise OutputError(f"{output_dir} already holds a finished {stage} stage ({METADATA}); "
                           "choose another --output or remove it")
     if not resume and latest_checkpoint(output_dir / "checkpoints") is not None:
@@ -108,16 +115,18 @@ def check_output_dir(output_dir: Path, resume: bool, stage: str) -> None:
 
 def publish(output_dir: Path, write_model: "Callable[[Path], None]", metadata: dict[str, Any]) -> Path:
     """Write `model/` through a temporary folder, then the metadata that marks the stage finished."""
-    import os
-    import shutil
-
     model_dir, tmp = output_dir / "model", output_dir / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write_model(tmp)
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp, model_dir)
-    tmp_meta = output_dir / f".{METADATA}.tmp"
-    tmp_meta.write_text(json.dumps(metadata, indent=2))
-    os.replace(tmp_meta, output_dir / METADATA)
+    write_text_atomic(output_dir / METADATA, json.dumps(metadata, indent=2))
     return model_dir
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a reader (or a rerun) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -180,14 +180,21 @@ class ClipEncoder:
         return torch.cat(out)[[row[prompt] for prompt in prompts]]
 
 
+def load_clip_encoder(model_id: str, model_field: str, processor_id: str, processor_field: str, device: str,
+                      torch_dtype: torch.dtype, batch_size: int, with_text: bool) -> ClipEncoder:
+    """A CLIP model with its preprocessing (and tokenizer); load errors name `model_field`/`processor_field`."""
+    model = _load_clip(model_id, model_field, device, torch_dtype)
+    preprocess = _load_preprocess(processor_id, processor_field, model.config.vision_config.image_size)
+    tokenizer = _load_tokenizer(processor_id, processor_field) if with_text else None
+    return ClipEncoder(model, preprocess, tokenizer, batch_size)
+
+
 def _clip_encoder(reward: str, model_id: str, model_option: str, processor_id: str, processor_option: str,
                   device: str, dtype: str, batch_size: int, with_text: bool) -> ClipEncoder:
     _check_batch_size(batch_size, reward)
     torch_dtype = common.torch_dtype(dtype, _field(reward, "dtype"))
-    model = _load_clip(model_id, _field(reward, model_option), device, torch_dtype)
-    preprocess = _load_preprocess(processor_id, _field(reward, processor_option), model.config.vision_config.image_size)
-    tokenizer = _load_tokenizer(processor_id, _field(reward, processor_option)) if with_text else None
-    return ClipEncoder(model, preprocess, tokenizer, batch_size)
+    return load_clip_encoder(model_id, _field(reward, model_option), processor_id, _field(reward, processor_option),
+                             device, torch_dtype, batch_size, with_text)
 
 
 # ---------------------------------------------------------------- aesthetic
