@@ -59,7 +59,8 @@ class ModelConfig:
     """Where the base text-to-image pipeline comes from."""
 
     pretrained: str = "runwayml/stable-diffusion-v1-5"
-    """Hub id or local folder of a diffusers Stable Diffusion pipeline, or `tiny` for the offline test model."""
+    """Hub id or local folder of a diffusers Stable Diffusion pipeline; `tiny` for the random offline test model,
+    `toyworld` for the toy world's shipped 32 px model (rlbooth.toyworld)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of `pretrained`."""
     variant: str | None = None

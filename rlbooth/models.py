@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import torch
     from diffusers import StableDiffusionPipeline
 
+TOYWORLD = "toyworld"
+"""`model.pretrained` value naming the toy world's shipped base model (rlbooth.toyworld)."""
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -38,6 +40,9 @@ def model_key(cfg: ModelConfig) -> str:
     if cfg.pretrained == "tiny":
         spec = json.dumps(cfg.tiny.__dict__, sort_keys=True)
         return "tiny-" + hashlib.sha1(spec.encode()).hexdigest()[:10]
+    if cfg.pretrained == TOYWORLD:  # retrained weights must not reuse the old weights' class images
+        return "toyworld-" + hashlib.sha1((toyworld_folder() / "unet" / "diffusion_pytorch_model.safetensors")
+                                          .read_bytes()).hexdigest()[:10]
     name = f"{cfg.pretrained}@{cfg.revision or 'main'}"
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_")[-80:]
 
@@ -46,7 +51,12 @@ def load_pipeline(cfg: ModelConfig, torch_dtype: "torch.dtype | None" = None) ->
     """The base pipeline with no safety checker (it blacks out class images)."""
     from diffusers import StableDiffusionPipeline
 
-    source = str(tiny_pipeline_folder(cfg.tiny)) if cfg.pretrained == "tiny" else cfg.pretrained
+    if cfg.pretrained == "tiny":
+        source = str(tiny_pipeline_folder(cfg.tiny))
+    elif cfg.pretrained == TOYWORLD:
+        source = str(toyworld_folder())
+    else:
+        source = cfg.pretrained
     local = Path(source).exists()
     try:
         return StableDiffusionPipeline.from_pretrained(
@@ -63,6 +73,16 @@ def load_pipeline(cfg: ModelConfig, torch_dtype: "torch.dtype | None" = None) ->
             f"where you can (`hf download {source} --local-dir /path/to/sd`) and pass the folder: "
             f"`--set model.pretrained=/path/to/sd`."
         ) from err
+
+
+def toyworld_folder() -> Path:
+    """The toy world's pretrained pipeline, shipped inside the package."""
+    from rlbooth.toyworld.model import WEIGHTS
+
+    if not (WEIGHTS / "model_index.json").is_file():
+        raise ModelLoadError(f"model.pretrained={TOYWORLD!r}: the shipped weights are missing from {WEIGHTS}; "
+                             "reinstall rlbooth, or rebuild them with `python -m rlbooth.toyworld.pretrain`")
+    return WEIGHTS
 
 
 def tiny_pipeline_folder(cfg: TinyModelConfig) -> Path:

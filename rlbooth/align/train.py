@@ -308,7 +308,7 @@ class DDPOTrainer:
         if cfg.reward_standardize:
             self.standardize(samples)
         advantages = self.advantages(epoch, samples)
-        logs = {"epoch": epoch} | self.reward_stats(samples) | self.train_epoch(epoch, samples, advantages)
+        logs = {"epoch": epoch} | self.reward_stats(epoch, samples) | self.train_epoch(epoch, samples, advantages)
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]
         self.history.append(logs)
         acc.log(logs, step=epoch)
@@ -323,11 +323,18 @@ class DDPOTrainer:
         if cfg.grid_every and (done % cfg.grid_every == 0 or done == cfg.num_epochs):
             self.draw_grid(done)
 
-    def reward_stats(self, samples: Samples) -> dict[str, float]:
-        rewards = self.acc.gather(samples.rewards.to(self.acc.device)).float()
+    def reward_stats(self, epoch: int, samples: Samples) -> dict[str, float]:
+        """Means over all processes; with mixed prompts, also over those that name the subject."""
+        gather = self.acc.gather
+        rewards = gather(samples.rewards.to(self.acc.device)).float()
+        named = torch.tensor([self.sampler(epoch, int(i)).with_identifier
+                              for i in gather(samples.indices.to(self.acc.device)).cpu()])
         stats = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item()}
         for name, values in samples.components.items():  # NaN marks a component absent for that prompt
-            stats[f"reward/{name}"] = self.acc.gather(values.to(self.acc.device)).float().nanmean().item()
+            values = gather(values.to(self.acc.device)).float().cpu()
+            stats[f"reward/{name}"] = values.nanmean().item()
+            if named.any() and not named.all():
+                stats[f"reward/{name}/with_identifier"] = values[named].nanmean().item()
         return stats | self.reward.log_stats()
 
     def draw_grid(self, epoch: int) -> None:

@@ -103,6 +103,7 @@ def validate_batch(images: torch.Tensor, prompts: list[str], metadata: list[dict
 
 
 from rlbooth.rewards import clip_models, identity, image_reward, image_stats  # noqa: E402,F401  (register their rewards)
+from rlbooth.toyworld import rewards as _toyworld_rewards  # noqa: E402,F401
 from rlbooth.rewards.composite import CompositeReward  # noqa: E402
 
 __all__ = [

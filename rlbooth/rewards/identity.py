@@ -65,6 +65,10 @@ def _open_rgb(path: Path, reward: str) -> Image.Image:
         raise RewardError(f"reward {reward!r}: subject photo {path} cannot be read ({err})") from err
 
 
+def subject_photo_squares(subject: Subject | None, reward: str) -> list[torch.Tensor]:
+    """Each subject photo's central square as (1, 3, S, S) in [0, 1]; errors name the reward and the file."""
+    subject = _require_subject(subject, reward)
+    return [_center_square(_open_rgb(path, reward)) for path in _subject_photos(subject, reward)]
 
 
 def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
@@ -135,10 +139,8 @@ def identity_dino(model: str = "facebook/dino-vits16", device: str = "cpu", dtyp
     config. The reference is the normalized mean of the subject photos' normalized embeddings, each
     photo's central square resized like the generated images.
     """
-    subject = _require_subject(subject, "identity_dino")
+    photos = subject_photo_squares(subject, "identity_dino")
     torch_dtype = common.torch_dtype(dtype, "align.reward_options.identity_dino.dtype")
-    paths = _subject_photos(subject, "identity_dino")
-    photos = [_center_square(_open_rgb(path, "identity_dino")) for path in paths]
 
     from transformers import ViTModel
 
