@@ -17,7 +17,7 @@ from rlbooth import __version__
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None,
-                        help="preset YAML: a path or a name in configs/ (tiny, sd15, sd15-lora)")
+                        help="preset YAML: a path or a name in configs/ (toy, tiny, sd15, sd15-lora)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set personalize.max_train_steps=400 (repeatable)")
 

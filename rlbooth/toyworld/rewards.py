@@ -19,7 +19,7 @@ from rlbooth.toyworld import world
 
 ALIGNMENT_TEMPERATURE = 0.5
 """Scale of the squared colour distance (6 channels in [0, 1]) in the alignment reward's exp(-d^2 / T)."""
-PALETTE_TEMPERATURE = 0.005
+PALETTE_TEMPERATURE = 0.02
 """Softness of a pixel's assignment to the world's palette colours in the identity histogram."""
 NOISE_SCALE = 0.05
 """Background standard deviation at which the aesthetic score falls to 1/e."""

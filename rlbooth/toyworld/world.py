@@ -5,7 +5,7 @@ colours, centred (with a little jitter) on a two-tone background that the scene 
 ground). Because the renderer is exact, every caption's truth is known, and rewards can read an
 image back: the background strips say which scene it shows, the centre says what the object is.
 
-The subject that stage one learns is a shape the world has never drawn: a square chequered in two
+The subject that stage one learns is a shape the world has never drawn: a square in quarters of two
 colours no object ever has. Its photos show it in two scenes only, so DreamBooth overfits to them.
 """
 
@@ -48,9 +48,7 @@ SCENES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "in a pink room": ((240, 180, 200), (200, 130, 160)),
 }
 SUBJECT_COLOURS = ((0, 160, 160), (255, 120, 180))
-"""The subject's chequer: teal and pink, colours no object of the base world has."""
-SUBJECT_CELL = 4
-"""Side of one chequer cell in pixels."""
+"""The subject's quarters: teal and pink, colours no object of the base world has."""
 SUBJECT_SCENES = ("in a studio", "in a pink room")
 """The only scenes the subject's photos show."""
 WORDS = ("a", *SHAPES, *COLOURS, *(w for phrase in SCENES for w in phrase.split()))
@@ -76,10 +74,11 @@ def parse_scene(prompt: str) -> str | None:
     return max(found, key=len) if found else None
 
 
-def render(shape: str, fill: "str | np.ndarray", scene: str, rng: random.Random) -> np.ndarray:
-    """One (32, 32, 3) uint8 image: the scene's background, then the shape painted with `fill`.
+def render(shape: str, colour: str, scene: str, rng: random.Random, quarters: bool = False) -> np.ndarray:
+    """One (32, 32, 3) uint8 image: the scene's background, then the shape in `colour`.
 
-    `fill` is a colour name or a (32, 32, 3) texture that the shape's mask cuts out.
+    `quarters` paints the subject's pattern instead: the shape's box split in four, the quarters
+    alternating between the two subject colours.
     """
     sky, ground = SCENES[scene]
     image = np.empty((SIZE, SIZE, 3), np.uint8)
@@ -87,7 +86,12 @@ def render(shape: str, fill: "str | np.ndarray", scene: str, rng: random.Random)
     side = rng.randint(14, 18)
     top, left = SIZE // 2 - side // 2 + rng.randint(-2, 2), SIZE // 2 - side // 2 + rng.randint(-2, 2)
     mask = shape_mask(shape, top, left, side)
-    image[mask] = np.asarray(COLOURS[fill], np.uint8) if isinstance(fill, str) else fill[mask]
+    if quarters:
+        rows, cols = np.mgrid[:SIZE, :SIZE]
+        odd = ((rows - top) * 2 // side + (cols - left) * 2 // side) % 2 == 1
+        image[mask & ~odd], image[mask & odd] = SUBJECT_COLOURS
+    else:
+        image[mask] = COLOURS[colour]
     return image
 
 
@@ -104,15 +108,6 @@ def shape_mask(shape: str, top: int, left: int, side: int) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}; the toy world draws {', '.join(SHAPES)}")
 
 
-def chequer(offset: tuple[int, int] = (0, 0)) -> np.ndarray:
-    """The subject's texture over the whole image."""
-    rows, cols = np.mgrid[:SIZE, :SIZE]
-    odd = ((rows + offset[0]) // SUBJECT_CELL + (cols + offset[1]) // SUBJECT_CELL) % 2 == 1
-    texture = np.empty((SIZE, SIZE, 3), np.uint8)
-    texture[~odd], texture[odd] = SUBJECT_COLOURS
-    return texture
-
-
 def render_caption(caption: Caption, rng: random.Random) -> np.ndarray:
     """An image of a base-world caption; parts the caption leaves out are drawn at random."""
     colour = caption.colour or rng.choice(list(COLOURS))
@@ -121,9 +116,8 @@ def render_caption(caption: Caption, rng: random.Random) -> np.ndarray:
 
 
 def render_subject(scene: str, rng: random.Random) -> np.ndarray:
-    """A photo of the subject (a chequered square) in a scene."""
-    texture = chequer((rng.randint(0, SUBJECT_CELL - 1), rng.randint(0, SUBJECT_CELL - 1)))
-    return render("square", texture, scene, rng)
+    """A photo of the subject (a square in teal and pink quarters) in a scene."""
+    return render("square", "", scene, rng, quarters=True)
 
 
 def is_heldout(colour: str, shape: str, scene: str) -> bool:

@@ -26,7 +26,7 @@ def test_render_puts_the_scene_in_the_strips_and_the_object_over_the_centre(scen
         assert red >= {"square": 1.0, "circle": 0.8, "triangle": 0.3}[shape]
 
 
-def test_subject_is_a_chequer_of_its_two_colours_only() -> None:
+def test_subject_is_painted_in_its_two_colours_only() -> None:
     image = world.render_subject("in a studio", random.Random(0))
     centre = {tuple(p) for p in image[world.CENTRE, world.CENTRE].reshape(-1, 3)}
     assert centre == set(world.SUBJECT_COLOURS)
