@@ -39,7 +39,7 @@ def write(path: Path, text: str) -> Path:
 def test_presets_found():
     """The glob below must see the shipped presets, or the parametrized tests would silently pass."""
     names = {p.stem for p in PRESETS}
-    assert {"tiny", "sd15", "sd15-lora"} <= names
+    assert {"tiny", "toy", "sd15", "sd15-lora"} <= names
     assert REPO_CONFIGS.resolve() == CONFIG_DIR.resolve()
 
 

@@ -7,7 +7,7 @@ Two phases, each on freshly rendered images (the world is infinite, so nothing o
    schedule, 10% empty captions for classifier-free guidance, EMA weights kept and saved.
 Then it draws the held-out compositions (colour x shape x scene combinations no caption showed)
 and prints how often the background shows the asked scene: the figure the shipped weights are
-judged by. The defaults reproduce `rlbooth/toyworld/weights/` (about 30 minutes on 2 cores).
+judged by. The defaults reproduce `rlbooth/toyworld/weights/` (about 35 minutes on 2 cores).
 """
 
 from __future__ import annotations
