@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rlbooth.personalize.data import tokenize
 from rlbooth.toyworld import model, world
 
 logger = logging.getLogger(__name__)
@@ -128,8 +129,7 @@ def train_denoiser(cfg: PretrainConfig, vae, rng: random.Random):
             latents = vae.encode(to_tensor([world.render_caption(c, rng) for c in captions])).latent_dist
             latents = latents.sample(generator) * vae.config.scaling_factor
         texts = ["" if rng.random() < cfg.empty_caption_ratio else c.text() for c in captions]
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+        ids = tokenize(tokenizer, texts)
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(texts),), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
