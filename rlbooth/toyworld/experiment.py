@@ -23,7 +23,8 @@ from rlbooth.config import Config, apply_overrides, from_dict, load_config
 from rlbooth.prompts import read_prompt_file
 from rlbooth.stages import is_finished, load_stage_pipeline, read_stage, write_text_atomic
 from rlbooth.subject import Subject
-from rlbooth.toyworld.rewards import ToyAlignment, ToyIdentity, scene_accuracy
+from rlbooth.rewards import RewardFn, build_reward
+from rlbooth.toyworld.rewards import scene_accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +71,8 @@ class Results:
 
 
 @torch.no_grad()
-def score(pipe, prompts: list[str], seeds: list[int], config: Config, subject: Subject) -> ModelScores:
+def score(pipe, prompts: list[str], seeds: list[int], config: Config, rewards: dict[str, RewardFn]) -> ModelScores:
     """Draws every prompt with every seed (the same noise for every model) and reads the world back."""
-    from rlbooth.rewards.identity import subject_photo_squares
     from rlbooth.sampling import draw
 
     pipe.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,10 +80,9 @@ def score(pipe, prompts: list[str], seeds: list[int], config: Config, subject: S
     pixels = torch.from_numpy(np.stack([np.asarray(im, np.float32) / 255 for im in images])).permute(0, 3, 1, 2)
     texts = [p for p in prompts for _ in seeds]
     metadata = [{"with_identifier": True}] * len(texts)
-    identity = ToyIdentity(subject_photo_squares(subject, "toy_identity"))
-    return ModelScores(alignment=ToyAlignment()(pixels, texts, metadata).mean().item(),
+    return ModelScores(alignment=rewards["toy_alignment"](pixels, texts, metadata).mean().item(),
                        scene_accuracy=scene_accuracy(pixels, texts).mean().item(),
-                       identity=identity(pixels, texts, metadata).mean().item())
+                       identity=rewards["toy_identity"](pixels, texts, metadata).mean().item())
 
 
 def run_experiment(config: Config, subject: Subject, out: Path, arms: dict[str, list[str]],
@@ -102,12 +101,14 @@ def run_experiment(config: Config, subject: Subject, out: Path, arms: dict[str, 
 
     templates = read_prompt_file(config.report.prompt_file or "toyworld-heldout")
     prompts = [subject.prompt(t) for t in templates]
+    rewards = {"toy_alignment": build_reward("toy_alignment"),
+               "toy_identity": build_reward("toy_identity", subject=subject)}
     results = Results(heldout_prompts=prompts, seeds=seeds)
-    results.scores["base"] = score(load_pipeline(config.model), prompts, seeds, config, subject)
-    results.scores["stage one"] = score(load_stage_pipeline(read_stage(one)), prompts, seeds, config, subject)
+    results.scores["base"] = score(load_pipeline(config.model), prompts, seeds, config, rewards)
+    results.scores["stage one"] = score(load_stage_pipeline(read_stage(one)), prompts, seeds, config, rewards)
     for arm in arms:
         stage = read_stage(out / arm, "align")
-        results.scores[f"stage two ({arm})"] = score(load_stage_pipeline(stage), prompts, seeds, config, subject)
+        results.scores[f"stage two ({arm})"] = score(load_stage_pipeline(stage), prompts, seeds, config, rewards)
         results.curves[arm] = stage.metadata["history"]
     return results
 
