@@ -213,7 +213,11 @@ class AlignConfig:
     adv_clip_max: float = 5.0
     """Advantages are clipped to +- this."""
     per_prompt_stat_tracking: bool = True
-    """Normalize rewards per prompt (a buffer each); per batch when false."""
+    """Normalize rewards per prompt (a buffer each); per batch when false. Unused when samples_per_noise > 1."""
+    samples_per_noise: int = 1
+    """Trajectories per initial noise x_T: above 1, groups of this many share a prompt and x_T, differ in
+    their steps, and each advantage is the reward minus its group's mean (the start decides much of the
+    reward but is no action of the policy; see README, the toy world)."""
     stat_buffer_size: int = 16
     """Rewards kept per prompt for its mean and std."""
     stat_min_count: int = 16
@@ -255,7 +259,7 @@ class AlignConfig:
     def __post_init__(self) -> None:
         for name in ("num_epochs", "sample_batch_size", "num_batches_per_epoch", "num_steps", "train_batch_size",
                      "gradient_accumulation_steps", "num_inner_epochs", "stat_buffer_size", "stat_min_count",
-                     "lora_rank", "checkpointing_epochs"):
+                     "samples_per_noise", "lora_rank", "checkpointing_epochs"):
             _check(getattr(self, name) > 0, f"align.{name}", "must be positive")
         for name in ("learning_rate", "max_grad_norm", "adv_clip_max", "guidance_scale"):
             _check(getattr(self, name) > 0, f"align.{name}", "must be positive")
@@ -274,6 +278,8 @@ class AlignConfig:
         _check(bool(self.reward), "align.reward", "name at least one reward, e.g. {jpeg_compressibility: 1.0}")
         for name in self.reward_standardize:
             _check(name in self.reward, "align.reward_standardize", f"{name!r} is not a weighted reward in align.reward")
+        _check(self.sample_batch_size % self.samples_per_noise == 0, "align.samples_per_noise",
+               f"must divide align.sample_batch_size ({self.sample_batch_size}), got {self.samples_per_noise}")
         samples = self.sample_batch_size * self.num_batches_per_epoch
         _check(samples % self.train_batch_size == 0, "align.train_batch_size",
                f"must divide the samples per epoch and process (sample_batch_size x num_batches_per_epoch "

@@ -346,6 +346,8 @@ def test_mixed_precision_true_still_rejected():
     ("personalize.lora_target_modules=[]", "personalize.lora_target_modules"),
     ("model.tiny.resolution=33", "model.tiny.resolution"),
     ("model.tiny.unet_channels=[32]", "model.tiny.unet_channels"),
+    ("align.samples_per_noise=0", "align.samples_per_noise"),
+    ("align.samples_per_noise=3", "align.samples_per_noise"),  # must divide the sample batch (4 in tiny)
 ])
 def test_validation_names_field(override: str, key: str):
     with pytest.raises(ConfigError) as err:

@@ -52,6 +52,25 @@ def batch_advantages(rewards: np.ndarray) -> np.ndarray:
     return (rewards - rewards.mean()) / (rewards.std() + _STD_EPS)
 
 
+def group_advantages(rewards: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each reward minus its group's mean, over the batch's std of those differences.
+
+    A group shares its prompt and initial noise x_T. The start is not an action of the policy, yet it
+    decides much of the reward (the layout, the background); a baseline per start takes that variance
+    out of the gradient without biasing it (the mean with the sample itself is the leave-one-out
+    baseline scaled by (K - 1) / K, and the batch's std rescales it anyway).
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    groups = np.asarray(groups)
+    if rewards.ndim != 1 or groups.shape != rewards.shape:
+        raise ValueError(f"rewards and groups must be 1-D of equal length, got {rewards.shape} and {groups.shape}")
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    if (counts < 2).any():
+        raise ValueError("every group needs at least 2 samples: a lone sample has no baseline but itself")
+    residuals = rewards - (np.bincount(inverse, weights=rewards) / counts)[inverse]
+    return residuals / (residuals.std() + _STD_EPS)
+
+
 def clip_advantages(advantages: np.ndarray, max_abs: float) -> np.ndarray:
     """Bound outliers, which would otherwise dominate a batch's gradient."""
     if not max_abs > 0:

@@ -42,12 +42,17 @@ class Rollout:
 @torch.no_grad()
 def sample_rollout(unet: torch.nn.Module, scheduler: DDIMScheduler, embeds: torch.Tensor,
                    generators: list[torch.Generator], latent_shape: tuple[int, ...], *, num_steps: int,
-                   guidance_scale: float, eta: float) -> Rollout:
-    """Sample B trajectories; sample i depends only on generators[i], never on the batch it shares."""
+                   guidance_scale: float, eta: float,
+                   start_generators: list[torch.Generator] | None = None) -> Rollout:
+    """Sample B trajectories; sample i depends only on generators[i], never on the batch it shares.
+
+    x_T is drawn from `start_generators` when given (else from `generators`), so that trajectories
+    can share a start and differ only in their steps.
+    """
     device = embeds.device
     scheduler.set_timesteps(num_steps, device=device)
-    latents = randn_tensor((len(generators), *latent_shape), generator=generators, device=device,
-                           dtype=torch.float32)
+    latents = randn_tensor((len(generators), *latent_shape), generator=start_generators or generators,
+                           device=device, dtype=torch.float32)
     latents = latents * scheduler.init_noise_sigma
     trajectory, log_probs = [latents], []
     for t in scheduler.timesteps:

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from rlbooth import __version__
 from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, make_accelerator, weight_dtype
 from rlbooth.align.ddim import ddim_mean_std, ddim_step_with_logprob, gaussian_kl
-from rlbooth.align.ppo import PerPromptStatTracker, batch_advantages, clip_advantages, ppo_clip_loss
+from rlbooth.align.ppo import (PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages,
+                              ppo_clip_loss)
 from rlbooth.align.rollout import Rollout, cfg_embeds, decode, guided_noise, sample_rollout
 from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlbooth.config import Config
@@ -191,20 +192,27 @@ class DDPOTrainer:
         for b in tqdm(range(cfg.num_batches_per_epoch), desc=f"epoch {epoch} sampling", leave=False,
                       disable=not acc.is_local_main_process):
             index = torch.arange(cfg.sample_batch_size) + b * per_batch + acc.process_index * cfg.sample_batch_size
-            prompts = [self.sampler(epoch, int(i)) for i in index]
+            prompts = [self.prompt(epoch, int(i)) for i in index]
             cond = self.embed([p.text for p in prompts])
             generators = [torch.Generator(device=acc.device).manual_seed(_seed(self.seed, epoch, int(i)))
                           for i in index]
+            starts = None if cfg.samples_per_noise == 1 else [
+                torch.Generator(device=acc.device).manual_seed(_seed(self.seed, epoch, int(i) // cfg.samples_per_noise,
+                                                                     cfg.samples_per_noise)) for i in index]
             with acc.autocast():
                 rollout = sample_rollout(self.unet, self.scheduler, cfg_embeds(self.uncond, cond), generators,
                                          self.latent_shape, num_steps=cfg.num_steps,
-                                         guidance_scale=cfg.guidance_scale, eta=cfg.eta)
+                                         guidance_scale=cfg.guidance_scale, eta=cfg.eta, start_generators=starts)
             images = decode(self.pipe.vae, rollout.final)
             futures.append(self.reward.submit(images, [p.text for p in prompts], self.metadata(prompts)))
             rollouts.append(rollout)
             embeds.append(cond)
             indices.append(index)
         return Samples.concat(rollouts, embeds, indices, [f.result() for f in futures])
+
+    def prompt(self, epoch: int, index: int) -> Prompt:
+        """Prompt of sample `index`: its initial-noise group's first, so the whole group shares it."""
+        return self.sampler(epoch, index - index % self.cfg.samples_per_noise)
 
     def metadata(self, prompts: list[Prompt]) -> list[dict[str, Any]]:
         return [{"subject": self.subject, "with_identifier": p.with_identifier, "template": p.template}
@@ -227,8 +235,10 @@ class DDPOTrainer:
         rewards = acc.gather(samples.rewards.to(acc.device)).cpu().numpy()
         indices = acc.gather(samples.indices.to(acc.device)).cpu().numpy()
         order = np.argsort(indices)
-        if self.cfg.per_prompt_stat_tracking:
-            texts = [self.sampler(epoch, int(i)).text for i in indices[order]]
+        if self.cfg.samples_per_noise > 1:
+            adv = group_advantages(rewards[order], indices[order] // self.cfg.samples_per_noise)
+        elif self.cfg.per_prompt_stat_tracking:
+            texts = [self.prompt(epoch, int(i)).text for i in indices[order]]
             adv = self.tracker.update(texts, rewards[order])
         else:
             adv = batch_advantages(rewards[order])
@@ -327,7 +337,7 @@ class DDPOTrainer:
         """Means over all processes; with mixed prompts, also over those that name the subject."""
         gather = self.acc.gather
         rewards = gather(samples.rewards.to(self.acc.device)).float()
-        named = torch.tensor([self.sampler(epoch, int(i)).with_identifier
+        named = torch.tensor([self.prompt(epoch, int(i)).with_identifier
                               for i in gather(samples.indices.to(self.acc.device)).cpu()])
         stats = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item()}
         for name, values in samples.components.items():  # NaN marks a component absent for that prompt

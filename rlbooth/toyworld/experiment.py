@@ -33,6 +33,7 @@ ARMS: dict[str, list[str]] = {
     "mixed": [],
     "identifier-only": ["align.identifier_ratio=1.0"],
     "kl": ["align.kl_coef=0.1"],
+    "no-group": ["align.samples_per_noise=1"],
 }
 """Stage-two variants by name: config overrides applied over the experiment's config."""
 

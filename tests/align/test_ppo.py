@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlbooth.align.ppo import PerPromptStatTracker, batch_advantages, clip_advantages, ppo_clip_loss
+from rlbooth.align.ppo import (PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages,
+                              ppo_clip_loss)
 
 CLIP = 0.2
 
@@ -74,6 +75,28 @@ def test_batch_and_clip_advantages():
     np.testing.assert_array_equal(clip_advantages(np.array([-7.0, -1.0, 0.5, 6.0]), 5.0), [-5.0, -1.0, 0.5, 5.0])
     with pytest.raises(ValueError, match="max_abs"):
         clip_advantages(adv, 0.0)
+
+
+def test_group_advantages_by_hand():
+    adv = group_advantages(np.array([1.0, 3.0, 10.0, 14.0]), np.array([0, 0, 1, 1]))
+    residuals = np.array([-1.0, 1.0, -2.0, 2.0])
+    np.testing.assert_allclose(adv, residuals / (residuals.std() + 1e-6))
+
+
+def test_group_advantages_ignore_what_the_start_decided():
+    """Adding any constant per group (what a shared initial noise contributes) changes no advantage."""
+    rng = np.random.default_rng(0)
+    rewards, groups = rng.normal(size=24), np.repeat(np.arange(6), 4)
+    shifted = rewards + rng.normal(scale=100.0, size=6)[groups]
+    np.testing.assert_allclose(group_advantages(shifted, groups), group_advantages(rewards, groups), atol=1e-9)
+    assert np.allclose(np.bincount(groups, weights=group_advantages(rewards, groups)), 0.0)
+
+
+def test_group_advantages_reject_lone_samples_and_bad_shapes():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        group_advantages(np.array([1.0, 2.0, 3.0]), np.array([0, 0, 1]))
+    with pytest.raises(ValueError, match="equal length"):
+        group_advantages(np.array([1.0, 2.0]), np.array([0, 0, 1]))
 
 
 def normalized(values, reference):

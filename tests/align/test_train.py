@@ -83,6 +83,22 @@ def test_first_inner_epoch_ratio_is_one_and_only_lora_changes(stage_one, tmp_pat
         assert all(torch.equal(v, getattr(trainer.pipe, name).state_dict()[k]) for k, v in state.items()), name
 
 
+def test_initial_noise_groups_share_prompt_and_start_and_differ_in_steps(stage_one, tmp_path):
+    config = align_config("align.num_epochs=1", "align.sample_batch_size=4", "align.num_batches_per_epoch=2",
+                          "align.train_batch_size=4", "align.samples_per_noise=2", "align.identifier_ratio=0.5")
+    trainer = make_trainer(config, stage_one, tmp_path)
+    samples = trainer.sample_epoch(0)
+    starts, steps = samples.latents[:, 0], samples.latents[:, 1]
+    prompts = [trainer.prompt(0, int(i)).text for i in samples.indices]
+    for a in range(0, 8, 2):
+        assert torch.equal(starts[a], starts[a + 1]) and prompts[a] == prompts[a + 1]
+        assert not torch.equal(steps[a], steps[a + 1])  # the policy's actions are drawn apart
+        assert not torch.equal(starts[a], starts[(a + 2) % 8])
+    assert torch.equal(samples.embeds[0], samples.embeds[1])
+    advantages = trainer.advantages(0, samples)
+    torch.testing.assert_close(advantages.view(4, 2).sum(dim=1), torch.zeros(4), rtol=0, atol=1e-5)
+
+
 def brightness_gain(stage_one: Path, stage_two: Path, seeds: list[int]) -> torch.Tensor:
     """Per-seed brightness of stage two minus stage one, both loaded the standard way, same noise."""
     scores = []
