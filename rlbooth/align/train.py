@@ -196,9 +196,10 @@ class DDPOTrainer:
             cond = self.embed([p.text for p in prompts])
             generators = [torch.Generator(device=acc.device).manual_seed(_seed(self.seed, epoch, int(i)))
                           for i in index]
-            starts = None if cfg.samples_per_noise == 1 else [
-                torch.Generator(device=acc.device).manual_seed(_seed(self.seed, epoch, int(i) // cfg.samples_per_noise,
-                                                                     cfg.samples_per_noise)) for i in index]
+            group = cfg.samples_per_noise  # a group's members share the generator of x_T
+            starts = None if group == 1 else [
+                torch.Generator(device=acc.device).manual_seed(_seed(self.seed, epoch, int(i) // group, group))
+                for i in index]
             with acc.autocast():
                 rollout = sample_rollout(self.unet, self.scheduler, cfg_embeds(self.uncond, cond), generators,
                                          self.latent_shape, num_steps=cfg.num_steps,
