@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 
 EXAMPLE_SUBJECT = Path(__file__).resolve().parent.parent.parent / "examples" / "toyworld" / "subject.yaml"
 ARMS: dict[str, list[str]] = {
-    "mixed": [],
     "identifier-only": ["align.identifier_ratio=1.0"],
+    "mixed": ["align.identifier_ratio=0.5"],
     "kl": ["align.kl_coef=0.1"],
     "no-group": ["align.samples_per_noise=1"],
 }
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="toy", help="preset (name in configs/ or path)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--subject", type=Path, default=EXAMPLE_SUBJECT)
-    parser.add_argument("--arms", nargs="+", default=["mixed", "identifier-only"], choices=sorted(ARMS))
+    parser.add_argument("--arms", nargs="+", default=["identifier-only", "mixed"], choices=sorted(ARMS))
     parser.add_argument("--seeds", type=int, default=16, help="images per held-out prompt and model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
