@@ -207,7 +207,11 @@ class AlignConfig:
     num_inner_epochs: int = 1
     """Training passes over each epoch's samples."""
     timestep_fraction: float = 1.0
-    """Fraction of each trajectory's steps trained on, a random subset per sample."""
+    """Fraction of the window's steps trained on, a random subset per sample."""
+    timestep_window: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    """[start, end) of the trajectory, as fractions of num_steps from the first (noisiest) step, whose steps
+    are trained on. Early steps decide the layout; with few steps the last big jump has a small noise and a
+    log-prob gradient that drowns the others (README, the toy world)."""
     clip_range: float = 1e-4
     """PPO clip range of the importance ratio."""
     adv_clip_max: float = 5.0
@@ -268,6 +272,10 @@ class AlignConfig:
         _check(0 < self.clip_range < 1, "align.clip_range", f"must be in (0, 1), got {self.clip_range}")
         _check(0 < self.timestep_fraction <= 1, "align.timestep_fraction",
                f"must be in (0, 1], got {self.timestep_fraction}")
+        _check(len(self.timestep_window) == 2 and 0 <= self.timestep_window[0] < self.timestep_window[1] <= 1,
+               "align.timestep_window", f"must be [start, end] with 0 <= start < end <= 1, got {self.timestep_window}")
+        _check(bool(self.train_steps), "align.timestep_window",
+               f"{self.timestep_window} holds none of the {self.num_steps} steps (step i sits at i / num_steps)")
         _check(0 <= self.identifier_ratio <= 1, "align.identifier_ratio", "must be in [0, 1]")
         _check(self.kl_coef >= 0, "align.kl_coef", "must not be negative")
         _check(self.grid_every >= 0, "align.grid_every", "must not be negative")
@@ -290,9 +298,15 @@ class AlignConfig:
                f"got {self.gradient_accumulation_steps}")
 
     @property
+    def train_steps(self) -> list[int]:
+        """Indices (0 = first) of the steps in the timestep window, the pool trained steps are drawn from."""
+        start, end = self.timestep_window
+        return [i for i in range(self.num_steps) if start <= i / self.num_steps < end]
+
+    @property
     def num_train_timesteps(self) -> int:
         """Steps trained per trajectory."""
-        return max(1, int(self.num_steps * self.timestep_fraction))
+        return max(1, int(len(self.train_steps) * self.timestep_fraction))
 
 
 @dataclass

@@ -11,6 +11,7 @@ import rlbooth.config as config_module
 from rlbooth import cli
 from rlbooth.config import (
     CONFIG_DIR,
+    AlignConfig,
     Config,
     ConfigError,
     ModelConfig,
@@ -348,6 +349,10 @@ def test_mixed_precision_true_still_rejected():
     ("model.tiny.unet_channels=[32]", "model.tiny.unet_channels"),
     ("align.samples_per_noise=0", "align.samples_per_noise"),
     ("align.samples_per_noise=3", "align.samples_per_noise"),  # must divide the sample batch (4 in tiny)
+    ("align.timestep_window=[0.5]", "align.timestep_window"),
+    ("align.timestep_window=[0.6,0.4]", "align.timestep_window"),
+    ("align.timestep_window=[0.0,1.5]", "align.timestep_window"),
+    ("align.timestep_window=[0.51,0.66]", "align.timestep_window"),  # between steps 3 and 4 of 6 (tiny)
 ])
 def test_validation_names_field(override: str, key: str):
     with pytest.raises(ConfigError) as err:
@@ -359,6 +364,17 @@ def test_validation_names_field(override: str, key: str):
                                       "personalize.checkpoints_total_limit=null", "personalize.snr_gamma=null"])
 def test_validation_allows_documented_zero_or_null(override: str):
     load_config("tiny", [override])
+
+
+@pytest.mark.parametrize("window, fraction, steps, trained", [
+    ([0.0, 1.0], 1.0, [0, 1, 2, 3, 4], 5),
+    ([0.0, 0.4], 1.0, [0, 1], 2),  # 2 / 5 sits at 0.4, outside the half-open window
+    ([0.2, 0.8], 0.5, [1, 2, 3], 1),
+    ([0.7, 1.0], 1.0, [4], 1),
+])
+def test_timestep_window_picks_steps_by_position(window, fraction, steps, trained):
+    align = AlignConfig(num_steps=5, timestep_window=window, timestep_fraction=fraction)
+    assert align.train_steps == steps and align.num_train_timesteps == trained
 
 
 def test_config_error_is_value_error():

@@ -251,14 +251,15 @@ class DDPOTrainer:
 
     def train_epoch(self, epoch: int, samples: Samples, advantages: torch.Tensor) -> dict[str, float]:
         cfg, acc = self.cfg, self.acc
-        n, num_steps = samples.log_probs.shape
+        n = len(samples.indices)
+        pool = torch.tensor(cfg.train_steps)
         stats: dict[str, list[float]] = {}
         self.unet.train()
         for inner in range(cfg.num_inner_epochs):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(
                 _seed(self.seed, epoch, inner, acc.process_index)))
-            steps = torch.stack([torch.randperm(num_steps, generator=torch.Generator().manual_seed(
-                _seed(self.seed, epoch, inner, int(samples.indices[i]))))[:cfg.num_train_timesteps] for i in order])
+            steps = torch.stack([pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(
+                _seed(self.seed, epoch, inner, int(samples.indices[i]))))[:cfg.num_train_timesteps]] for i in order])
             batches = range(0, n, cfg.train_batch_size)
             for start in tqdm(batches, desc=f"epoch {epoch} training", leave=False,
                               disable=not acc.is_local_main_process):

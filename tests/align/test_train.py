@@ -83,6 +83,21 @@ def test_first_inner_epoch_ratio_is_one_and_only_lora_changes(stage_one, tmp_pat
         assert all(torch.equal(v, getattr(trainer.pipe, name).state_dict()[k]) for k, v in state.items()), name
 
 
+def test_training_replays_only_the_steps_in_the_timestep_window(stage_one, tmp_path, monkeypatch):
+    trainer = make_trainer(align_config("align.timestep_window=[0.25,0.75]"), stage_one, tmp_path)  # of 4 steps
+    samples = trainer.sample_epoch(0)
+    replayed: list[tuple[int, int]] = []
+
+    def record(samples, rows, step, advantages):
+        replayed.extend(zip(rows.tolist(), step.tolist()))
+        return {}
+
+    monkeypatch.setattr(trainer, "train_step", record)
+    trainer.train_epoch(0, samples, trainer.advantages(0, samples))
+    n = len(samples.indices)
+    assert sorted(replayed) == [(row, step) for row in range(n) for step in (1, 2)]
+
+
 def test_initial_noise_groups_share_prompt_and_start_and_differ_in_steps(stage_one, tmp_path):
     config = align_config("align.num_epochs=1", "align.sample_batch_size=4", "align.num_batches_per_epoch=2",
                           "align.train_batch_size=4", "align.samples_per_noise=2", "align.identifier_ratio=0.5")
