@@ -6,10 +6,12 @@ Samples one epoch of trajectories in groups that share a prompt and initial nois
 prints:
 - how much of the reward's variance the initial noise decides (between groups) and how much the
   policy's actions do (within groups): only the second share can carry a policy gradient;
+- each reward component's variance within groups (the part the policy's steps decide);
 - the split-half cosine of the policy-gradient estimate (even samples against odd ones, both from the
   same update): near 0, the update at this sample count is noise; near 1, it is all signal. Once with
-  batch-normalized advantages (DDPO's), once with a baseline per initial noise (`align.samples_per_noise`),
-  and per trained timestep.
+  batch-normalized advantages (DDPO's), once with a baseline per initial noise (`align.samples_per_noise`);
+  over all steps, over `align.timestep_window`'s steps, and per step, with each step's gradient norm (a
+  step whose norm dwarfs the others decides the sum's direction).
 Repeats use other epochs' draws; means and standard deviations over them are printed.
 """
 
@@ -45,27 +47,39 @@ def policy_gradient(trainer: DDPOTrainer, samples: Samples, rows: torch.Tensor, 
     return torch.cat([p.grad.flatten().clone() for p in trainer.params])
 
 
-def split_half_cosine(trainer: DDPOTrainer, samples: Samples, advantages: torch.Tensor, steps: list[int]) -> float:
-    """Even against odd samples: every group has members in both halves."""
-    n = len(samples.indices)
-    even, odd = (policy_gradient(trainer, samples, torch.arange(k, n, 2), advantages, steps) for k in (0, 1))
-    return torch.nn.functional.cosine_similarity(even, odd, dim=0).item()
+def within_group_variance(values: np.ndarray, groups: np.ndarray) -> float:
+    means = np.bincount(groups, weights=values) / np.bincount(groups)
+    return float(np.mean((values - means[groups]) ** 2))
 
 
 def measure(trainer: DDPOTrainer, epoch: int, group: int) -> dict[str, float]:
     samples = trainer.sample_epoch(epoch)
     rewards = samples.rewards.double().numpy()
     groups = samples.indices.numpy() // group
-    means = np.bincount(groups, weights=rewards) / np.bincount(groups)
-    within = float(np.mean((rewards - means[groups]) ** 2))
-    figures = {"reward variance": float(rewards.var()), "share decided by the start": 1 - within / rewards.var()}
-    num_steps = samples.log_probs.shape[1]
+    figures = {"reward variance": float(rewards.var()),
+               "share decided by the start": 1 - within_group_variance(rewards, groups) / rewards.var()}
+    for name, values in samples.components.items():  # within groups: the only part a gradient can use
+        values = values.double().numpy()
+        present = ~np.isnan(values)
+        figures[f"{name}: variance within groups"] = within_group_variance(values[present], groups[present])
+    n, num_steps = samples.log_probs.shape
+    window = trainer.cfg.train_steps
     advantages = {"batch": batch_advantages(rewards), "per start": group_advantages(rewards, groups)}
     for name, adv in advantages.items():
         adv = torch.tensor(adv, dtype=torch.float32)
-        figures[f"cosine, {name}, all steps"] = split_half_cosine(trainer, samples, adv, list(range(num_steps)))
+        # Even against odd samples (every group has members in both), one gradient per half and step.
+        halves = [[policy_gradient(trainer, samples, torch.arange(half, n, 2), adv, [step])
+                   for step in range(num_steps)] for half in (0, 1)]
+
+        def cosine(steps: list[int]) -> float:
+            even, odd = (sum(halves[half][step] for step in steps) for half in (0, 1))
+            return torch.nn.functional.cosine_similarity(even, odd, dim=0).item()
+
+        figures[f"cosine, {name}, all steps"] = cosine(list(range(num_steps)))
+        figures[f"cosine, {name}, window {window}"] = cosine(window)
         for step in range(num_steps):
-            figures[f"cosine, {name}, step {step}"] = split_half_cosine(trainer, samples, adv, [step])
+            figures[f"cosine, {name}, step {step}"] = cosine([step])
+            figures[f"gradient norm, {name}, step {step}"] = (halves[0][step] + halves[1][step]).norm().item()
     return figures
 
 

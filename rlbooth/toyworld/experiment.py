@@ -2,10 +2,11 @@
 
 `python -m rlbooth.toyworld.experiment --out runs/toyworld-experiment` runs stage one on the toy
 subject, then stage two once per arm (InstructBooth's mixed prompts, and prompts that all name the
-subject), and scores the base model, stage one and every arm on held-out prompts (scenes that
-neither the photos nor stage two's prompts show), with the same seeds for every model. It prints
-the table and each arm's training-reward curve and writes them to `results.json` and `results.md`.
-Finished stages are reused, so a rerun only rescoring costs seconds.
+subject) and training seed, and scores the base model, stage one and every run on held-out prompts
+(scenes that neither the photos nor stage two's prompts show) and on stage two's own prompts drawn
+from noise it never trained on, with the same seeds for every model. It prints the tables, each run's
+gain over stage one and training-reward curve, and writes them to `results.json` and `results.md`.
+Finished stages are reused, so a rerun only rescores (minutes).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ ARMS: dict[str, list[str]] = {
     "mixed": ["align.identifier_ratio=0.5"],
     "kl": ["align.kl_coef=0.1"],
     "no-group": ["align.samples_per_noise=1"],
+    "all-steps": ["align.timestep_window=[0.0,1.0]"],
 }
 """Stage-two variants by name: config overrides applied over the experiment's config."""
 
@@ -51,21 +53,45 @@ class ModelScores:
 @dataclass
 class Results:
     heldout_prompts: list[str]
+    train_prompts: list[str]
     seeds: list[int]
     scores: dict[str, ModelScores] = field(default_factory=dict)
+    """By model, on the held-out prompts."""
+    train_scores: dict[str, ModelScores] = field(default_factory=dict)
+    """By model, on stage two's training prompts (new noise): what it learned, before asking what transfers."""
     curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    """Training history by run."""
 
     def table(self) -> str:
-        lines = ["| model | alignment | scene accuracy | identity |", "|---|---|---|---|"]
-        lines += [f"| {name} | {s.alignment:.3f} | {s.scene_accuracy:.3f} | {s.identity:.3f} |"
-                  for name, s in self.scores.items()]
+        lines = ["| model | held-out alignment | scene accuracy | identity | trained-scene alignment | identity |",
+                 "|---|---|---|---|---|---|"]
+        for name, s in self.scores.items():
+            t = self.train_scores[name]
+            lines.append(f"| {name} | {s.alignment:.3f} | {s.scene_accuracy:.3f} | {s.identity:.3f} "
+                         f"| {t.alignment:.3f} | {t.identity:.3f} |")
+        return "\n".join(lines)
+
+    def gains(self) -> dict[str, dict[str, float]]:
+        """Each stage-two run minus stage one, in the gain table's column order."""
+        one, train_one = self.scores["stage one"], self.train_scores["stage one"]
+        return {run: {"heldout_alignment": self.scores[run].alignment - one.alignment,
+                      "heldout_identity": self.scores[run].identity - one.identity,
+                      "trained_alignment": self.train_scores[run].alignment - train_one.alignment,
+                      "trained_identity": self.train_scores[run].identity - train_one.identity}
+                for run in self.curves}
+
+    def gain_table(self) -> str:
+        lines = ["| run | held-out alignment | held-out identity | trained-scene alignment | trained-scene identity |",
+                 "|---|---|---|---|---|"]
+        lines += [f"| {run} | " + " | ".join(f"{value:+.3f}" for value in g.values()) + " |"
+                  for run, g in self.gains().items()]
         return "\n".join(lines)
 
     def curve_table(self) -> str:
         keys = ("reward_mean", "reward/toy_alignment", "reward/toy_alignment/with_identifier", "reward/toy_identity")
         lines = []
-        for arm, history in self.curves.items():
-            lines += [f"\n{arm}: epoch | " + " | ".join(keys)]
+        for run, history in self.curves.items():
+            lines += [f"\n{run}: epoch | " + " | ".join(keys)]
             lines += [f"{h['epoch']:>3} | " + " | ".join(f"{h[k]:.3f}" if k in h else "-" for k in keys)
                       for h in history]
         return "\n".join(lines)
@@ -87,8 +113,8 @@ def score(pipe, prompts: list[str], seeds: list[int], config: Config, rewards: d
 
 
 def run_experiment(config: Config, subject: Subject, out: Path, arms: dict[str, list[str]],
-                   seeds: list[int]) -> Results:
-    """Stage one once, stage two per arm (each resumable), then every model scored on held-out prompts."""
+                   seeds: list[int], train_seeds: tuple[int, ...] = (0,)) -> Results:
+    """Stage one once, stage two per arm and training seed (each resumable), then every model scored."""
     from rlbooth.align.train import align
     from rlbooth.models import load_pipeline
     from rlbooth.personalize.train import personalize
@@ -96,22 +122,32 @@ def run_experiment(config: Config, subject: Subject, out: Path, arms: dict[str, 
     one = out / "personalize"
     if not is_finished(one):
         personalize(config, subject, one)
-    for arm, arm_overrides in arms.items():
-        if not is_finished(out / arm):
-            align(with_overrides(config, arm_overrides), one, out / arm)
+    runs = {run_name(arm, seed): (overrides + [f"runtime.seed={seed}"], out / f"{arm}-seed{seed}")
+            for arm, overrides in arms.items() for seed in train_seeds}
+    for overrides, folder in runs.values():
+        if not is_finished(folder):
+            align(with_overrides(config, overrides), one, folder)
 
-    templates = read_prompt_file(config.report.prompt_file or "toyworld-heldout")
-    prompts = [subject.prompt(t) for t in templates]
+    prompt_sets = {"heldout": config.report.prompt_file or "toyworld-heldout",
+                   "train": config.align.prompt_file or "toyworld-train"}
+    prompts = {key: [subject.prompt(t) for t in read_prompt_file(name)] for key, name in prompt_sets.items()}
     rewards = {"toy_alignment": build_reward("toy_alignment"),
                "toy_identity": build_reward("toy_identity", subject=subject)}
-    results = Results(heldout_prompts=prompts, seeds=seeds)
-    results.scores["base"] = score(load_pipeline(config.model), prompts, seeds, config, rewards)
-    results.scores["stage one"] = score(load_stage_pipeline(read_stage(one)), prompts, seeds, config, rewards)
-    for arm in arms:
-        stage = read_stage(out / arm, "align")
-        results.scores[f"stage two ({arm})"] = score(load_stage_pipeline(stage), prompts, seeds, config, rewards)
-        results.curves[arm] = stage.metadata["history"]
+    results = Results(heldout_prompts=prompts["heldout"], train_prompts=prompts["train"], seeds=seeds)
+    models = {"base": lambda: load_pipeline(config.model), "stage one": lambda: load_stage_pipeline(read_stage(one))}
+    models |= {run: (lambda folder=folder: load_stage_pipeline(read_stage(folder, "align")))
+               for run, (_, folder) in runs.items()}
+    for name, load in models.items():
+        pipe = load()
+        results.scores[name] = score(pipe, prompts["heldout"], seeds, config, rewards)
+        results.train_scores[name] = score(pipe, prompts["train"], seeds, config, rewards)
+    for run, (_, folder) in runs.items():
+        results.curves[run] = read_stage(folder, "align").metadata["history"]
     return results
+
+
+def run_name(arm: str, seed: int) -> str:
+    return f"stage two ({arm}, seed {seed})"
 
 
 def with_overrides(config: Config, overrides: list[str]) -> Config:
@@ -126,19 +162,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--subject", type=Path, default=EXAMPLE_SUBJECT)
     parser.add_argument("--arms", nargs="+", default=["identifier-only", "mixed"], choices=sorted(ARMS))
-    parser.add_argument("--seeds", type=int, default=16, help="images per held-out prompt and model")
+    parser.add_argument("--seeds", type=int, default=64, help="images per prompt and model")
+    parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="stage-two runs per arm, one per `runtime.seed`")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_config(args.config, args.overrides)
     results = run_experiment(config, Subject.from_yaml(args.subject), args.out,
-                             {arm: ARMS[arm] for arm in args.arms}, list(range(args.seeds)))
-    report = f"held-out prompts: {results.heldout_prompts}, {len(results.seeds)} seeds each\n\n{results.table()}\n" \
-             f"\ntraining reward per epoch (stage two's own samples):{results.curve_table()}\n"
+                             {arm: ARMS[arm] for arm in args.arms}, list(range(args.seeds)), tuple(args.train_seeds))
+    report = (f"held-out prompts: {results.heldout_prompts}\ntrained prompts: {results.train_prompts}\n"
+              f"{len(results.seeds)} seeds each, the same for every model\n\n{results.table()}\n\n"
+              f"gain over stage one:\n\n{results.gain_table()}\n"
+              f"\ntraining reward per epoch (stage two's own samples):{results.curve_table()}\n")
     print(report)
     write_text_atomic(args.out / "results.md", report)
     write_text_atomic(args.out / "results.json", json.dumps(
-        {"heldout_prompts": results.heldout_prompts, "seeds": results.seeds,
-         "scores": {k: vars(v) for k, v in results.scores.items()}, "curves": results.curves}, indent=2))
+        {"heldout_prompts": results.heldout_prompts, "train_prompts": results.train_prompts, "seeds": results.seeds,
+         "scores": {k: vars(v) for k, v in results.scores.items()},
+         "train_scores": {k: vars(v) for k, v in results.train_scores.items()},
+         "gains": results.gains(), "curves": results.curves}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""The toy world's experiment, shortened: the premise stage two exists for, measured end to end.
+"""The toy world's experiment, shortened: stage one's failure and stage two's repair, measured end to end.
 
 A shortened `python -m rlbooth.toyworld.experiment` (fixed seeds, one CPU thread): stage one on the
-shipped subject with the preset's full settings, two epochs of stage two, every model scored on the
-held-out scenes with the same noise. Stage one must have learned the subject and, as DreamBooth does,
-lost part of the prompt's scene: that gap is what stage two is meant to close. (That stage two closes
-it reliably within a CPU budget is not shown yet: one seed of the preset gains +0.14 held-out alignment,
-another loses 0.08; see the README's toy-world section.)
+shipped subject with the preset's settings, stage two with the preset's settings for fewer epochs,
+every model scored with the same noise on stage two's prompts and on held-out scenes. Stage one must
+learn the subject and, as DreamBooth does, lose part of the prompt's scene; stage two must win the
+scene back on its prompts, drawn from noise it never trained on, and keep the subject. What it wins on
+the held-out scenes depends on the seed (README, the toy world), so that is scored, not asserted.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ from rlbooth.config import load_config
 from rlbooth.subject import Subject
 from rlbooth.toyworld.experiment import ARMS, EXAMPLE_SUBJECT, Results, main, run_experiment
 
-SHORT = ["runtime.report_to=none", "personalize.validation_steps=0", "align.grid_every=0", "align.num_epochs=2",
-         "align.num_batches_per_epoch=2", "align.gradient_accumulation_steps=2", "report.num_inference_steps=10"]
+SHORT = ["runtime.report_to=none", "personalize.validation_steps=0", "align.grid_every=0", "align.num_epochs=8",
+         "report.num_inference_steps=10"]
+RUN = "stage two (identifier-only, seed 0)"
 
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory: pytest.TempPathFactory) -> tuple[Results, object]:
     out = tmp_path_factory.mktemp("toyworld-experiment")
     results = run_experiment(load_config("toy", SHORT), Subject.from_yaml(EXAMPLE_SUBJECT), out,
-                             {"mixed": ARMS["mixed"]}, seeds=list(range(8)))
+                             {"identifier-only": ARMS["identifier-only"]}, seeds=list(range(32)))
     return results, out
 
 
@@ -42,22 +43,26 @@ def test_stage_one_overfits_to_the_photos_scenes(experiment) -> None:
     base, one = results.scores["base"], results.scores["stage one"]
     assert base.scene_accuracy > 0.8  # the base model draws the held-out scenes for a plain square
     assert one.alignment < base.alignment - 0.15, results.table()
+    assert results.train_scores["stage one"].alignment < results.train_scores["base"].alignment - 0.15
 
 
-def test_stage_two_runs_on_the_mixed_prompts_and_is_scored(experiment) -> None:
+def test_stage_two_wins_the_scene_back_and_keeps_the_subject(experiment) -> None:
+    """Fails if stage two is switched off (no gain) or its update sign is flipped (the scene is lost further)."""
     results, _ = experiment
-    history = results.curves["mixed"]
-    assert [h["epoch"] for h in history] == [0, 1]
-    # half the prompts name the subject, so the split curve exists and identity is scored on those only
-    assert all(0 <= h["reward/toy_alignment/with_identifier"] <= 1 and 0 <= h["reward/toy_identity"] <= 1
-               for h in history)
-    assert set(results.scores) == {"base", "stage one", "stage two (mixed)"}
+    one, two = results.train_scores["stage one"], results.train_scores[RUN]
+    assert two.alignment > one.alignment + 0.1, results.table()
+    assert two.identity > one.identity - 0.1, results.table()
+    alignment = [h["reward/toy_alignment"] for h in results.curves[RUN]]
+    assert sum(alignment[-2:]) / 2 > sum(alignment[:2]) / 2 + 0.05, alignment
 
 
 def test_rerun_reuses_finished_stages_and_writes_the_tables(experiment, capsys: pytest.CaptureFixture) -> None:
     results, out = experiment
-    main(["--out", str(out), "--arms", "mixed", "--seeds", "8", *(a for s in SHORT for a in ("--set", s))])
+    main(["--out", str(out), "--arms", "identifier-only", "--seeds", "32", "--train-seeds", "0",
+          *(a for s in SHORT for a in ("--set", s))])
     written = json.loads((out / "results.json").read_text())
     assert written["scores"]["stage one"] == vars(results.scores["stage one"])  # same seeds, same stages
-    assert "| stage two (mixed) |" in (out / "results.md").read_text()
-    assert "stage one" in capsys.readouterr().out
+    assert written["gains"][RUN]["trained_alignment"] == pytest.approx(
+        results.train_scores[RUN].alignment - results.train_scores["stage one"].alignment)
+    assert f"| {RUN} |" in (out / "results.md").read_text()
+    assert "gain over stage one" in capsys.readouterr().out
