@@ -98,6 +98,21 @@ def test_training_replays_only_the_steps_in_the_timestep_window(stage_one, tmp_p
     assert sorted(replayed) == [(row, step) for row in range(n) for step in (1, 2)]
 
 
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+def test_reward_curve_splits_out_the_prompts_that_name_the_subject(stage_one, tmp_path, ratio):
+    trainer = make_trainer(align_config(f"align.identifier_ratio={ratio}"), stage_one, tmp_path)
+    samples = trainer.sample_epoch(0)
+    stats = trainer.reward_stats(0, samples)
+    brightness = samples.components["brightness"]
+    assert stats["reward/brightness"] == pytest.approx(brightness.mean().item())
+    if ratio == 1.0:  # every prompt names it: no second curve
+        assert "reward/brightness/with_identifier" not in stats
+    else:
+        named = torch.tensor([trainer.prompt(0, int(i)).with_identifier for i in samples.indices])
+        assert 0 < named.sum() < len(named)
+        assert stats["reward/brightness/with_identifier"] == pytest.approx(brightness[named].mean().item())
+
+
 def test_initial_noise_groups_share_prompt_and_start_and_differ_in_steps(stage_one, tmp_path):
     config = align_config("align.num_epochs=1", "align.sample_batch_size=4", "align.num_batches_per_epoch=2",
                           "align.train_batch_size=4", "align.samples_per_noise=2", "align.identifier_ratio=0.5")
