@@ -2,11 +2,12 @@
 
 `python -m rlbooth.toyworld.experiment --out runs/toyworld-experiment` runs stage one on the toy
 subject, then stage two once per arm (InstructBooth's mixed prompts, and prompts that all name the
-subject) and training seed, and scores the base model, stage one and every run on held-out prompts
-(scenes that neither the photos nor stage two's prompts show) and on stage two's own prompts drawn
-from noise it never trained on, with the same seeds for every model. It prints the tables, each run's
-gain over stage one and training-reward curve, and writes them to `results.json` and `results.md`.
-Finished stages are reused, so a rerun only rescores (minutes).
+subject) and training seed, and scores the base model, stage one and every run with the same seeds on
+three prompt sets: held-out prompts (stage two's scenes in wordings it never trained on), unseen scenes
+(ones that neither the photos nor stage two's prompts show) and stage two's own prompts, drawn from
+noise it never trained on. It prints the tables, each run's gain over stage one and training-reward
+curve, and writes them to `results.json` and `results.md`. Finished stages are reused, so a rerun only
+rescores (minutes).
 """
 
 from __future__ import annotations
@@ -43,46 +44,51 @@ ARMS: dict[str, list[str]] = {
 @dataclass
 class ModelScores:
     alignment: float
-    """Mean toy_alignment reward on the held-out prompts (1 = the asked scene exactly)."""
+    """Mean toy_alignment reward (1 = the asked scene exactly)."""
     scene_accuracy: float
     """Share of images whose background is nearest to the asked scene."""
     identity: float
     """Mean toy_identity reward (1 = the subject's colours in the photos' proportions)."""
 
 
+PROMPT_SETS = {"heldout": "held-out", "unseen": "unseen scenes", "train": "trained prompts"}
+"""The prompt sets every model is scored on, by key and column label."""
+
+
 @dataclass
 class Results:
-    heldout_prompts: list[str]
-    train_prompts: list[str]
+    prompts: dict[str, list[str]]
+    """By prompt set (`PROMPT_SETS`)."""
     seeds: list[int]
-    scores: dict[str, ModelScores] = field(default_factory=dict)
-    """By model, on the held-out prompts."""
-    train_scores: dict[str, ModelScores] = field(default_factory=dict)
-    """By model, on stage two's training prompts (new noise): what it learned, before asking what transfers."""
+    scores: dict[str, dict[str, ModelScores]] = field(default_factory=lambda: {key: {} for key in PROMPT_SETS})
+    """By prompt set, then model."""
     curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     """Training history by run."""
 
     def table(self) -> str:
-        lines = ["| model | held-out alignment | scene accuracy | identity | trained-scene alignment | identity |",
-                 "|---|---|---|---|---|---|"]
-        for name, s in self.scores.items():
-            t = self.train_scores[name]
-            lines.append(f"| {name} | {s.alignment:.3f} | {s.scene_accuracy:.3f} | {s.identity:.3f} "
-                         f"| {t.alignment:.3f} | {t.identity:.3f} |")
+        lines = ["| model | " + " | ".join(f"{label} alignment | scene accuracy | identity"
+                                          for label in PROMPT_SETS.values()) + " |",
+                 "|---|" + "---|" * 3 * len(PROMPT_SETS)]
+        for name in self.scores["heldout"]:
+            cells = [f"{s.alignment:.3f} | {s.scene_accuracy:.3f} | {s.identity:.3f}"
+                     for s in (self.scores[key][name] for key in PROMPT_SETS)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
     def gains(self) -> dict[str, dict[str, float]]:
-        """Each stage-two run minus stage one, in the gain table's column order."""
-        one, train_one = self.scores["stage one"], self.train_scores["stage one"]
-        return {run: {"heldout_alignment": self.scores[run].alignment - one.alignment,
-                      "heldout_identity": self.scores[run].identity - one.identity,
-                      "trained_alignment": self.train_scores[run].alignment - train_one.alignment,
-                      "trained_identity": self.train_scores[run].identity - train_one.identity}
-                for run in self.curves}
+        """Each stage-two run minus stage one, per prompt set: `<set>_alignment`, `<set>_identity`."""
+        gains: dict[str, dict[str, float]] = {}
+        for run in self.curves:
+            gains[run] = {}
+            for key, by_model in self.scores.items():
+                two, one = by_model[run], by_model["stage one"]
+                gains[run] |= {f"{key}_alignment": two.alignment - one.alignment,
+                               f"{key}_identity": two.identity - one.identity}
+        return gains
 
     def gain_table(self) -> str:
-        lines = ["| run | held-out alignment | held-out identity | trained-scene alignment | trained-scene identity |",
-                 "|---|---|---|---|---|"]
+        lines = ["| run | " + " | ".join(f"{label} alignment | identity" for label in PROMPT_SETS.values()) + " |",
+                 "|---|" + "---|" * 2 * len(PROMPT_SETS)]
         lines += [f"| {run} | " + " | ".join(f"{value:+.3f}" for value in g.values()) + " |"
                   for run, g in self.gains().items()]
         return "\n".join(lines)
@@ -128,19 +134,19 @@ def run_experiment(config: Config, subject: Subject, out: Path, arms: dict[str, 
         if not is_finished(folder):
             align(with_overrides(config, overrides), one, folder)
 
-    prompt_sets = {"heldout": config.report.prompt_file or "toyworld-heldout",
-                   "train": config.align.prompt_file or "toyworld-train"}
-    prompts = {key: [subject.prompt(t) for t in read_prompt_file(name)] for key, name in prompt_sets.items()}
+    files = {"heldout": config.report.prompt_file or "toyworld-heldout", "unseen": "toyworld-unseen",
+             "train": config.align.prompt_file or "toyworld-train"}
+    prompts = {key: [subject.prompt(t) for t in read_prompt_file(name)] for key, name in files.items()}
     rewards = {"toy_alignment": build_reward("toy_alignment"),
                "toy_identity": build_reward("toy_identity", subject=subject)}
-    results = Results(heldout_prompts=prompts["heldout"], train_prompts=prompts["train"], seeds=seeds)
+    results = Results(prompts=prompts, seeds=seeds)
     models = {"base": lambda: load_pipeline(config.model), "stage one": lambda: load_stage_pipeline(read_stage(one))}
     models |= {run: (lambda folder=folder: load_stage_pipeline(read_stage(folder, "align")))
                for run, (_, folder) in runs.items()}
     for name, load in models.items():
         pipe = load()
-        results.scores[name] = score(pipe, prompts["heldout"], seeds, config, rewards)
-        results.train_scores[name] = score(pipe, prompts["train"], seeds, config, rewards)
+        for key, texts in prompts.items():
+            results.scores[key][name] = score(pipe, texts, seeds, config, rewards)
     for run, (_, folder) in runs.items():
         results.curves[run] = read_stage(folder, "align").metadata["history"]
     return results
@@ -170,16 +176,15 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.config, args.overrides)
     results = run_experiment(config, Subject.from_yaml(args.subject), args.out,
                              {arm: ARMS[arm] for arm in args.arms}, list(range(args.seeds)), tuple(args.train_seeds))
-    report = (f"held-out prompts: {results.heldout_prompts}\ntrained prompts: {results.train_prompts}\n"
-              f"{len(results.seeds)} seeds each, the same for every model\n\n{results.table()}\n\n"
-              f"gain over stage one:\n\n{results.gain_table()}\n"
-              f"\ntraining reward per epoch (stage two's own samples):{results.curve_table()}\n")
+    report = "".join(f"{label}: {results.prompts[key]}\n" for key, label in PROMPT_SETS.items())
+    report += (f"{len(results.seeds)} seeds each, the same for every model\n\n{results.table()}\n\n"
+               f"gain over stage one:\n\n{results.gain_table()}\n"
+               f"\ntraining reward per epoch (stage two's own samples):{results.curve_table()}\n")
     print(report)
     write_text_atomic(args.out / "results.md", report)
     write_text_atomic(args.out / "results.json", json.dumps(
-        {"heldout_prompts": results.heldout_prompts, "train_prompts": results.train_prompts, "seeds": results.seeds,
-         "scores": {k: vars(v) for k, v in results.scores.items()},
-         "train_scores": {k: vars(v) for k, v in results.train_scores.items()},
+        {"prompts": results.prompts, "seeds": results.seeds,
+         "scores": {key: {k: vars(v) for k, v in by_model.items()} for key, by_model in results.scores.items()},
          "gains": results.gains(), "curves": results.curves}, indent=2))
 
 

@@ -68,10 +68,22 @@ class Caption:
         return " ".join(w for w in words if w)
 
 
+SCENE_NOUNS = {phrase.split()[-1]: phrase for phrase in SCENES}
+"""Each scene by its last word, which no other scene uses: other wordings (`at the beach`) name it by that."""
+
+
 def parse_scene(prompt: str) -> str | None:
-    """The scene a prompt names (the longest phrase found), or None."""
-    found = [phrase for phrase in SCENES if phrase in prompt.lower()]
-    return max(found, key=len) if found else None
+    """The scene a prompt names: its phrase (the longest found), else the scene noun among its words, or None.
+
+    Captions always use the phrase; the noun lets prompts word a scene otherwise (`in the grass`), as
+    the experiment's held-out prompts do.
+    """
+    text = prompt.lower()
+    found = [phrase for phrase in SCENES if phrase in text]
+    if found:
+        return max(found, key=len)
+    nouns = [SCENE_NOUNS[w] for w in text.replace(",", " ").split() if w in SCENE_NOUNS]
+    return nouns[-1] if nouns else None
 
 
 def render(shape: str, colour: str, scene: str, rng: random.Random, quarters: bool = False) -> np.ndarray:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rlbooth.prompts import read_prompt_file
 from rlbooth.toyworld import world
 from rlbooth.toyworld.model import IDENTIFIERS, MAX_TOKENS, toy_tokenizer
 from tests.conftest import REPO
@@ -39,6 +40,24 @@ def test_captions_read_as_the_grammar_says() -> None:
     assert world.parse_scene("a sks square in a pink room") == "in a pink room"
     assert world.parse_scene("A Square On The Moon") == "on the moon"
     assert world.parse_scene("a square") is None
+    # other wordings name a scene by its noun, which no other scene uses
+    assert len(world.SCENE_NOUNS) == len(world.SCENES)
+    assert world.parse_scene("a sks square at the beach") == "on the beach"
+    assert world.parse_scene("a sks square in the grass") == "on the grass"
+    assert world.parse_scene("a sks square in the night") == "at night"
+
+
+def test_toy_prompt_sets_hold_out_wordings_and_scenes() -> None:
+    """Held-out prompts word stage two's scenes otherwise; unseen ones name scenes no training image shows."""
+    fill = {"identifier": "sks", "description": "", "class_noun": "square"}
+    texts = {name: [" ".join(t.format(**fill).split()) for t in read_prompt_file(f"toyworld-{name}")]
+             for name in ("train", "heldout", "unseen")}
+    scenes = {name: {world.parse_scene(t) for t in prompts} for name, prompts in texts.items()}
+    assert not set(texts["heldout"]) & set(texts["train"])
+    assert scenes["heldout"] == scenes["train"] and None not in scenes["train"]
+    assert not scenes["unseen"] & (scenes["train"] | set(world.SUBJECT_SCENES))
+    for prompt in (p for prompts in texts.values() for p in prompts):  # words the base model has read
+        assert set(prompt.split()) <= set(world.WORDS) | set(IDENTIFIERS), prompt
 
 
 def test_pretraining_captions_never_show_a_heldout_composition() -> None:
