@@ -54,6 +54,7 @@ def test_toy_prompt_sets_hold_out_wordings_and_scenes() -> None:
              for name in ("train", "heldout", "unseen")}
     scenes = {name: {world.parse_scene(t) for t in prompts} for name, prompts in texts.items()}
     assert not set(texts["heldout"]) & set(texts["train"])
+    assert not any(phrase in p for p in texts["heldout"] for phrase in world.SCENES)  # no caption words it so
     assert scenes["heldout"] == scenes["train"] and None not in scenes["train"]
     assert not scenes["unseen"] & (scenes["train"] | set(world.SUBJECT_SCENES))
     for prompt in (p for prompts in texts.values() for p in prompts):  # words the base model has read
