@@ -115,6 +115,13 @@ def make_grid(images: list[Image.Image], cols: int) -> Image.Image:
     return grid
 
 
+def enlarge(img: Image.Image, min_side: int) -> Image.Image:
+    """Integer nearest-neighbour upscale until the shorter side reaches `min_side`: small samples (the toy
+    world's 32 px) stay exact pixel blocks instead of a blur, and become big enough to look at."""
+    factor = max(1, -(-min_side // min(img.size)))
+    return img if factor == 1 else img.resize((img.width * factor, img.height * factor), Image.NEAREST)
+
+
 def save_image_atomic(img: Image.Image, path: Path) -> None:
     """Write to a temporary name, then rename, so a killed run never leaves half a PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 Layout of `<run>/report/`:
     sheet.png                 one row per held-out prompt; per seed a stage-one and a stage-two column
+                              (samples under 128 px enlarged by whole pixels)
     images/<stage>/p<i>-seed<s>.png   the sheet's images one by one (what `rlbooth sample` draws)
     rewards.png               stage two's reward mean and each component per epoch
     index.html                all of the above with the prompts and both stages' configs
@@ -16,11 +17,13 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from rlbooth.config import ReportConfig
-from rlbooth.images import make_grid, save_image_atomic
+from rlbooth.images import enlarge, make_grid, save_image_atomic
 from rlbooth.prompts import heldout_prompt_set, read_prompt_file
 from rlbooth.stages import StageOutput, read_stage, write_text_atomic
 from rlbooth.subject import Subject
 
+SHEET_CELL = 128
+"""Smallest side of a sheet cell in pixels: smaller samples are enlarged by an integer factor."""
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
@@ -43,7 +46,8 @@ def write_report(run_dir: Path, cfg: ReportConfig) -> Path:
             save_image_atomic(image, out / "images" / name / f"p{p}-seed{cfg.seeds[s]}.png")
         drawn[name] = images
     side_by_side = [img for pair in zip(drawn["stage-one"], drawn["stage-two"]) for img in pair]
-    save_image_atomic(make_grid(side_by_side, cols=2 * len(cfg.seeds)), out / "sheet.png")
+    sheet = make_grid([enlarge(img, SHEET_CELL) for img in side_by_side], cols=2 * len(cfg.seeds))
+    save_image_atomic(sheet, out / "sheet.png")
     history = two.metadata["history"]
     save_image_atomic(plot_curves(curves(history)), out / "rewards.png")
     index = out / "index.html"

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rlbooth.images import ImageError, check_images, list_images, load_image, make_grid, save_image_atomic, to_rgb
+from rlbooth.images import (ImageError, check_images, enlarge, list_images, load_image, make_grid, save_image_atomic,
+                            to_rgb)
 
 RES = 32
 
@@ -332,6 +333,16 @@ def test_make_grid_layout(n: int, cols: int, grid_size):
             assert grid.getpixel((x0 + dx, y0 + dy)) == COLORS[k], (k, dx, dy)
     for k in range(n, grid_size[0] * grid_size[1]):  # unused cells are white
         assert grid.getpixel(((k % cols) * w + 1, (k // cols) * h + 1)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("size, min_side, factor", [((32, 32), 128, 4), ((30, 20), 128, 7), ((512, 512), 128, 1),
+                                                    ((100, 200), 128, 2)])
+def test_enlarge_by_whole_pixels(size, min_side: int, factor: int):
+    rng = np.random.default_rng(0)
+    original = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    enlarged = np.asarray(enlarge(Image.fromarray(original), min_side))
+    assert min(enlarged.shape[:2]) >= min_side or factor == 1
+    assert np.array_equal(enlarged, original.repeat(factor, axis=0).repeat(factor, axis=1))
 
 
 def test_make_grid_empty():

@@ -49,12 +49,14 @@ def test_run_writes_both_stages_and_a_report(finished_run):
         assert (report / name).is_file(), name
     assert json.loads((finished_run / "align" / "rlbooth.json").read_text())["stage"] == "align"
     sheet = pixels(report / "sheet.png")
-    assert sheet.shape == (2 * 32, 4 * 32, 3)  # 2 prompts x (2 seeds x 2 stages) at 32 px
+    side = 128  # 32 px samples, each pixel enlarged to a 4 x 4 block
+    assert sheet.shape == (2 * side, 4 * side, 3)  # 2 prompts x (2 seeds x 2 stages)
     for p in range(2):
         for s, seed in enumerate((0, 1)):
             for k, stage in enumerate(("stage-one", "stage-two")):
-                cell = sheet[32 * p:32 * (p + 1), 32 * (2 * s + k):32 * (2 * s + k + 1)]
-                assert np.array_equal(cell, pixels(report / "images" / stage / f"p{p}-seed{seed}.png"))
+                cell = sheet[side * p:side * (p + 1), side * (2 * s + k):side * (2 * s + k + 1)]
+                image = pixels(report / "images" / stage / f"p{p}-seed{seed}.png")
+                assert np.array_equal(cell, image.repeat(4, axis=0).repeat(4, axis=1))
     html = (report / "index.html").read_text()
     assert "images/stage-two/p1-seed1.png" in html and "rewards.png" in html and "a sks triangular toy" in html
 
