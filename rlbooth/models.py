@@ -151,12 +151,19 @@ def add_lora(model: "torch.nn.Module", rank: int, alpha: float | None, target_mo
     """Attach a peft LoRA adapter; only its weights are left trainable.
 
     `zero_init` zeroes both factors' product (B = 0, peft's default), so the model is unchanged at step 0.
+    A transformers model (the text encoder) gets the adapter from peft itself: transformers' own
+    `add_adapter` refuses peft < 0.22 from 5.24 on, and pip finds no peft 0.22 (2026-12-02).
     """
-    from peft import LoraConfig
+    from diffusers import ModelMixin
+    from peft import LoraConfig, inject_adapter_in_model
 
     model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=target_modules,
-                                 init_lora_weights=True if zero_init else "gaussian"), adapter_name=adapter_name)
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=target_modules,
+                        init_lora_weights=True if zero_init else "gaussian")
+    if isinstance(model, ModelMixin):
+        model.add_adapter(config, adapter_name=adapter_name)
+    else:
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
 
 
 def save_lora(folder: Path, unet: "torch.nn.Module", text_encoder: "torch.nn.Module | None" = None,
