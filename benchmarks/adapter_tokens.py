@@ -21,9 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlbooth.config import Config, from_dict
 from rlbooth.prompts import read_prompt_file
 from rlbooth.rewards import build_reward
 from rlbooth.stages import load_stage_pipeline, read_stage
+from rlbooth.subject import Subject
+from rlbooth.toyworld.experiment import score
 
 GROUPS = ("subject", "phrase", "scene")
 ROWS: dict[str, set[str] | None] = {"stage one": None, "all words": set(GROUPS), "unconditional only": set(),
@@ -59,17 +62,14 @@ def masked_adapter(unet: torch.nn.Module, mask: list[torch.Tensor]):
             m.forward = forward
 
 
-@torch.no_grad()
-def alignment(pipe, prompt: str, keep: set[str] | None, seeds: list[int], class_noun: str, mask: list) -> float:
-    groups = position_groups(pipe.tokenizer, prompt, class_noun)
+def alignment(pipe, prompt: str, keep: set[str] | None, seeds: list[int], subject: Subject, mask: list,
+              config: Config, rewards: dict) -> float:
+    groups = position_groups(pipe.tokenizer, prompt, subject.class_noun)
     cond = torch.tensor([float(keep is not None and g in keep) for g in groups])
     uncond = torch.full_like(cond, float(keep is not None))
-    n = len(seeds)
-    mask[0] = torch.cat([uncond.expand(n, -1), cond.expand(n, -1)])[..., None]  # diffusers: [uncond, cond]
-    images = pipe([prompt] * n, num_inference_steps=20, guidance_scale=4.0, output_type="np",
-                  generator=[torch.Generator().manual_seed(s) for s in seeds]).images
-    pixels = torch.from_numpy(np.asarray(images, np.float32)).permute(0, 3, 1, 2)
-    return build_reward("toy_alignment")(pixels, [prompt] * n, [{}] * n).mean().item()
+    n = len(seeds)  # `score` draws one prompt's seeds per pipeline call, [uncond, cond] as diffusers batches them
+    mask[0] = torch.cat([uncond.expand(n, -1), cond.expand(n, -1)])[..., None]
+    return score(pipe, [prompt], seeds, config, rewards).alignment
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     stage = read_stage(args.stage_two, "align")
     subject = stage.subject
+    config = from_dict(Config, stage.metadata["config"])  # its report settings: steps and guidance
+    rewards = {"toy_alignment": build_reward("toy_alignment"),
+               "toy_identity": build_reward("toy_identity", subject=subject)}
     pipe = load_stage_pipeline(stage)
-    pipe.set_progress_bar_config(disable=True)
     seeds = list(range(1000, 1000 + args.seeds))
     mask: list[torch.Tensor] = [torch.ones(1, 1, 1)]
     with masked_adapter(pipe.unet, mask):
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             prompts = [subject.prompt(t) for t in read_prompt_file(prompt_set)]
             print(f"\n{prompt_set}: toy_alignment, {args.seeds} images per prompt ({' / '.join(prompts)})")
             for row, keep in ROWS.items():
-                scores = [alignment(pipe, p, keep, seeds, subject.class_noun, mask) for p in prompts]
+                scores = [alignment(pipe, p, keep, seeds, subject, mask, config, rewards) for p in prompts]
                 print(f"{row:>20}: {np.mean(scores):.3f}  [{' '.join(f'{s:.2f}' for s in scores)}]", flush=True)
 
 

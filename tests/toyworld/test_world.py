@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 from rlbooth.prompts import read_prompt_file
+from rlbooth.subject import Subject
 from rlbooth.toyworld import world
+from rlbooth.toyworld.experiment import EXAMPLE_SUBJECT
 from rlbooth.toyworld.model import IDENTIFIERS, MAX_TOKENS, toy_tokenizer
 from tests.conftest import REPO
 
@@ -49,8 +51,8 @@ def test_captions_read_as_the_grammar_says() -> None:
 
 def test_toy_prompt_sets_hold_out_wordings_and_scenes() -> None:
     """Held-out prompts word stage two's scenes otherwise; unseen ones name scenes no training image shows."""
-    fill = {"identifier": "sks", "description": "", "class_noun": "square"}
-    texts = {name: [" ".join(t.format(**fill).split()) for t in read_prompt_file(f"toyworld-{name}")]
+    subject = Subject.from_yaml(EXAMPLE_SUBJECT)
+    texts = {name: [subject.prompt(t) for t in read_prompt_file(f"toyworld-{name}")]
              for name in ("train", "heldout", "unseen")}
     scenes = {name: {world.parse_scene(t) for t in prompts} for name, prompts in texts.items()}
     assert not set(texts["heldout"]) & set(texts["train"])
