@@ -59,8 +59,14 @@ class ModelConfig:
     """Where the base text-to-image pipeline comes from."""
 
     pretrained: str = "runwayml/stable-diffusion-v1-5"
-    """Hub id or local folder of a diffusers Stable Diffusion pipeline; `tiny` for the random offline test model,
-    `toyworld` for the toy world's shipped 32 px model (rlbooth.toyworld)."""
+    """Hub id or local folder of a diffusers pipeline of a supported family; `tiny` for the random offline test
+    model (of `family`), `toyworld` for the toy world's shipped 32 px model (rlbooth.toyworld)."""
+    family: Literal["auto", "sd", "sdxl"] = "auto"
+    """Model family (rlbooth.families): `sd` (Stable Diffusion 1.x/2.x), `sdxl`; `auto` reads it from the model's
+    model_index.json (`tiny` and `toyworld`: sd)."""
+    vae: str | None = None
+    """Hub id or local folder of a VAE that replaces the pipeline's own, e.g. madebyollin/sdxl-vae-fp16-fix
+    (SDXL's VAE overflows in fp16)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of `pretrained`."""
     variant: str | None = None

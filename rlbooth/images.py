@@ -90,8 +90,16 @@ def _to_8bit_gray(img: Image.Image) -> Image.Image:
 def load_image(path: Path, resolution: int, center_crop: bool = True, rng: np.random.Generator | None = None
                ) -> Image.Image:
     """Shorter side resized to `resolution` (bicubic), then a square crop: the centre or a seeded random one."""
+    return load_image_with_geometry(path, resolution, center_crop, rng)[0]
+
+
+def load_image_with_geometry(path: Path, resolution: int, center_crop: bool = True,
+                             rng: np.random.Generator | None = None) -> tuple[Image.Image, tuple[int, ...]]:
+    """`load_image` and where the crop came from: (original height, width, crop top, left, target height,
+    width), the size conditioning SDXL was trained with."""
     with Image.open(path) as raw:
         img = to_rgb(raw)
+    original = (img.height, img.width)
     scale = resolution / min(img.size)
     size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
     img = img.resize(size, Image.BICUBIC)
@@ -100,7 +108,7 @@ def load_image(path: Path, resolution: int, center_crop: bool = True, rng: np.ra
     else:
         left = int(rng.integers(0, img.width - resolution + 1))
         top = int(rng.integers(0, img.height - resolution + 1))
-    return img.crop((left, top, left + resolution, top + resolution))
+    return img.crop((left, top, left + resolution, top + resolution)), (*original, top, left, resolution, resolution)
 
 
 def make_grid(images: list[Image.Image], cols: int) -> Image.Image:

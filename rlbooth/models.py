@@ -16,10 +16,13 @@ from typing import TYPE_CHECKING
 
 from rlbooth.config import ModelConfig, TinyModelConfig
 from rlbooth.errors import RlboothError
+from rlbooth.families.tiny import tiny_tokenizer  # noqa: F401  (the tiny pipelines' tokenizer, for tests)
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
+
+    from rlbooth.families import Family
 
 TOYWORLD = "toyworld"
 """`model.pretrained` value naming the toy world's shipped base model (rlbooth.toyworld)."""
@@ -38,7 +41,8 @@ def cache_dir() -> Path:
 def model_key(cfg: ModelConfig) -> str:
     """A short stable name for the base model, used to key caches that depend on it."""
     if cfg.pretrained == "tiny":
-        spec = json.dumps(cfg.tiny.__dict__, sort_keys=True)
+        family = "sd" if cfg.family == "auto" else cfg.family  # SD keys stay as they were before families
+        spec = json.dumps(cfg.tiny.__dict__ | ({} if family == "sd" else {"family": family}), sort_keys=True)
         return "tiny-" + hashlib.sha1(spec.encode()).hexdigest()[:10]
     if cfg.pretrained == TOYWORLD:  # retrained weights must not reuse the old weights' class images
         return "toyworld-" + hashlib.sha1((toyworld_folder() / "unet" / "diffusion_pytorch_model.safetensors")
@@ -47,31 +51,78 @@ def model_key(cfg: ModelConfig) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_")[-80:]
 
 
-def load_pipeline(cfg: ModelConfig, torch_dtype: "torch.dtype | None" = None) -> "StableDiffusionPipeline":
-    """The base pipeline with no safety checker (it blacks out class images)."""
-    from diffusers import StableDiffusionPipeline
+def resolve_family(cfg: ModelConfig) -> "Family":
+    """`model.family`, or the family of the pipeline class that the model's `model_index.json` names."""
+    from rlbooth.families import FAMILIES, family_of_class, get_family
 
+    if cfg.family != "auto":
+        return get_family(cfg.family)
+    if cfg.pretrained in ("tiny", TOYWORLD):
+        return get_family("sd")
+    class_name = _pipeline_class_name(cfg)
+    family = family_of_class(class_name)
+    if family is None:
+        known = ", ".join(f"{f.pipeline_class_name} ({name})" for name, f in FAMILIES.items())
+        raise ModelLoadError(f"model.pretrained={cfg.pretrained!r} is a {class_name}, which rlbooth does not "
+                             f"support (supported: {known}); if it is one of those under another name, "
+                             "set model.family")
+    return family
+
+
+def _pipeline_class_name(cfg: ModelConfig) -> str:
+    local = Path(cfg.pretrained)
+    try:
+        if local.exists():
+            index = json.loads((local / "model_index.json").read_text())
+        else:
+            from diffusers import DiffusionPipeline
+
+            index = DiffusionPipeline.load_config(cfg.pretrained, revision=cfg.revision)
+        return str(index["_class_name"])
+    except Exception as err:  # missing file, bad JSON, hub or network errors: all mean "cannot tell"
+        raise ModelLoadError(
+            f"model.pretrained={cfg.pretrained!r}: cannot read its model_index.json to tell the model family "
+            f"({type(err).__name__}: {err}). Pass a diffusers pipeline folder (`hf download {cfg.pretrained} "
+            "--local-dir /path/to/model`, then `--set model.pretrained=/path/to/model`), or set model.family"
+        ) from err
+
+
+def load_pipeline(cfg: ModelConfig, torch_dtype: "torch.dtype | None" = None) -> "DiffusionPipeline":
+    """The base pipeline of the model's family, with `model.vae` in place of its own VAE when set."""
+    family = resolve_family(cfg)
     if cfg.pretrained == "tiny":
-        source = str(tiny_pipeline_folder(cfg.tiny))
+        source = str(tiny_pipeline_folder(cfg.tiny, family))
     elif cfg.pretrained == TOYWORLD:
         source = str(toyworld_folder())
     else:
         source = cfg.pretrained
     local = Path(source).exists()
+    extra = {"vae": load_vae(cfg.vae, torch_dtype)} if cfg.vae else {}
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            source, revision=None if local else cfg.revision, variant=cfg.variant, torch_dtype=torch_dtype,
-            safety_checker=None, requires_safety_checker=False,
-        )
+        return family.load(source, revision=None if local else cfg.revision, variant=cfg.variant,
+                           torch_dtype=torch_dtype, **extra)
     except Exception as err:  # hub, network and file errors come in many classes; all mean "no weights"
         if local:
             raise ModelLoadError(f"model.pretrained={source!r}: the folder is not a loadable diffusers "
-                                 f"Stable Diffusion pipeline ({type(err).__name__}: {err})") from err
+                                 f"{family.pipeline_class_name} ({type(err).__name__}: {err})") from err
         raise ModelLoadError(
             f"model.pretrained={source!r}: could not load the weights from the Hugging Face hub "
             f"({type(err).__name__}: {err}). Without network access, or for a gated model, download it "
-            f"where you can (`hf download {source} --local-dir /path/to/sd`) and pass the folder: "
-            f"`--set model.pretrained=/path/to/sd`."
+            f"where you can (`hf download {source} --local-dir /path/to/model`) and pass the folder: "
+            f"`--set model.pretrained=/path/to/model`."
+        ) from err
+
+
+def load_vae(source: str, torch_dtype: "torch.dtype | None") -> "torch.nn.Module":
+    """A VAE that replaces the pipeline's own (e.g. madebyollin/sdxl-vae-fp16-fix: SDXL's overflows in fp16)."""
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(source, torch_dtype=torch_dtype)
+    except Exception as err:
+        raise ModelLoadError(
+            f"model.vae={source!r}: could not load an AutoencoderKL from it ({type(err).__name__}: {err}); "
+            f"download it (`hf download {source} --local-dir /path/to/vae`) and pass the folder"
         ) from err
 
 
@@ -85,65 +136,19 @@ def toyworld_folder() -> Path:
     return WEIGHTS
 
 
-def tiny_pipeline_folder(cfg: TinyModelConfig) -> Path:
-    """Build the tiny pipeline once per spec into the cache; later calls reuse the folder."""
-    folder = cache_dir() / "models" / model_key(ModelConfig(pretrained="tiny", tiny=cfg))
+def tiny_pipeline_folder(cfg: TinyModelConfig, family: "Family") -> Path:
+    """Build the tiny pipeline of a family once per spec into the cache; later calls reuse the folder."""
+    folder = cache_dir() / "models" / model_key(ModelConfig(pretrained="tiny", tiny=cfg, family=family.name))
     if (folder / "model_index.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
-    build_tiny_pipeline(cfg).save_pretrained(tmp, safe_serialization=True)
+    family.build_tiny(cfg).save_pretrained(tmp, safe_serialization=True)
     try:
         os.replace(tmp, folder)
     except OSError:  # another process finished first; its folder is identical
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def build_tiny_pipeline(cfg: TinyModelConfig) -> "StableDiffusionPipeline":
-    """A randomly initialized SD-1.5-shaped pipeline small enough for seconds-long CPU steps."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(cfg.seed)
-    down_factor = 2 ** (len(cfg.vae_channels) - 1)
-    n_unet = len(cfg.unet_channels)
-    unet = UNet2DConditionModel(
-        sample_size=cfg.resolution // down_factor,
-        in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=tuple(cfg.unet_channels),
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n_unet - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n_unet - 1) + ("UpBlock2D",),
-        cross_attention_dim=cfg.text_hidden_size, attention_head_dim=8, norm_num_groups=16,
-    )
-    vae = AutoencoderKL(
-        sample_size=cfg.resolution, in_channels=3, out_channels=3, latent_channels=4,
-        block_out_channels=tuple(cfg.vae_channels), layers_per_block=1, norm_num_groups=16,
-        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
-    )
-    tokenizer = tiny_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden_size, intermediate_size=2 * cfg.text_hidden_size,
-        num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
-def tiny_tokenizer():
-    """A byte-level CLIP tokenizer with no merges: every character is a token, built without any download."""
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
 
 
 def add_lora(model: "torch.nn.Module", rank: int, alpha: float | None, target_modules: list[str],
@@ -166,18 +171,18 @@ def add_lora(model: "torch.nn.Module", rank: int, alpha: float | None, target_mo
         inject_adapter_in_model(config, model, adapter_name=adapter_name)
 
 
-def save_lora(folder: Path, unet: "torch.nn.Module", text_encoder: "torch.nn.Module | None" = None,
-              adapter_name: str = "default") -> None:
-    """Write `pytorch_lora_weights.safetensors` in the layout `pipe.load_lora_weights(folder)` reads."""
-    from diffusers import StableDiffusionPipeline
+def lora_layers(model: "torch.nn.Module | None", adapter_name: str = "default") -> "dict | None":
+    """An adapter's weights named as diffusers' `save_lora_weights` expects them."""
+    if model is None:
+        return None
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    def layers(model: "torch.nn.Module | None"):
-        if model is None:
-            return None
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=adapter_name))
 
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers(unet),
-                                              text_encoder_lora_layers=layers(text_encoder),
-                                              safe_serialization=True)
+
+def save_lora(folder: Path, family: "Family", models: "dict[str, torch.nn.Module]",
+              adapter_name: str = "default") -> None:
+    """Write `pytorch_lora_weights.safetensors` of the adapted `models` (by component name) in the layout
+    `pipe.load_lora_weights(folder)` reads."""
+    family.save_lora(folder, {name: lora_layers(model, adapter_name) for name, model in models.items()})

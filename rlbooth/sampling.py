@@ -9,14 +9,14 @@ import torch
 from rlbooth.images import make_grid
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from PIL import Image
 
     from rlbooth.stages import StageOutput
 
 
 @torch.no_grad()
-def draw(pipe: "StableDiffusionPipeline", prompts: list[str], seeds: list[int], num_inference_steps: int,
+def draw(pipe: "DiffusionPipeline", prompts: list[str], seeds: list[int], num_inference_steps: int,
          guidance_scale: float, autocast_dtype: torch.dtype | None = None) -> list["Image.Image"]:
     """One image per (prompt, seed), prompt-major; image (p, s) depends only on p and s, not the batch."""
     pipe.set_progress_bar_config(disable=True)
@@ -30,7 +30,7 @@ def draw(pipe: "StableDiffusionPipeline", prompts: list[str], seeds: list[int], 
     return images
 
 
-def draw_grid(pipe: "StableDiffusionPipeline", prompts: list[str], seeds: list[int], num_inference_steps: int,
+def draw_grid(pipe: "DiffusionPipeline", prompts: list[str], seeds: list[int], num_inference_steps: int,
               guidance_scale: float, autocast_dtype: torch.dtype | None = None) -> "Image.Image":
     """A grid with one row per prompt and one column per seed."""
     images = draw(pipe, prompts, seeds, num_inference_steps, guidance_scale, autocast_dtype)

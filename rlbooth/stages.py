@@ -19,7 +19,7 @@ from rlbooth.errors import RlboothError
 from rlbooth.subject import Subject
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
 METADATA = "rlbooth.json"
 PERSONALIZE_ADAPTER = "personalize"
@@ -68,12 +68,13 @@ def read_stage(folder: str | Path, expected: str | None = None) -> StageOutput:
     return StageOutput(folder, metadata)
 
 
-def load_stage_pipeline(stage: StageOutput, fuse: bool = False) -> "StableDiffusionPipeline":
+def load_stage_pipeline(stage: StageOutput, fuse: bool = False) -> "DiffusionPipeline":
     """The pipeline a stage produced, with its adapters active.
 
     `fuse` bakes stage one's LoRA into the weights (stage two then adds its own adapter on top,
     and switching that adapter off gives exactly the stage-one model).
     """
+    from rlbooth.families import family_of
     from rlbooth.models import load_pipeline
 
     one = stage if stage.stage == "personalize" else read_stage(stage.metadata["stage_one"], "personalize")
@@ -83,7 +84,7 @@ def load_stage_pipeline(stage: StageOutput, fuse: bool = False) -> "StableDiffus
         pipe = load_pipeline(one.base_model)
         pipe.load_lora_weights(one.model_dir, adapter_name=PERSONALIZE_ADAPTER)
         if fuse:
-            pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=[PERSONALIZE_ADAPTER])
+            pipe.fuse_lora(components=family_of(pipe).lora_components, adapter_names=[PERSONALIZE_ADAPTER])
             pipe.unload_lora_weights()
     if stage.stage == "align":
         pipe.load_lora_weights(stage.model_dir, adapter_name=ALIGN_ADAPTER)

@@ -9,21 +9,22 @@ from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from rlbooth.align.ddim import ddim_step_with_logprob
+from rlbooth.families import Conditioning, Family
 
 
-def guided_noise(unet: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
-                 guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance in one batched forward; `embeds` is (2B, L, D): unconditional rows first."""
+def guided_noise(family: Family, unet: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
+                 cond: Conditioning, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance in one batched forward; `cond` has 2B rows, unconditional ones first."""
     batch = latents.shape[0]
     timesteps = timesteps.expand(batch) if timesteps.ndim == 0 else timesteps
-    out = unet(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), embeds).sample
-    uncond, cond = out.float().chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+    out = family.denoise(unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), cond)
+    uncond, guided = out.float().chunk(2)
+    return uncond + guidance_scale * (guided - uncond)
 
 
-def cfg_embeds(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """Stack per-sample unconditional and conditional embeddings as `guided_noise` expects."""
-    return torch.cat([uncond.expand_as(cond), cond])
+def cfg_embeds(uncond: Conditioning, cond: Conditioning) -> Conditioning:
+    """Stack per-sample unconditional and conditional inputs as `guided_noise` expects."""
+    return Conditioning.guided(uncond, cond)
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Rollout:
 
 
 @torch.no_grad()
-def sample_rollout(unet: torch.nn.Module, scheduler: DDIMScheduler, embeds: torch.Tensor,
+def sample_rollout(family: Family, unet: torch.nn.Module, scheduler: DDIMScheduler, cond: Conditioning,
                    generators: list[torch.Generator], latent_shape: tuple[int, ...], *, num_steps: int,
                    guidance_scale: float, eta: float,
                    start_generators: list[torch.Generator] | None = None) -> Rollout:
@@ -49,14 +50,14 @@ def sample_rollout(unet: torch.nn.Module, scheduler: DDIMScheduler, embeds: torc
     x_T is drawn from `start_generators` when given (else from `generators`), so that trajectories
     can share a start and differ only in their steps.
     """
-    device = embeds.device
+    device = cond.hidden.device
     scheduler.set_timesteps(num_steps, device=device)
     latents = randn_tensor((len(generators), *latent_shape), generator=start_generators or generators,
                            device=device, dtype=torch.float32)
     latents = latents * scheduler.init_noise_sigma
     trajectory, log_probs = [latents], []
     for t in scheduler.timesteps:
-        noise = guided_noise(unet, latents, t, embeds, guidance_scale)
+        noise = guided_noise(family, unet, latents, t, cond, guidance_scale)
         latents, log_prob = ddim_step_with_logprob(scheduler, noise, t, latents, eta=eta, generator=generators)
         trajectory.append(latents)
         log_probs.append(log_prob)

@@ -37,7 +37,8 @@ from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from rlbooth.config import Config
 from rlbooth.images import save_image_atomic
 from rlbooth.models import add_lora, save_lora
-from rlbooth.personalize.data import encode_prompts
+from rlbooth.families import Conditioning, family_of
+from rlbooth.families.base import square_geometry
 from rlbooth.prompts import Prompt, PromptSampler, default_prompt_set, read_prompt_file
 from rlbooth.rewards import CompositeReward
 from rlbooth.sampling import draw_grid
@@ -57,17 +58,17 @@ class Samples:
     latents: torch.Tensor      # (N, T+1, C, H, W)
     log_probs: torch.Tensor    # (N, T)
     timesteps: torch.Tensor    # (T,)
-    embeds: torch.Tensor       # (N, L, D) conditional prompt embeddings
+    embeds: Conditioning       # (N rows) conditional prompt inputs of the denoiser
     indices: torch.Tensor      # (N,) global sample indices within the epoch
     rewards: torch.Tensor      # (N,)
     components: dict[str, torch.Tensor]
 
     @classmethod
-    def concat(cls, rollouts: list[Rollout], embeds: list[torch.Tensor], indices: list[torch.Tensor],
+    def concat(cls, rollouts: list[Rollout], embeds: list[Conditioning], indices: list[torch.Tensor],
                scored: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> "Samples":
         return cls(
             latents=torch.cat([r.latents for r in rollouts]), log_probs=torch.cat([r.log_probs for r in rollouts]),
-            timesteps=rollouts[0].timesteps, embeds=torch.cat(embeds), indices=torch.cat(indices),
+            timesteps=rollouts[0].timesteps, embeds=Conditioning.cat(embeds), indices=torch.cat(indices),
             rewards=torch.cat([total for total, _ in scored]),
             components={name: torch.cat([parts[name] for _, parts in scored]) for name in scored[0][1]},
         )
@@ -107,16 +108,16 @@ class DDPOTrainer:
 
     def __init__(self, config: Config, accelerator, stage_one: StageOutput, templates: list[str],
                  reward: CompositeReward, output_dir: Path) -> None:
-        from diffusers import DDIMScheduler
         from diffusers.optimization import get_scheduler
 
         self.config, self.cfg, self.acc = config, config.align, accelerator
         self.stage_one, self.subject, self.reward, self.output_dir = stage_one, stage_one.subject, reward, output_dir
         self.seed = config.runtime.seed
         self.pipe = load_stage_pipeline(stage_one, fuse=True)
+        self.family = family_of(self.pipe)
         self.pipe.to(accelerator.device)
         self._freeze_and_add_lora(weight_dtype(accelerator))
-        self.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        self.scheduler = self.family.ddim_scheduler(self.pipe)
         params = [p for p in self.pipe.unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.cfg.learning_rate, weight_decay=self.cfg.adam_weight_decay)
         lr_scheduler = get_scheduler("constant", optimizer=optimizer)
@@ -125,17 +126,19 @@ class DDPOTrainer:
         self.sampler = PromptSampler(templates, self.subject, self.cfg.identifier_ratio, self.seed)
         self.tracker = PerPromptStatTracker(self.cfg.stat_buffer_size, self.cfg.stat_min_count)
         self.history: list[dict[str, float]] = []
-        self._embeds: dict[str, torch.Tensor] = {}
-        self.uncond = self.embed([""])
         vae = self.pipe.vae
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         size = self.pipe.unet.config.sample_size
         self.latent_shape = (self.pipe.unet.config.in_channels, size, size)
         self.resolution = size * factor
+        self.geometry = square_geometry(self.resolution)
+        self._embeds: dict[str, Conditioning] = {}
+        with torch.no_grad():
+            self.uncond = self.family.with_geometry(self.family.unconditional(self.pipe), self.geometry)
 
     def _freeze_and_add_lora(self, frozen_dtype: torch.dtype) -> None:
         pipe, cfg = self.pipe, self.cfg
-        for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        for module in (pipe.vae, *self.family.text_encoder_modules(pipe), pipe.unet):
             module.requires_grad_(False)
             if frozen_dtype != torch.float32:
                 module.to(dtype=frozen_dtype)
@@ -176,13 +179,14 @@ class DDPOTrainer:
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
-    def embed(self, texts: list[str]) -> torch.Tensor:
-        """Prompt embeddings, each computed once per run."""
+    def embed(self, texts: list[str]) -> Conditioning:
+        """The prompts' conditioning (with the image-size conditioning), each computed once per run."""
         missing = [t for t in dict.fromkeys(texts) if t not in self._embeds]
         if missing:
-            for text, emb in zip(missing, encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, missing)):
-                self._embeds[text] = emb
-        return torch.stack([self._embeds[t] for t in texts])
+            cond = self.family.with_geometry(self.family.encode_prompts(self.pipe, missing), self.geometry)
+            for i, text in enumerate(missing):
+                self._embeds[text] = cond[i:i + 1]
+        return Conditioning.cat([self._embeds[t] for t in texts])
 
     def sample_epoch(self, epoch: int) -> Samples:
         cfg, acc = self.cfg, self.acc
@@ -201,7 +205,7 @@ class DDPOTrainer:
                 torch.Generator(device=acc.device).manual_seed(_seed(self.seed, epoch, int(i) // group, group))
                 for i in index]
             with acc.autocast():
-                rollout = sample_rollout(self.unet, self.scheduler, cfg_embeds(self.uncond, cond), generators,
+                rollout = sample_rollout(self.family, self.unet, self.scheduler, cfg_embeds(self.uncond, cond), generators,
                                          self.latent_shape, num_steps=cfg.num_steps,
                                          guidance_scale=cfg.guidance_scale, eta=cfg.eta, start_generators=starts)
             images = decode(self.pipe.vae, rollout.final)
@@ -276,7 +280,7 @@ class DDPOTrainer:
         x_t = samples.latents[rows, step]
         t = samples.timesteps[step]
         with self.acc.autocast():
-            noise = guided_noise(self.unet, x_t, t, cfg_embeds(self.uncond, samples.embeds[rows]),
+            noise = guided_noise(self.family, self.unet, x_t, t, cfg_embeds(self.uncond, samples.embeds[rows]),
                                  self.cfg.guidance_scale)
         _, log_prob = ddim_step_with_logprob(self.scheduler, noise, t, x_t, eta=self.cfg.eta,
                                              prev_sample=samples.latents[rows, step + 1])
@@ -304,7 +308,7 @@ class DDPOTrainer:
         with torch.no_grad(), self.acc.autocast():
             unet.disable_adapters()
             try:
-                ref_noise = guided_noise(unet, x_t, t, cfg_embeds(self.uncond, samples.embeds[rows]),
+                ref_noise = guided_noise(self.family, unet, x_t, t, cfg_embeds(self.uncond, samples.embeds[rows]),
                                          self.cfg.guidance_scale)
             finally:
                 unet.enable_adapters()
@@ -373,7 +377,8 @@ class DDPOTrainer:
         checksums = self.replica_checksums()
         if self.acc.is_main_process:
             unet = self.acc.unwrap_model(self.unet)
-            publish(self.output_dir, lambda folder: save_lora(folder, unet, adapter_name=ALIGN_ADAPTER), {
+            write = lambda folder: save_lora(folder, self.family, {"unet": unet}, adapter_name=ALIGN_ADAPTER)
+            publish(self.output_dir, write, {
                 "stage": "align", "rlbooth_version": __version__, "stage_one": str(self.stage_one.folder.resolve()),
                 "subject": self.subject.to_dict(), "reward": self.cfg.reward, "epochs": self.cfg.num_epochs,
                 "history": self.history, "replica_checksums": checksums, "config": self.config.to_dict(),

@@ -12,7 +12,7 @@ from rlbooth.images import save_image_atomic
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def missing_class_images(folder: Path, count: int) -> list[int]:
 
 
 def generate_class_images(
-    pipe: "StableDiffusionPipeline",
+    pipe: "DiffusionPipeline",
     prompt: str,
     folder: Path,
     count: int,

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rlbooth.images import load_image
-
-if TYPE_CHECKING:
-    from transformers import CLIPTextModel, CLIPTokenizer
+from rlbooth.families.base import tokenize  # noqa: F401  (token ids for one tokenizer, as stage one uses them)
+from rlbooth.images import load_image_with_geometry
 
 
 @dataclass
@@ -26,6 +23,8 @@ class LatentBank:
 
     mean: torch.Tensor
     std: torch.Tensor
+    geometry: torch.Tensor
+    """(N, 6) per image: original height, width, crop top, left, target height, width (SDXL's size input)."""
 
     def __len__(self) -> int:
         return self.mean.shape[0]
@@ -39,26 +38,17 @@ class LatentBank:
 def encode_images(vae: torch.nn.Module, paths: list[Path], resolution: int, center_crop: bool, seed: int,
                   batch_size: int = 8, desc: str = "encoding") -> LatentBank:
     rng = np.random.default_rng(seed)
-    means, stds = [], []
+    means, stds, geometry = [], [], []
     param = next(vae.parameters())
     for start in tqdm(range(0, len(paths), batch_size), desc=desc, leave=False):
-        pixels = np.stack([np.asarray(load_image(p, resolution, center_crop, rng), dtype=np.float32)
-                           for p in paths[start:start + batch_size]])
+        loaded = [load_image_with_geometry(p, resolution, center_crop, rng) for p in paths[start:start + batch_size]]
+        geometry += [g for _, g in loaded]
+        pixels = np.stack([np.asarray(img, dtype=np.float32) for img, _ in loaded])
         pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
         dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
-    return LatentBank(torch.cat(means), torch.cat(stds))
-
-
-def tokenize(tokenizer: "CLIPTokenizer", prompts: list[str]) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
-
-
-def encode_prompts(tokenizer: "CLIPTokenizer", text_encoder: "CLIPTextModel", prompts: list[str]) -> torch.Tensor:
-    ids = tokenize(tokenizer, prompts).to(text_encoder.device)
-    return text_encoder(ids)[0]
+    return LatentBank(torch.cat(means), torch.cat(stds), torch.tensor(geometry, dtype=torch.float32))
 
 
 @dataclass
@@ -66,6 +56,8 @@ class Batch:
     latents: torch.Tensor
     noise: torch.Tensor
     timesteps: torch.Tensor
+    geometry: torch.Tensor
+    """(rows, 6) size conditioning of each row's image."""
 
 
 @dataclass
@@ -83,8 +75,11 @@ class DreamBoothData:
         """Instance rows first, then as many class rows: the loss splits the prediction in two halves."""
         g = torch.Generator().manual_seed(hash((self.seed, micro_step, process_index)) % 2**63)
         banks = [self.instance] + ([self.prior] if self.prior is not None else [])
-        latents = torch.cat([bank.sample(torch.randint(len(bank), (self.batch_size,), generator=g), g)
-                             for bank in banks]) * self.scaling_factor
+        rows = []
+        for bank in banks:  # index, then latents, bank by bank: the order of the seeded draws
+            index = torch.randint(len(bank), (self.batch_size,), generator=g)
+            rows.append((bank.sample(index, g), bank.geometry[index]))
+        latents = torch.cat([sampled for sampled, _ in rows]) * self.scaling_factor
         noise = torch.randn(latents.shape, generator=g)
         timesteps = torch.randint(0, self.num_train_timesteps, (latents.shape[0],), generator=g)
-        return Batch(latents, noise, timesteps)
+        return Batch(latents, noise, timesteps, torch.cat([geometry for _, geometry in rows]))

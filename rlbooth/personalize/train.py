@@ -22,10 +22,11 @@ from rlbooth import __version__
 from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, make_accelerator, weight_dtype
 from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlbooth.config import Config, PersonalizeConfig
+from rlbooth.families import Conditioning, Family, family_of
 from rlbooth.images import check_images, list_images, save_image_atomic
 from rlbooth.models import TEXT_ENCODER_LORA_TARGETS, add_lora, cache_dir, load_pipeline, model_key, save_lora
 from rlbooth.personalize.class_images import generate_class_images
-from rlbooth.personalize.data import DreamBoothData, encode_images, encode_prompts, tokenize
+from rlbooth.personalize.data import DreamBoothData, encode_images
 from rlbooth.personalize.loss import dreambooth_loss
 from rlbooth.sampling import draw_grid
 from rlbooth.stages import check_output_dir, publish
@@ -40,6 +41,7 @@ def personalize(config: Config, subject: Subject, output_dir: str | Path, resume
     cfg = config.personalize
     accelerator = make_accelerator(config.runtime, output_dir, cfg.gradient_accumulation_steps)
     pipe = load_pipeline(config.model)
+    family = family_of(pipe)
     pipe.to(accelerator.device)
     instance_prompt = subject.prompt(cfg.instance_prompt)
     class_prompt = subject.prompt(cfg.class_prompt, with_identifier=False)
@@ -52,9 +54,10 @@ def personalize(config: Config, subject: Subject, output_dir: str | Path, resume
             num_inference_steps=cfg.class_generation_steps, guidance_scale=cfg.class_guidance_scale,
             batch_size=cfg.class_batch_size, accelerator=accelerator)
 
-    params = setup_trainable(pipe, cfg, weight_dtype(accelerator), config.runtime.seed)
+    params = setup_trainable(pipe, family, cfg, weight_dtype(accelerator), config.runtime.seed)
     data = build_data(pipe, cfg, config.runtime.seed, instance_paths, class_paths)
-    prompts = PromptInputs.build(pipe, cfg.train_text_encoder, instance_prompt, class_prompt if class_paths else None)
+    prompts = PromptInputs.build(pipe, family, cfg.train_text_encoder, instance_prompt,
+                                 class_prompt if class_paths else None)
 
     optimizer = make_optimizer(params, cfg)
     from diffusers.optimization import get_scheduler
@@ -62,7 +65,8 @@ def personalize(config: Config, subject: Subject, output_dir: str | Path, resume
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.max_train_steps * accelerator.num_processes)
-    trained = {"unet": pipe.unet} | ({"text_encoder": pipe.text_encoder} if cfg.train_text_encoder else {})
+    trained = {"unet": pipe.unet} | ({name: getattr(pipe, name) for name in family.text_encoders}
+                                     if cfg.train_text_encoder else {})
     prepared = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     models = dict(zip(trained, prepared[:len(trained)]))
     optimizer, lr_scheduler = prepared[len(trained):]
@@ -77,11 +81,10 @@ def personalize(config: Config, subject: Subject, output_dir: str | Path, resume
                     len(instance_paths), len(class_paths or []), cfg.max_train_steps,
                     cfg.gradient_accumulation_steps, accelerator.num_processes)
 
-    loop = TrainLoop(accelerator, pipe, cfg, data, prompts, models, optimizer, lr_scheduler, subject,
+    loop = TrainLoop(accelerator, pipe, family, cfg, data, prompts, models, optimizer, lr_scheduler, subject,
                      output_dir, config.runtime.seed)
     loop.run(start_step)
-    model_dir = save_output(accelerator, config, subject, pipe, models, output_dir,
-                            instance_prompt, class_prompt)
+    model_dir = save_output(accelerator, config, subject, family, models, output_dir, instance_prompt, class_prompt)
     accelerator.end_training()
     return model_dir
 
@@ -103,29 +106,33 @@ def default_class_dir(config: Config, class_prompt: str) -> Path:
     return cache_dir() / "class_images" / model_key(config.model) / f"{slug}-seed{config.runtime.seed}"
 
 
-def setup_trainable(pipe: Any, cfg: PersonalizeConfig, frozen_dtype: torch.dtype, seed: int
+def setup_trainable(pipe: Any, family: Family, cfg: PersonalizeConfig, frozen_dtype: torch.dtype, seed: int
                     ) -> list[torch.nn.Parameter]:
     """Freeze, attach LoRA (seeded init) or unfreeze; frozen weights cast to `frozen_dtype`, trainable ones fp32."""
     full_text_encoder = cfg.mode == "full" and cfg.train_text_encoder
+    text_encoders = family.text_encoder_modules(pipe)
     cast = (lambda m: m.to(dtype=frozen_dtype)) if frozen_dtype != torch.float32 else (lambda m: m)
     cast(pipe.vae.requires_grad_(False))
     pipe.unet.requires_grad_(cfg.mode == "full")
-    pipe.text_encoder.requires_grad_(full_text_encoder)
-    if not full_text_encoder:
-        cast(pipe.text_encoder)
+    for encoder in text_encoders:
+        encoder.requires_grad_(full_text_encoder)
+        if not full_text_encoder:
+            cast(encoder)
     if cfg.mode == "lora":
         cast(pipe.unet)
         torch.manual_seed(seed)
         add_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
         if cfg.train_text_encoder:
-            add_lora(pipe.text_encoder, cfg.lora_rank, cfg.lora_alpha, TEXT_ENCODER_LORA_TARGETS)
-    params = [p for m in (pipe.unet, pipe.text_encoder) for p in m.parameters() if p.requires_grad]
+            for encoder in text_encoders:
+                add_lora(encoder, cfg.lora_rank, cfg.lora_alpha, TEXT_ENCODER_LORA_TARGETS)
+    params = [p for m in (pipe.unet, *text_encoders) for p in m.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
-            pipe.text_encoder.gradient_checkpointing_enable()
+            for encoder in text_encoders:
+                encoder.gradient_checkpointing_enable()
     return params
 
 
@@ -144,26 +151,28 @@ def build_data(pipe: Any, cfg: PersonalizeConfig, seed: int, instance_paths: lis
 
 @dataclass
 class PromptInputs:
-    """The two prompts as token ids (trained encoder) or as embeddings computed once (frozen encoder)."""
+    """The two prompts as token ids (trained encoders) or as conditioning computed once (frozen encoders)."""
 
-    ids: torch.Tensor
-    embeddings: torch.Tensor | None
+    family: Family
+    ids: list[torch.Tensor]
+    """Token ids per tokenizer, one row per prompt."""
+    frozen: Conditioning | None
 
     @classmethod
-    def build(cls, pipe: Any, train_text_encoder: bool, instance_prompt: str, class_prompt: str | None
-              ) -> "PromptInputs":
+    def build(cls, pipe: Any, family: Family, train_text_encoder: bool, instance_prompt: str,
+              class_prompt: str | None) -> "PromptInputs":
         prompts = [instance_prompt] + ([class_prompt] if class_prompt else [])
+        ids = family.tokenize(pipe, prompts)
         if train_text_encoder:
-            return cls(tokenize(pipe.tokenizer, prompts), None)
+            return cls(family, ids, None)
         with torch.no_grad():
-            return cls(tokenize(pipe.tokenizer, prompts), encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts))
+            return cls(family, ids, family.encode(family.text_encoder_modules(pipe), ids))
 
-    def hidden_states(self, text_encoder: torch.nn.Module, batch_size: int) -> torch.Tensor:
+    def conditioning(self, text_encoders: list[torch.nn.Module], batch_size: int) -> Conditioning:
         """Instance prompt for the first `batch_size` rows, class prompt for the rest."""
-        if self.embeddings is not None:
-            return self.embeddings.repeat_interleave(batch_size, dim=0)
-        ids = self.ids.repeat_interleave(batch_size, dim=0).to(next(text_encoder.parameters()).device)
-        return text_encoder(ids)[0]
+        if self.frozen is not None:
+            return self.frozen.repeat_interleave(batch_size)
+        return self.family.encode(text_encoders, [ids.repeat_interleave(batch_size, dim=0) for ids in self.ids])
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: PersonalizeConfig) -> torch.optim.Optimizer:
@@ -181,10 +190,11 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: PersonalizeConfig) -> 
 class TrainLoop:
     """The optimizer-step loop with accumulation, clipping, logging, validation and checkpoints."""
 
-    def __init__(self, accelerator, pipe, cfg: PersonalizeConfig, data: DreamBoothData, prompts: PromptInputs,
-                 models: dict[str, torch.nn.Module], optimizer, lr_scheduler, subject: Subject,
-                 output_dir: Path, seed: int) -> None:
-        self.accelerator, self.pipe, self.cfg, self.data, self.prompts = accelerator, pipe, cfg, data, prompts
+    def __init__(self, accelerator, pipe, family: Family, cfg: PersonalizeConfig, data: DreamBoothData,
+                 prompts: PromptInputs, models: dict[str, torch.nn.Module], optimizer, lr_scheduler,
+                 subject: Subject, output_dir: Path, seed: int) -> None:
+        self.accelerator, self.pipe, self.family, self.cfg = accelerator, pipe, family, cfg
+        self.data, self.prompts = data, prompts
         self.models, self.optimizer, self.lr_scheduler = models, optimizer, lr_scheduler
         self.subject, self.output_dir, self.seed = subject, output_dir, seed
         self.noise_scheduler = self._noise_scheduler()
@@ -218,11 +228,12 @@ class TrainLoop:
         batch = self.data.batch(micro_step, acc.process_index)
         unet = self.models["unet"]
         latents, noise, timesteps = (t.to(acc.device) for t in (batch.latents, batch.noise, batch.timesteps))
+        encoders = [self.models.get(name, getattr(self.pipe, name)) for name in self.family.text_encoders]
         with acc.accumulate(*self.models.values()):
-            hidden = self.prompts.hidden_states(self.models.get("text_encoder", self.pipe.text_encoder),
-                                                cfg.train_batch_size).to(acc.device)
+            cond = self.prompts.conditioning(encoders, cfg.train_batch_size).to(acc.device)
+            cond = self.family.with_geometry(cond, batch.geometry)
             noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-            pred = unet(noisy, timesteps, hidden).sample
+            pred = self.family.denoise(unet, noisy, timesteps, cond)
             prediction_type = self.noise_scheduler.config.prediction_type
             target = noise if prediction_type == "epsilon" else self.noise_scheduler.get_velocity(
                 latents, noise, timesteps)
@@ -252,23 +263,21 @@ class TrainLoop:
         acc.wait_for_everyone()
 
 
-def save_output(accelerator, config: Config, subject: Subject, pipe: Any, models: dict[str, torch.nn.Module],
+def save_output(accelerator, config: Config, subject: Subject, family: Family, models: dict[str, torch.nn.Module],
                 output_dir: Path, instance_prompt: str, class_prompt: str) -> Path:
     """Write `model/` (atomically, through a temporary folder) and then the metadata that marks it finished."""
     cfg = config.personalize
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(models["unet"])
-        text_encoder = accelerator.unwrap_model(models["text_encoder"]) if "text_encoder" in models else None
+        trained = {name: accelerator.unwrap_model(model) for name, model in models.items()}
 
         def write_model(folder: Path) -> None:
             if cfg.mode == "lora":
-                save_lora(folder, unet, text_encoder)
+                save_lora(folder, family, trained)
                 return
             base = load_pipeline(config.model)  # the frozen parts exactly as they were, in full precision
-            base.unet = unet.to(torch.float32)
-            if text_encoder is not None:
-                base.text_encoder = text_encoder.to(torch.float32)
+            for name, model in trained.items():
+                setattr(base, name, model.to(torch.float32))
             base.save_pretrained(folder, safe_serialization=True)
 
         publish(output_dir, write_model, {

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -18,7 +17,8 @@ from rlbooth.align.rollout import cfg_embeds, decode, sample_rollout
 from rlbooth.align.train import DDPOTrainer, align
 from rlbooth.stages import OutputError
 from rlbooth.models import load_pipeline
-from rlbooth.personalize.data import encode_prompts
+from rlbooth.families import family_of
+from rlbooth.families.base import square_geometry
 from rlbooth.prompts import read_prompt_file
 from rlbooth.rewards import CompositeReward
 from rlbooth.sampling import draw_grid
@@ -38,13 +38,15 @@ def make_trainer(config, stage_one: Path, out: Path) -> DDPOTrainer:
 @torch.no_grad()
 def final_latents(pipe, unet, seeds: list[int], prompt: str = PROMPT, steps: int = 4) -> torch.Tensor:
     """Trajectories through the stage-two sampler with fixed per-sample seeds."""
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt] * len(seeds))
-    uncond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    family = family_of(pipe)
+    scheduler = family.ddim_scheduler(pipe)
     size = pipe.unet.config.sample_size
-    return sample_rollout(unet, scheduler, cfg_embeds(uncond, cond), gens, (4, size, size), num_steps=steps,
-                          guidance_scale=5.0, eta=1.0).final
+    geometry = square_geometry(size * 2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    cond = family.with_geometry(family.encode_prompts(pipe, [prompt] * len(seeds)), geometry)
+    uncond = family.with_geometry(family.unconditional(pipe), geometry)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return sample_rollout(family, unet, scheduler, cfg_embeds(uncond, cond), gens, (4, size, size),
+                          num_steps=steps, guidance_scale=5.0, eta=1.0).final
 
 
 def test_zero_lora_samples_exactly_the_stage_one_model(stage_one, tmp_path):
@@ -124,7 +126,7 @@ def test_initial_noise_groups_share_prompt_and_start_and_differ_in_steps(stage_o
         assert torch.equal(starts[a], starts[a + 1]) and prompts[a] == prompts[a + 1]
         assert not torch.equal(steps[a], steps[a + 1])  # the policy's actions are drawn apart
         assert not torch.equal(starts[a], starts[(a + 2) % 8])
-    assert torch.equal(samples.embeds[0], samples.embeds[1])
+    assert torch.equal(samples.embeds.hidden[0], samples.embeds.hidden[1])
     advantages = trainer.advantages(0, samples)
     torch.testing.assert_close(advantages.view(4, 2).sum(dim=1), torch.zeros(4), rtol=0, atol=1e-5)
 
