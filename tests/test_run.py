@@ -35,10 +35,11 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["tiny", "tiny-sdxl"])
+def finished_run(tmp_path_factory, request) -> Path:
+    """The tiny run of each model family, through the real CLI."""
     root = tmp_path_factory.mktemp("run")
-    assert main(["run", str(write_spec(root)), "-c", "tiny", "-o", str(root / "run"),
+    assert main(["run", str(write_spec(root)), "-c", request.param, "-o", str(root / "run"),
                  *[arg for item in QUICK for arg in ("--set", item)]]) == 0
     return root / "run"
 

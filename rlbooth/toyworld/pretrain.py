@@ -147,12 +147,15 @@ def train_denoiser(cfg: PretrainConfig, vae, rng: random.Random):
 
 
 def assemble(vae, unet, text_encoder, tokenizer):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """The toy world's base model is of the SD family: the same classes and folder layout as SD 1.5."""
+    from diffusers import DDIMScheduler
 
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**model.noise_scheduler_config(), set_alpha_to_one=False, steps_offset=1),
-                                   safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    from rlbooth.families import get_family
+
+    scheduler = DDIMScheduler(**model.noise_scheduler_config(), set_alpha_to_one=False, steps_offset=1)
+    return get_family("sd").pipeline_class(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
 
 
 @torch.no_grad()

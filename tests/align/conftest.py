@@ -18,9 +18,9 @@ def align_config(*overrides: str):
                                 "align.reward={brightness: 1.0}", *overrides])
 
 
-def make_stage_one(root: Path, resolution: int) -> Path:
+def make_stage_one(root: Path, resolution: int, preset: str = "tiny") -> Path:
     subject = Subject(images=draw_subject_photos(root / "photos"), class_noun="toy", description="triangular")
-    config = load_config("tiny", ["runtime.report_to=none", "personalize.validation_steps=0",
+    config = load_config(preset, ["runtime.report_to=none", "personalize.validation_steps=0",
                                   "personalize.max_train_steps=8", "personalize.learning_rate=1e-2",
                                   f"model.tiny.resolution={resolution}", f"personalize.resolution={resolution}"])
     personalize(config, subject, root / "out")
@@ -36,3 +36,24 @@ def stage_one(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stage_one_8px(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 px images, 4x4x4 latents: few enough action dimensions for the policy gradient to be seen on a CPU."""
     return make_stage_one(tmp_path_factory.mktemp("stage-one-8px"), 8)
+
+
+@pytest.fixture(scope="session")
+def stage_one_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_stage_one(tmp_path_factory.mktemp("stage-one-sdxl"), 32, "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def stage_one_8px_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_stage_one(tmp_path_factory.mktemp("stage-one-8px-sdxl"), 8, "tiny-sdxl")
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def any_stage_one(request: pytest.FixtureRequest) -> Path:
+    """Stage one of each model family (32 px)."""
+    return request.getfixturevalue({"sd": "stage_one", "sdxl": "stage_one_sdxl"}[request.param])
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def any_stage_one_8px(request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue({"sd": "stage_one_8px", "sdxl": "stage_one_8px_sdxl"}[request.param])

@@ -25,12 +25,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(stage_one, tmp_path):
+def test_two_processes_equal_one_process_with_the_same_global_batch(any_stage_one, tmp_path):
     single = align(align_config(*COMMON, "align.sample_batch_size=4", "align.train_batch_size=4"),
-                   stage_one, tmp_path / "single")
+                   any_stage_one, tmp_path / "single")
 
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(free_port()), "-m", "rlbooth.cli", "align", "-c", "tiny", "--stage-one", str(stage_one),
+            str(free_port()), "-m", "rlbooth.cli", "align", "-c", "tiny", "--stage-one", str(any_stage_one),
             "-o", str(tmp_path / "two")]
     for item in COMMON + ["align.sample_batch_size=2", "align.train_batch_size=2"]:
         args += ["--set", item]

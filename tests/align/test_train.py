@@ -49,22 +49,22 @@ def final_latents(pipe, unet, seeds: list[int], prompt: str = PROMPT, steps: int
                           num_steps=steps, guidance_scale=5.0, eta=1.0).final
 
 
-def test_zero_lora_samples_exactly_the_stage_one_model(stage_one, tmp_path):
-    trainer = make_trainer(align_config(), stage_one, tmp_path)
+def test_zero_lora_samples_exactly_the_stage_one_model(any_stage_one, tmp_path):
+    trainer = make_trainer(align_config(), any_stage_one, tmp_path)
     seeds = [0, 1, 2]
     ours = final_latents(trainer.pipe, trainer.unet, seeds)
 
-    personalized = load_pipeline(read_stage(stage_one).base_model)
-    personalized.load_lora_weights(stage_one / "model")  # stage one as plain diffusers loads it
+    personalized = load_pipeline(read_stage(any_stage_one).base_model)
+    personalized.load_lora_weights(any_stage_one / "model")  # stage one as plain diffusers loads it
     reference = final_latents(personalized, personalized.unet, seeds)
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
 
-    base = load_pipeline(read_stage(stage_one).base_model)
+    base = load_pipeline(read_stage(any_stage_one).base_model)
     assert (final_latents(base, base.unet, seeds) - ours).abs().max() > 1e-2, "personalization is off"
 
 
-def test_first_inner_epoch_ratio_is_one_and_only_lora_changes(stage_one, tmp_path):
-    trainer = make_trainer(align_config("align.num_epochs=1"), stage_one, tmp_path)
+def test_first_inner_epoch_ratio_is_one_and_only_lora_changes(any_stage_one, tmp_path):
+    trainer = make_trainer(align_config("align.num_epochs=1"), any_stage_one, tmp_path)
     samples = trainer.sample_epoch(0)
     rows = torch.arange(len(samples.indices))
     for step in range(samples.log_probs.shape[1]):
@@ -141,7 +141,7 @@ def brightness_gain(stage_one: Path, stage_two: Path, seeds: list[int]) -> torch
 
 
 @pytest.mark.parametrize("weight", [1.0, -1.0])
-def test_training_climbs_the_reward_in_its_sign(stage_one_8px, tmp_path, weight):
+def test_training_climbs_the_reward_in_its_sign(any_stage_one_8px, tmp_path, weight):
     """+brightness must brighten, -brightness darken: fails if the update sign or the ratio is wrong.
 
     The score-function gradient's signal-to-noise ratio scales like sqrt(samples / action dims), so on
@@ -153,8 +153,8 @@ def test_training_climbs_the_reward_in_its_sign(stage_one_8px, tmp_path, weight)
     config = align_config(f"align.reward={{brightness: {weight}}}", "runtime.seed=0", "align.num_epochs=3",
                           "align.sample_batch_size=32", "align.num_batches_per_epoch=8", "align.train_batch_size=64",
                           "align.gradient_accumulation_steps=4", "align.learning_rate=1e-2")
-    out = align(config, stage_one_8px, tmp_path / "out")
-    gain = brightness_gain(stage_one_8px, out.parent, seeds=list(range(100, 132)))
+    out = align(config, any_stage_one_8px, tmp_path / "out")
+    gain = brightness_gain(any_stage_one_8px, out.parent, seeds=list(range(100, 132)))
     z = gain.mean() / (gain.std() / len(gain) ** 0.5)
     assert weight * z > 2, f"brightness change {gain.mean():.2e} (z={z:.1f}) does not follow the reward {weight}"
     history = json.loads((out.parent / "rlbooth.json").read_text())["history"]
@@ -162,11 +162,11 @@ def test_training_climbs_the_reward_in_its_sign(stage_one_8px, tmp_path, weight)
     assert all(h["reward/brightness"] == pytest.approx(weight * h["reward_mean"]) for h in history)
 
 
-def test_one_update_ascends_the_surrogate_on_its_samples(stage_one, tmp_path):
+def test_one_update_ascends_the_surrogate_on_its_samples(any_stage_one, tmp_path):
     """Sum of advantage x log-prob over the epoch's samples rises after one optimizer step (first order)."""
     config = align_config("align.sample_batch_size=8", "align.num_batches_per_epoch=1", "align.train_batch_size=8",
                           "align.learning_rate=1e-3")
-    trainer = make_trainer(config, stage_one, tmp_path)
+    trainer = make_trainer(config, any_stage_one, tmp_path)
     samples = trainer.sample_epoch(0)
     advantages = trainer.advantages(0, samples)
     rows = torch.arange(len(samples.indices))
@@ -181,18 +181,18 @@ def test_one_update_ascends_the_surrogate_on_its_samples(stage_one, tmp_path):
     assert surrogate() > before
 
 
-def test_output_loads_on_top_of_stage_one_with_diffusers(stage_one, tmp_path):
+def test_output_loads_on_top_of_stage_one_with_diffusers(any_stage_one, tmp_path):
     """The last grid is drawn in memory (fused stage one + adapter); plain diffusers must draw the same."""
     config = align_config("align.num_epochs=2", "align.grid_every=2", "align.learning_rate=1e-2")
-    out = align(config, stage_one, tmp_path / "out").parent
+    out = align(config, any_stage_one, tmp_path / "out").parent
     lora = load_file(str(out / "model" / "pytorch_lora_weights.safetensors"))
     assert lora and all(k.startswith("unet.") and "lora" in k for k in lora)
 
-    pipe = load_pipeline(read_stage(stage_one).base_model)
-    pipe.load_lora_weights(stage_one / "model", adapter_name="personalize")
+    pipe = load_pipeline(read_stage(any_stage_one).base_model)
+    pipe.load_lora_weights(any_stage_one / "model", adapter_name="personalize")
     pipe.load_lora_weights(out / "model", adapter_name="align")
     pipe.set_adapters(["personalize", "align"])
-    subject = read_stage(stage_one).subject
+    subject = read_stage(any_stage_one).subject
     a = config.align
     grid = draw_grid(pipe, [subject.prompt(t) for t in a.grid_prompts], a.grid_seeds, a.num_steps, a.guidance_scale)
     in_memory = np.asarray(Image.open(out / "samples" / "epoch-2.png"), dtype=np.int16)
@@ -203,10 +203,10 @@ class Killed(Exception):
     pass
 
 
-def test_killed_run_resumes_to_the_same_result(stage_one, tmp_path, monkeypatch):
+def test_killed_run_resumes_to_the_same_result(any_stage_one, tmp_path, monkeypatch):
     overrides = ("align.num_epochs=4", "align.checkpointing_epochs=2", "align.checkpoints_total_limit=null",
                  "align.learning_rate=1e-2", "align.stat_min_count=1")
-    whole = align(align_config(*overrides), stage_one, tmp_path / "whole")
+    whole = align(align_config(*overrides), any_stage_one, tmp_path / "whole")
 
     run_epoch = DDPOTrainer.run_epoch
 
@@ -217,11 +217,11 @@ def test_killed_run_resumes_to_the_same_result(stage_one, tmp_path, monkeypatch)
 
     monkeypatch.setattr(DDPOTrainer, "run_epoch", dies_in_epoch_three)
     with pytest.raises(Killed):
-        align(align_config(*overrides), stage_one, tmp_path / "resumed")
+        align(align_config(*overrides), any_stage_one, tmp_path / "resumed")
     monkeypatch.setattr(DDPOTrainer, "run_epoch", run_epoch)
     with pytest.raises(OutputError, match="--resume"):
-        align(align_config(*overrides), stage_one, tmp_path / "resumed")
-    resumed = align(align_config(*overrides), stage_one, tmp_path / "resumed", resume=True)
+        align(align_config(*overrides), any_stage_one, tmp_path / "resumed")
+    resumed = align(align_config(*overrides), any_stage_one, tmp_path / "resumed", resume=True)
 
     a = load_file(str(whole / "pytorch_lora_weights.safetensors"))
     b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))

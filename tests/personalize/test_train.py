@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
 from rlbooth.config import load_config
+from rlbooth.families import family_of
 from rlbooth.models import load_pipeline
 from rlbooth.personalize import train as train_module
 from rlbooth.personalize.data import encode_images
@@ -22,8 +23,11 @@ from rlbooth.sampling import draw_grid
 from rlbooth.subject import Subject
 
 
-def tiny_config(*overrides: str):
-    return load_config("tiny", ["runtime.report_to=none", "personalize.validation_steps=0", *overrides])
+def tiny_config(*overrides: str, preset: str = "tiny"):
+    return load_config(preset, ["runtime.report_to=none", "personalize.validation_steps=0", *overrides])
+
+
+FAMILY_PRESETS = pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl"])
 
 
 @pytest.fixture
@@ -38,41 +42,44 @@ def instance_loss(pipe, unet, paths: list[Path]) -> float:
     g = torch.Generator().manual_seed(123)
     noise = torch.randn(latents.shape, generator=g)
     timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=g)
-    ids = pipe.tokenizer(["a sks triangular toy"] * len(paths), padding="max_length", max_length=77,
-                         return_tensors="pt").input_ids
+    family = family_of(pipe)
     with torch.no_grad():
-        hidden = pipe.text_encoder(ids)[0]
-        pred = unet(pipe.scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
+        cond = family.with_geometry(family.encode_prompts(pipe, ["a sks triangular toy"] * len(paths)), bank.geometry)
+        noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(latents, noise, timesteps)
+        pred = family.denoise(unet, noisy, timesteps, cond)
     return torch.nn.functional.mse_loss(pred, noise).item()
 
 
-def test_full_finetune_lowers_instance_loss_and_leaves_frozen_parts(tmp_path, subject):
+@FAMILY_PRESETS
+def test_full_finetune_lowers_instance_loss_and_leaves_frozen_parts(tmp_path, subject, preset):
     config = tiny_config("personalize.mode=full", "personalize.learning_rate=1e-3",
-                         "personalize.max_train_steps=25", "personalize.with_prior_preservation=false")
+                         "personalize.max_train_steps=25", "personalize.with_prior_preservation=false", preset=preset)
     model_dir = personalize(config, subject, tmp_path / "out")
     base = load_pipeline(config.model)
-    tuned = StableDiffusionPipeline.from_pretrained(model_dir)
+    tuned = type(base).from_pretrained(model_dir)
     photos = sorted(subject.images.iterdir())
     assert instance_loss(base, tuned.unet, photos) < 0.8 * instance_loss(base, base.unet, photos)
     changed = [k for k, v in tuned.unet.state_dict().items() if not torch.equal(v, base.unet.state_dict()[k])]
     assert len(changed) > 0.9 * len(base.unet.state_dict())
-    for name in ("vae", "text_encoder"):
+    for name in ("vae", *family_of(base).text_encoders):
         frozen, original = getattr(tuned, name).state_dict(), getattr(base, name).state_dict()
         assert all(torch.equal(frozen[k], original[k]) for k in original), f"{name} changed"
 
 
-def test_lora_output_reloads_with_diffusers_and_draws_what_training_drew(tmp_path, subject):
+@FAMILY_PRESETS
+def test_lora_output_reloads_with_diffusers_and_draws_what_training_drew(tmp_path, subject, preset):
     """The last validation grid is drawn in memory; the reloaded LoRA must draw the same pixels."""
     config = tiny_config("personalize.max_train_steps=6", "personalize.validation_steps=6",
-                         "personalize.train_text_encoder=true")
+                         "personalize.train_text_encoder=true", preset=preset)
     out = tmp_path / "out"
     model_dir = personalize(config, subject, out)
-    lora = load_file(str(model_dir / "pytorch_lora_weights.safetensors"))
-    assert any(k.startswith("unet.") for k in lora) and any(k.startswith("text_encoder.") for k in lora)
-    assert all(k.split(".")[0] in {"unet", "text_encoder"} for k in lora)
-    assert any(".up." in k and v.abs().sum() > 0 for k, v in lora.items() if k.startswith("text_encoder."))
-
     pipe = load_pipeline(config.model)
+    components = family_of(pipe).lora_components  # unet, text_encoder (SDXL: and text_encoder_2)
+    lora = load_file(str(model_dir / "pytorch_lora_weights.safetensors"))
+    assert {k.split(".")[0] for k in lora} == set(components)
+    for encoder in components[1:]:
+        assert any(".up." in k and v.abs().sum() > 0 for k, v in lora.items() if k.startswith(f"{encoder}."))
+
     pipe.load_lora_weights(model_dir)
     p = config.personalize
     grid = draw_grid(pipe, [subject.prompt(t) for t in p.validation_prompts], p.validation_seeds,
@@ -90,11 +97,12 @@ class Killed(Exception):
     pass
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path, subject, monkeypatch):
+@FAMILY_PRESETS
+def test_killed_run_resumes_to_the_same_weights(tmp_path, subject, monkeypatch, preset):
     overrides = ("personalize.max_train_steps=6", "personalize.checkpointing_steps=2",
                  "personalize.gradient_accumulation_steps=2", "personalize.lr_scheduler=linear",
                  "personalize.checkpoints_total_limit=null")
-    whole = personalize(tiny_config(*overrides), subject, tmp_path / "whole")
+    whole = personalize(tiny_config(*overrides, preset=preset), subject, tmp_path / "whole")
 
     original_micro_step = train_module.TrainLoop.micro_step
 
@@ -105,14 +113,14 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, subject, monkeypatch):
 
     monkeypatch.setattr(train_module.TrainLoop, "micro_step", dies_at_step_five)
     with pytest.raises(Killed):
-        personalize(tiny_config(*overrides), subject, tmp_path / "resumed")
+        personalize(tiny_config(*overrides, preset=preset), subject, tmp_path / "resumed")
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-2", "step-4"]
     assert not (tmp_path / "resumed" / METADATA).exists()
     monkeypatch.setattr(train_module.TrainLoop, "micro_step", original_micro_step)
 
     with pytest.raises(OutputError, match="--resume"):
-        personalize(tiny_config(*overrides), subject, tmp_path / "resumed")
-    resumed = personalize(tiny_config(*overrides), subject, tmp_path / "resumed", resume=True)
+        personalize(tiny_config(*overrides, preset=preset), subject, tmp_path / "resumed")
+    resumed = personalize(tiny_config(*overrides, preset=preset), subject, tmp_path / "resumed", resume=True)
 
     a = load_file(str(whole / "pytorch_lora_weights.safetensors"))
     b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
@@ -121,7 +129,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, subject, monkeypatch):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
     with pytest.raises(OutputError, match="finished"):
-        personalize(tiny_config(*overrides), subject, tmp_path / "resumed")
+        personalize(tiny_config(*overrides, preset=preset), subject, tmp_path / "resumed")
 
 
 def test_class_images_are_seeded_and_only_missing_ones_are_drawn(tmp_path, subject, monkeypatch):
