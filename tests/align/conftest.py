@@ -43,17 +43,8 @@ def stage_one_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_stage_one(tmp_path_factory.mktemp("stage-one-sdxl"), 32, "tiny-sdxl")
 
 
-@pytest.fixture(scope="session")
-def stage_one_8px_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_stage_one(tmp_path_factory.mktemp("stage-one-8px-sdxl"), 8, "tiny-sdxl")
-
-
 @pytest.fixture(params=["sd", "sdxl"])
 def any_stage_one(request: pytest.FixtureRequest) -> Path:
     """Stage one of each model family (32 px)."""
     return request.getfixturevalue({"sd": "stage_one", "sdxl": "stage_one_sdxl"}[request.param])
 
-
-@pytest.fixture(params=["sd", "sdxl"])
-def any_stage_one_8px(request: pytest.FixtureRequest) -> Path:
-    return request.getfixturevalue({"sd": "stage_one_8px", "sdxl": "stage_one_8px_sdxl"}[request.param])

@@ -141,7 +141,7 @@ def brightness_gain(stage_one: Path, stage_two: Path, seeds: list[int]) -> torch
 
 
 @pytest.mark.parametrize("weight", [1.0, -1.0])
-def test_training_climbs_the_reward_in_its_sign(any_stage_one_8px, tmp_path, weight):
+def test_training_climbs_the_reward_in_its_sign(stage_one_8px, tmp_path, weight):
     """+brightness must brighten, -brightness darken: fails if the update sign or the ratio is wrong.
 
     The score-function gradient's signal-to-noise ratio scales like sqrt(samples / action dims), so on
@@ -153,8 +153,8 @@ def test_training_climbs_the_reward_in_its_sign(any_stage_one_8px, tmp_path, wei
     config = align_config(f"align.reward={{brightness: {weight}}}", "runtime.seed=0", "align.num_epochs=3",
                           "align.sample_batch_size=32", "align.num_batches_per_epoch=8", "align.train_batch_size=64",
                           "align.gradient_accumulation_steps=4", "align.learning_rate=1e-2")
-    out = align(config, any_stage_one_8px, tmp_path / "out")
-    gain = brightness_gain(any_stage_one_8px, out.parent, seeds=list(range(100, 132)))
+    out = align(config, stage_one_8px, tmp_path / "out")
+    gain = brightness_gain(stage_one_8px, out.parent, seeds=list(range(100, 132)))
     z = gain.mean() / (gain.std() / len(gain) ** 0.5)
     assert weight * z > 2, f"brightness change {gain.mean():.2e} (z={z:.1f}) does not follow the reward {weight}"
     history = json.loads((out.parent / "rlbooth.json").read_text())["history"]

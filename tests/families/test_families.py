@@ -18,6 +18,9 @@ from rlbooth.families import Conditioning, family_of, get_family
 from rlbooth.families.base import square_geometry
 from rlbooth.images import load_image_with_geometry
 from rlbooth.models import ModelLoadError, load_pipeline, resolve_family, tiny_pipeline_folder
+from tests.align.conftest import make_stage_one
+from tests.rewards.test_clip_models import tiny_clip  # noqa: F401  (fixture)
+from tests.rewards.test_identity import tiny_vit  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +112,21 @@ def test_conditioning_rows_and_guidance_stack():
     assert stacked.added["text_embeds"].flatten().tolist() == [-1, -1, 1, 2]
     torch.testing.assert_close(stacked.hidden[2:], cond.hidden[1:])
     assert Conditioning.cat([cond[:1], cond[1:]]).hidden.equal(cond.hidden)
+
+
+def test_eval_scores_an_sdxl_stage(tmp_path, tiny_vit, tiny_clip):  # noqa: F811
+    from dreambench import evaluate
+    from tests.dreambench.test_evaluate import read_csv, write_photos
+
+    stage = make_stage_one(tmp_path / "stage", 32, "tiny-sdxl")
+    write_photos(tmp_path / "dreambench" / "dog", 2, (40, 40), (200, 120, 60))
+    out = tmp_path / "eval"
+    assert evaluate.main(["--models", f"XL={stage}", "--dreambench-root", str(tmp_path / "dreambench"),
+                          "--subjects", "dog", "--num-prompts", "2", "--num-images", "1", "--steps", "2",
+                          "--metrics", "dino", "clip_t", "--dino-model", str(tiny_vit), "--clip-model", str(tiny_clip),
+                          "--device", "cpu", "--output", str(out)]) == 0
+    rows = read_csv(out / "scores.csv")
+    assert [r["model"] for r in rows] == ["XL", "XL"]
+    assert all(-1 <= float(r[m]) <= 1 for r in rows for m in ("dino", "clip_t"))
+    drawn = [np.asarray(Image.open(out / "images" / "XL" / "dog" / f"p0{p}-seed0.png")) for p in (0, 1)]
+    assert drawn[0].shape == (32, 32, 3) and not np.array_equal(drawn[0], drawn[1])
