@@ -1,6 +1,6 @@
 """Run DreamBench on rlbooth models: generate with fixed seeds, score, and tabulate (resumable).
 
-    python -m dreambench.evaluate --models stage1=runs/dog/personalize --models stage2=runs/dog/align \\
+    python -m rlbooth.dreambench.evaluate --models stage1=runs/dog/personalize --models stage2=runs/dog/align \\
         --dreambench-root dreambench-photos --subjects dog --output eval/dog
     rlbooth eval --models stage1=stage1.yaml --models stage2=stage2.yaml --dreambench-root photos -o eval/all
 
@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dreambench import BenchSubject, read_prompts, read_subjects
-from dreambench.metrics import (
+from rlbooth.dreambench import BenchSubject, read_prompts, read_subjects
+from rlbooth.dreambench.metrics import (
     DEFAULT_CLIP,
     DEFAULT_DINO,
     METRICS,
@@ -71,7 +71,7 @@ class Job:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dreambench.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="rlbooth eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", action="append", default=[], metavar="NAME=PATH", required=True,
                    help="a model to evaluate (repeatable): a stage output folder, or a JSON/YAML file "
                         "mapping subject -> stage output folder")
@@ -257,7 +257,7 @@ def _key(row: dict[str, str]) -> tuple[str, str, int, int]:
 def score(job: Job, prompts: list[str], seeds: list[int], output: Path, suite: MetricSuite,
           rows: dict[tuple[str, str, int, int], dict[str, str]], cache: dict[str, dict]) -> int:
     """Scores the images of a job that lack a requested metric; returns how many rows changed."""
-    from dreambench.metrics import load_images, strip_identifier
+    from rlbooth.dreambench.metrics import load_images, strip_identifier
 
     todo = [(p, s) for p in range(len(prompts)) for s in seeds
             if any(rows.get((job.model, job.subject.name, p, s), {}).get(m, "") == "" for m in suite.metrics)]
@@ -366,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = evaluate(args)
     except RlboothError as err:
-        print(f"dreambench.evaluate: error: {err}", file=sys.stderr)
+        print(f"rlbooth eval: error: {err}", file=sys.stderr)
         return 2
     print(results.read_text())
     print(f"tables: {results.parent}")

@@ -143,8 +143,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Forwards everything after `eval` to `python -m dreambench.evaluate`."""
-    from dreambench.evaluate import main as evaluate_main
+    """Forwards everything after `eval` to `python -m rlbooth.dreambench.evaluate`."""
+    from rlbooth.dreambench.evaluate import main as evaluate_main
 
     code = evaluate_main(args.eval_args)
     if code:
@@ -153,7 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["eval"]:  # its options belong to dreambench.evaluate's own parser
+    if argv[:1] == ["eval"]:  # its options belong to rlbooth.dreambench.evaluate's own parser
         cmd_eval(argparse.Namespace(eval_args=argv[1:]))
         return 0
     args = build_parser().parse_args(argv)

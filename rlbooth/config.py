@@ -18,8 +18,10 @@ from typing import Any, Literal, Union
 import yaml
 
 from rlbooth.errors import RlboothError
+from rlbooth.resources import PRESETS, data_dir
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = data_dir(PRESETS)
+"""The shipped presets (`configs/` in the repository, `rlbooth.presets` when installed)."""
 
 
 class ConfigError(RlboothError, ValueError):

@@ -1,4 +1,4 @@
-"""`python -m dreambench.evaluate` end to end, offline: two tiny models, two subjects, tiny DINO and CLIP."""
+"""`python -m rlbooth.dreambench.evaluate` end to end, offline: two tiny models, two subjects, tiny DINO and CLIP."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from dreambench import evaluate, metrics
+from rlbooth.dreambench import evaluate, metrics
 from rlbooth import sampling
 from tests.align.conftest import make_stage_one
 from tests.rewards.test_clip_models import tiny_clip  # noqa: F401  (fixture)
@@ -197,7 +197,7 @@ def test_rlbooth_eval_forwards_its_arguments(bench, tiny_vit, tiny_clip, tmp_pat
 def test_hub_root_downloads_the_subjects_in_the_original_layout(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from dreambench.evaluate import photo_root
+    from rlbooth.dreambench.evaluate import photo_root
 
     calls = {}
 
@@ -215,7 +215,7 @@ def test_hub_root_downloads_the_subjects_in_the_original_layout(tmp_path, monkey
 def test_hub_root_offline_explains_the_fix(monkeypatch):
     import huggingface_hub
 
-    from dreambench.evaluate import EvalError, photo_root
+    from rlbooth.dreambench.evaluate import EvalError, photo_root
 
     def offline(*args, **kwargs):
         raise OSError("no network")
