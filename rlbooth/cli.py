@@ -15,11 +15,16 @@ from pathlib import Path
 from rlbooth import __version__
 
 
+FIELDS_HINT = ("every config field with its type, default and doc: `rlbooth config --fields`; "
+               "the resolved config of a preset and overrides: `rlbooth config --config X --set ...`")
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None,
                         help="preset YAML: a path or a name in configs/ (toy, tiny, sd15, sd15-lora)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set personalize.max_train_steps=400 (repeatable)")
+                        help="override a config field, e.g. --set personalize.max_train_steps=400 (repeatable); "
+                        + FIELDS_HINT)
 
 
 def _add_subject_args(parser: argparse.ArgumentParser) -> None:
@@ -38,25 +43,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rlbooth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("personalize", help="stage one: DreamBooth with prior preservation")
+    p = sub.add_parser("personalize", help="stage one: DreamBooth with prior preservation", epilog=FIELDS_HINT)
     _add_config_args(p)
     _add_subject_args(p)
     p.add_argument("--output", "-o", type=Path, required=True, help="output folder of this stage")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     p.set_defaults(func=cmd_personalize)
 
-    p = sub.add_parser("align", help="stage two: DDPO on the personalized model")
+    p = sub.add_parser("align", help="stage two: DDPO on the personalized model", epilog=FIELDS_HINT)
     _add_config_args(p)
     p.add_argument("--stage-one", type=Path, required=True, help="output folder of `rlbooth personalize`")
     p.add_argument("--output", "-o", type=Path, required=True, help="output folder of this stage")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     p.set_defaults(func=cmd_align)
 
-    p = sub.add_parser("run", help="both stages and a report for one subject, resumable")
+    p = sub.add_parser("run", help="both stages and a report for one subject, resumable", epilog=FIELDS_HINT)
     p.add_argument("subject_spec", type=Path, metavar="SUBJECT.yaml", help="subject spec")
     _add_config_args(p)
     p.add_argument("--output", "-o", type=Path, default=None, help="run folder (default: runs/<subject name>)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("config", help="print the resolved configuration with each field's doc",
+                       description="Print the configuration a preset and overrides resolve to, as YAML with each "
+                       "field's doc as a comment (it loads back with --config), or with --fields every field's "
+                       "type, default and doc.")
+    _add_config_args(p)
+    p.add_argument("--fields", action="store_true", help="list every field with its type, default and doc")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("sample", help="draw images from a finished stage's output")
     p.add_argument("stage", type=Path, help="output folder of `rlbooth personalize` or `rlbooth align`")
@@ -120,6 +133,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     subject = Subject.from_yaml(args.subject_spec)
     index = run(config, subject, args.output or Path("runs") / subject.name)
     print(f"report: {index}")
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from rlbooth.config import load_config
+    from rlbooth.config_doc import render_config, render_fields
+
+    print(render_fields() if args.fields else render_config(load_config(args.config, args.overrides)), end="")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
