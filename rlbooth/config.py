@@ -248,6 +248,10 @@ class AlignConfig:
     """Options of each reward's factory by reward name, e.g. {aesthetic: {clip_model: /local/clip}}."""
     reward_standardize: list[str] = field(default_factory=list)
     """Components rescaled to zero mean and unit std over each epoch's samples (all processes) before weighting."""
+    reward_modules: list[str] = field(default_factory=list)
+    """Your own reward modules, imported before the rewards are built so their `@register(name)` calls run: a
+    module name on the Python path (`my_rewards`) or a `.py` file (relative to the current directory). Installed
+    packages can declare theirs in the entry-point group `rlbooth.rewards` instead (README, custom rewards)."""
     checkpointing_epochs: int = 5
     """Write a resumable checkpoint every this many epochs (and at the end)."""
     checkpoints_total_limit: int | None = 2
@@ -429,6 +433,15 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             raise ConfigError(f"unknown key '{prefix}{key}' (known keys: {', '.join(sorted(fields))})")
     kwargs = {key: _coerce(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
     return cls(**kwargs)
+
+
+def type_name(tp: Any) -> str:
+    """`int`, `list[str]`, `str | None`, `Literal['no', 'fp16', 'bf16']`: as the annotation reads."""
+    if dataclasses.is_dataclass(tp):
+        return tp.__name__
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

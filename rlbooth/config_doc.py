@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from rlbooth import config as config_module
-from rlbooth.config import Config
+from rlbooth.config import Config, type_name
 
 
 @functools.cache
@@ -37,15 +37,6 @@ def field_docs() -> dict[str, dict[str, str]]:
                     and isinstance(after.value.value, str)):
                 fields[stmt.target.id] = " ".join(after.value.value.split())
     return docs
-
-
-def type_name(tp: Any) -> str:
-    """`int`, `list[str]`, `str | None`, `Literal['no', 'fp16', 'bf16']`: as the dataclass writes it."""
-    if dataclasses.is_dataclass(tp):
-        return tp.__name__
-    if isinstance(tp, type) and not typing.get_args(tp):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
 
 
 def iter_fields(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, Any, Any, str]]:

@@ -40,6 +40,7 @@ from rlbooth.models import add_lora, save_lora
 from rlbooth.personalize.data import encode_prompts
 from rlbooth.prompts import Prompt, PromptSampler, default_prompt_set, read_prompt_file
 from rlbooth.rewards import CompositeReward
+from rlbooth.rewards.composite import check_composite
 from rlbooth.sampling import draw_grid
 from rlbooth.stages import ALIGN_ADAPTER, StageOutput, check_output_dir, load_stage_pipeline, publish, read_stage
 
@@ -94,8 +95,9 @@ def align(config: Config, stage_one_dir: str | Path, output_dir: str | Path, res
 
 def preflight(config: Config, stage_one_dir: Path, output_dir: Path, resume: bool
               ) -> tuple[StageOutput, list[str]]:
-    """Everything checkable before a model is loaded: runtime, stage-one folder, prompts, output state."""
+    """Everything checkable before a model is loaded: runtime, rewards, stage-one folder, prompts, output state."""
     check_runtime(config.runtime)
+    check_composite(config.align.reward, config.align.reward_options, config.align.reward_modules)
     stage_one = read_stage(stage_one_dir, "personalize")
     templates = read_prompt_file(config.align.prompt_file or default_prompt_set(stage_one.subject))
     check_output_dir(output_dir, resume, "align")

@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -52,3 +54,38 @@ def test_bad_option_value_is_a_reward_error():
 def test_name_clash_is_refused(temporary_reward):
     with pytest.raises(RewardError, match="already registered"):
         register(temporary_reward)(lambda: None)
+
+
+def test_an_installed_package_registers_rewards_through_the_entry_point_group(tmp_path, monkeypatch):
+    """A distribution on sys.path that declares `rlbooth.rewards = ...` is imported on first use."""
+    (tmp_path / "plugin_rewards_for_test.py").write_text(
+        "from rlbooth.rewards import register\n\n"
+        "@register('test_plugin_darkness')\n"
+        "def darkness():\n"
+        "    return lambda images, prompts, metadata: 1 - images.float().mean(dim=(1, 2, 3)).cpu()\n")
+    info = tmp_path / "plugin_rewards_for_test-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: plugin-rewards-for-test\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[rlbooth.rewards]\ndarkness = plugin_rewards_for_test\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(rewards, "_plugins_loaded", False)
+    try:
+        assert "test_plugin_darkness" in available_rewards()
+        assert set(WEIGHT_FREE) <= set(available_rewards())  # rlbooth's own come the same way
+        reward = build_reward("test_plugin_darkness")
+        assert reward(torch.zeros(2, 3, 4, 4), ["a", "b"], [{}, {}]).tolist() == [1.0, 1.0]
+    finally:
+        rewards._REGISTRY.pop("test_plugin_darkness", None)
+        sys.modules.pop("plugin_rewards_for_test", None)
+
+
+def test_a_broken_plugin_is_named(tmp_path, monkeypatch):
+    (tmp_path / "broken_rewards_for_test.py").write_text("raise RuntimeError('boom')\n")
+    info = tmp_path / "broken_rewards_for_test-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-rewards-for-test\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[rlbooth.rewards]\nbroken = broken_rewards_for_test\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(rewards, "_plugins_loaded", False)
+    with pytest.raises(RewardError, match=r"reward plugin 'broken' \(broken_rewards_for_test.*RuntimeError: boom"):
+        available_rewards()
