@@ -82,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", type=Path, required=True, help="folder for the images")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("export", help="write a stage's LoRA as one file for AUTOMATIC1111, Forge, ComfyUI",
+                       description="Write a finished stage's LoRA in the single-file kohya layout. A stage-one folder "
+                       "gives its LoRA; a stage-two folder gives its own LoRA (load it on top of stage one), or with "
+                       "--merge both stages in one file.")
+    p.add_argument("stage", type=Path, help="output folder of `rlbooth personalize` (mode lora) or `rlbooth align`")
+    p.add_argument("--format", dest="fmt", choices=["kohya"], default="kohya", help="file layout (default: kohya)")
+    p.add_argument("--merge", action="store_true", help="stage two: stage one's LoRA and stage two's in one file")
+    p.add_argument("--output", "-o", type=Path, required=True, help="the .safetensors file to write")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("eval", add_help=False,
                        help="DreamBench evaluation of stage outputs (options: `rlbooth eval --help`)")
     p.set_defaults(func=cmd_eval, eval_args=[])
@@ -160,6 +170,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
         path = args.output / f"p{p}-seed{args.seeds[s]}.png"
         save_image_atomic(image, path)
         print(f"{path}\t{prompts[p]}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from rlbooth.export import export_lora
+
+    print(f"wrote {export_lora(args.stage, args.output, args.fmt, merge=args.merge)}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

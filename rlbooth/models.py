@@ -168,7 +168,10 @@ def add_lora(model: "torch.nn.Module", rank: int, alpha: float | None, target_mo
 
 def save_lora(folder: Path, unet: "torch.nn.Module", text_encoder: "torch.nn.Module | None" = None,
               adapter_name: str = "default") -> None:
-    """Write `pytorch_lora_weights.safetensors` in the layout `pipe.load_lora_weights(folder)` reads."""
+    """Write `pytorch_lora_weights.safetensors` in the layout `pipe.load_lora_weights(folder)` reads.
+
+    The adapters' configs go in as metadata, so a loader applies the trained alpha / rank, not 1.
+    """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -178,6 +181,11 @@ def save_lora(folder: Path, unet: "torch.nn.Module", text_encoder: "torch.nn.Mod
             return None
         return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=adapter_name))
 
+    def config(model: "torch.nn.Module | None"):
+        return None if model is None else model.peft_config[adapter_name].to_dict()
+
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers(unet),
                                               text_encoder_lora_layers=layers(text_encoder),
+                                              unet_lora_adapter_metadata=config(unet),
+                                              text_encoder_lora_adapter_metadata=config(text_encoder),
                                               safe_serialization=True)
