@@ -27,6 +27,12 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         + FIELDS_HINT)
 
 
+def _add_hub_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--push-to-hub", metavar="REPO", default=None,
+                        help="when the stage has finished, upload its model/ (weights, model card) to this Hub repo")
+    parser.add_argument("--private", action="store_true", help="create the Hub repository private")
+
+
 def _add_subject_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("subject", "a subject spec YAML, or its fields as flags")
     group.add_argument("--subject", "-s", type=Path, help="subject spec YAML (images, class_noun, identifier, ...)")
@@ -48,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_subject_args(p)
     p.add_argument("--output", "-o", type=Path, required=True, help="output folder of this stage")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    _add_hub_args(p)
     p.set_defaults(func=cmd_personalize)
 
     p = sub.add_parser("align", help="stage two: DDPO on the personalized model", epilog=FIELDS_HINT)
@@ -55,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage-one", type=Path, required=True, help="output folder of `rlbooth personalize`")
     p.add_argument("--output", "-o", type=Path, required=True, help="output folder of this stage")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    _add_hub_args(p)
     p.set_defaults(func=cmd_align)
 
     p = sub.add_parser("run", help="both stages and a report for one subject, resumable", epilog=FIELDS_HINT)
@@ -92,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", type=Path, required=True, help="the .safetensors file to write")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("push", help="upload a finished stage's model/ (weights, model card) to the Hugging Face Hub")
+    p.add_argument("stage", type=Path, help="output folder of `rlbooth personalize` or `rlbooth align`")
+    p.add_argument("repo", help="Hub model repository, e.g. me/my-dog (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.set_defaults(func=lambda args: _push(args.stage, args.repo, args.private))
+
     p = sub.add_parser("eval", add_help=False,
                        help="DreamBench evaluation of stage outputs (options: `rlbooth eval --help`)")
     p.set_defaults(func=cmd_eval, eval_args=[])
@@ -123,6 +137,8 @@ def cmd_personalize(args: argparse.Namespace) -> None:
     subject = subject_from_args(args)
     model_dir = personalize(config, subject, args.output, resume=args.resume)
     print(f"stage one finished: {model_dir}")
+    if args.push_to_hub:
+        _push(args.output, args.push_to_hub, args.private)
 
 
 def cmd_align(args: argparse.Namespace) -> None:
@@ -132,6 +148,16 @@ def cmd_align(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     model_dir = align(config, args.stage_one, args.output, resume=args.resume)
     print(f"stage two finished: {model_dir}")
+    if args.push_to_hub:
+        _push(args.output, args.push_to_hub, args.private)
+
+
+def _push(stage: Path, repo: str, private: bool) -> None:
+    from rlbooth.hub_upload import push_stage
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, one upload
+        return
+    print(f"uploaded to {repo}: {push_stage(stage, repo, private)}")
 
 
 def cmd_run(args: argparse.Namespace) -> None:

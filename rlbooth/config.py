@@ -79,8 +79,9 @@ class RuntimeConfig:
     """Seed of every random draw in training (batches, noise, timesteps); a resumed run repeats them."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
     """Autocast dtype; frozen weights are stored in it, trainable weights stay fp32. fp16 needs a GPU."""
-    report_to: Literal["tensorboard", "none"] = "tensorboard"
-    """Where accelerate sends the training logs (written under `<output>/logs`)."""
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    """Where accelerate sends the training logs and sample grids: TensorBoard (under `<output>/logs`), Weights &
+    Biases (`pip install wandb`, then `wandb login`; its local files also go under `<output>/logs`), or nowhere."""
     allow_tf32: bool = True
     """Allow TF32 matmuls on Ampere or newer GPUs."""
 
@@ -409,7 +410,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({err.problem}); quote strings "
+                              "that hold braces or commas, e.g. \"['a {identifier} {class_noun}']\"") from None
         data = deep_merge(data, update)
     return data
 

@@ -57,3 +57,8 @@ def test_subcommand_help_points_to_the_fields(capsys):
         except SystemExit:
             pass
         assert "rlbooth config --fields" in capsys.readouterr().out, command
+
+
+def test_override_that_is_not_yaml_is_a_config_error(capsys):
+    assert main(["config", "--set", "personalize.validation_prompts=[a {identifier}]"]) == 2
+    assert "not valid YAML" in capsys.readouterr().err

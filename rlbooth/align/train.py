@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlbooth import __version__
-from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, make_accelerator, weight_dtype
+from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, log_grid, make_accelerator, weight_dtype
 from rlbooth.align.ddim import ddim_mean_std, ddim_step_with_logprob, gaussian_kl
 from rlbooth.align.ppo import (PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages,
                               ppo_clip_loss)
@@ -359,6 +359,7 @@ class DDPOTrainer:
                              self.cfg.num_steps, self.cfg.guidance_scale,
                              autocast_dtype=None if dtype == torch.float32 else dtype)
             save_image_atomic(grid, self.output_dir / "samples" / f"epoch-{epoch}.png")
+            log_grid(acc, "samples", grid, epoch)
         acc.wait_for_everyone()
 
     def replica_checksums(self) -> list[list[float]]:

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlbooth import __version__
-from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, make_accelerator, weight_dtype
+from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, log_grid, make_accelerator, weight_dtype
 from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlbooth.config import Config, PersonalizeConfig
 from rlbooth.images import check_images, list_images, save_image_atomic
@@ -244,11 +244,7 @@ class TrainLoop:
         grid = draw_grid(self.pipe, prompts, cfg.validation_seeds, cfg.validation_inference_steps,
                          cfg.validation_guidance_scale, autocast_dtype=None if dtype == torch.float32 else dtype)
         save_image_atomic(grid, self.output_dir / "samples" / f"step-{step}.png")
-        for tracker in acc.trackers:
-            if tracker.name == "tensorboard":
-                import numpy as np
-
-                tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+        log_grid(acc, "validation", grid, step)
         acc.wait_for_everyone()
 
 
