@@ -307,12 +307,23 @@ def summarize(rows: list[dict[str, str]], models: list[str]) -> list[dict[str, s
     return summary
 
 
+TABLE_SCALE = {"pickscore": (0.01, "PickScore (0-1)")}
+"""Metrics the table rescales to the published figures' scale: PickScore is logit scale (100) x cosine in
+scores.csv and summary.csv, and the papers report the cosine (InstructBooth's 0.217)."""
+
+
+def _table_value(metric: str, value: str) -> str:
+    if not value:
+        return "–"
+    return f"{float(value) * TABLE_SCALE[metric][0]:.4f}" if metric in TABLE_SCALE else value
+
+
 def results_markdown(summary: list[dict[str, str]], args: argparse.Namespace, jobs: list[Job]) -> str:
     metrics = list(METRICS)
-    header = "| Model | " + " | ".join(TITLES[m] for m in metrics) + " |"
+    header = "| Model | " + " | ".join(TABLE_SCALE.get(m, (1, TITLES[m]))[1] for m in metrics) + " |"
     lines = [header, "|" + "---|" * (len(metrics) + 1)]
     for row in (r for r in summary if r["scope"] == "all"):
-        lines.append(f"| {row['model']} | " + " | ".join(row[m] or "–" for m in metrics) + " |")
+        lines.append(f"| {row['model']} | " + " | ".join(_table_value(m, row[m]) for m in metrics) + " |")
     for name, values in REFERENCES:
         lines.append(f"| *{name}* | " + " | ".join(f"{values[m]:.3f}" if m in values else "–" for m in metrics)
                      + " |")
@@ -321,7 +332,9 @@ def results_markdown(summary: list[dict[str, str]], args: argparse.Namespace, jo
             f"(seeds 0..{args.num_images - 1}), {args.steps} steps, guidance {args.guidance_scale}. "
             f"DINO: `{args.dino_model}` CLS, mean cosine over generated x real images; CLIP-I and CLIP-T: "
             f"`{args.clip_model}`; CLIP-T, ImageReward and PickScore use the prompt without its identifier. "
-            "Reference rows are the published numbers (Stable Diffusion, all 30 subjects, 25 prompts, 4 images).\n")
+            "Reference rows are the published numbers (Stable Diffusion, all 30 subjects, 25 prompts, 4 images). "
+            "PickScore (0-1) is the cosine the papers report: rlbooth's score (scores.csv, summary.csv: logit scale "
+            "100 x cosine) divided by 100.\n")
     return "# DreamBench results\n\n" + "\n".join(lines) + "\n" + note
 
 
