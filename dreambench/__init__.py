@@ -2,7 +2,7 @@
 
 - `subjects.tsv`: the 30 subjects with their class noun and kind (`live` for cats and dogs, else `object`);
 - `prompts-object.txt`, `prompts-live.txt`: the 25 + 25 evaluation prompts with rlbooth's placeholders;
-- `evaluate.py`: `python -m dreambench.evaluate` / `rlbooth eval`; `metrics.py`: DINO, CLIP-I, CLIP-T,
+- `evaluate.py`: `python -m rlbooth.dreambench.evaluate` / `rlbooth eval`; `metrics.py`: DINO, CLIP-I, CLIP-T,
   ImageReward, PickScore.
 """
 
@@ -12,7 +12,10 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parent
+from rlbooth.resources import DREAMBENCH, data_dir
+
+DATA_DIR = data_dir(DREAMBENCH)
+"""This folder (`dreambench/` in the repository, `rlbooth.dreambench` when installed)."""
 SUBJECTS_FILE = DATA_DIR / "subjects.tsv"
 PROMPT_FILES = {"live": DATA_DIR / "prompts-live.txt", "object": DATA_DIR / "prompts-object.txt"}
 

@@ -1,6 +1,6 @@
 """Run DreamBench on rlbooth models: generate with fixed seeds, score, and tabulate (resumable).
 
-    python -m dreambench.evaluate --models stage1=runs/dog/personalize --models stage2=runs/dog/align \\
+    python -m rlbooth.dreambench.evaluate --models stage1=runs/dog/personalize --models stage2=runs/dog/align \\
         --dreambench-root dreambench-photos --subjects dog --output eval/dog
     rlbooth eval --models stage1=stage1.yaml --models stage2=stage2.yaml --dreambench-root photos -o eval/all
 
@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dreambench import BenchSubject, read_prompts, read_subjects
-from dreambench.metrics import (
+from rlbooth.dreambench import BenchSubject, read_prompts, read_subjects
+from rlbooth.dreambench.metrics import (
     DEFAULT_CLIP,
     DEFAULT_DINO,
     METRICS,
@@ -71,7 +71,7 @@ class Job:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dreambench.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="rlbooth eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", action="append", default=[], metavar="NAME=PATH", required=True,
                    help="a model to evaluate (repeatable): a stage output folder, or a JSON/YAML file "
                         "mapping subject -> stage output folder")
@@ -257,7 +257,7 @@ def _key(row: dict[str, str]) -> tuple[str, str, int, int]:
 def score(job: Job, prompts: list[str], seeds: list[int], output: Path, suite: MetricSuite,
           rows: dict[tuple[str, str, int, int], dict[str, str]], cache: dict[str, dict]) -> int:
     """Scores the images of a job that lack a requested metric; returns how many rows changed."""
-    from dreambench.metrics import load_images, strip_identifier
+    from rlbooth.dreambench.metrics import load_images, strip_identifier
 
     todo = [(p, s) for p in range(len(prompts)) for s in seeds
             if any(rows.get((job.model, job.subject.name, p, s), {}).get(m, "") == "" for m in suite.metrics)]
@@ -307,12 +307,23 @@ def summarize(rows: list[dict[str, str]], models: list[str]) -> list[dict[str, s
     return summary
 
 
+TABLE_SCALE = {"pickscore": (0.01, "PickScore (0-1)")}
+"""Metrics the table rescales to the published figures' scale: PickScore is logit scale (100) x cosine in
+scores.csv and summary.csv, and the papers report the cosine (InstructBooth's 0.217)."""
+
+
+def _table_value(metric: str, value: str) -> str:
+    if not value:
+        return "–"
+    return f"{float(value) * TABLE_SCALE[metric][0]:.4f}" if metric in TABLE_SCALE else value
+
+
 def results_markdown(summary: list[dict[str, str]], args: argparse.Namespace, jobs: list[Job]) -> str:
     metrics = list(METRICS)
-    header = "| Model | " + " | ".join(TITLES[m] for m in metrics) + " |"
+    header = "| Model | " + " | ".join(TABLE_SCALE.get(m, (1, TITLES[m]))[1] for m in metrics) + " |"
     lines = [header, "|" + "---|" * (len(metrics) + 1)]
     for row in (r for r in summary if r["scope"] == "all"):
-        lines.append(f"| {row['model']} | " + " | ".join(row[m] or "–" for m in metrics) + " |")
+        lines.append(f"| {row['model']} | " + " | ".join(_table_value(m, row[m]) for m in metrics) + " |")
     for name, values in REFERENCES:
         lines.append(f"| *{name}* | " + " | ".join(f"{values[m]:.3f}" if m in values else "–" for m in metrics)
                      + " |")
@@ -321,7 +332,9 @@ def results_markdown(summary: list[dict[str, str]], args: argparse.Namespace, jo
             f"(seeds 0..{args.num_images - 1}), {args.steps} steps, guidance {args.guidance_scale}. "
             f"DINO: `{args.dino_model}` CLS, mean cosine over generated x real images; CLIP-I and CLIP-T: "
             f"`{args.clip_model}`; CLIP-T, ImageReward and PickScore use the prompt without its identifier. "
-            "Reference rows are the published numbers (Stable Diffusion, all 30 subjects, 25 prompts, 4 images).\n")
+            "Reference rows are the published numbers (Stable Diffusion, all 30 subjects, 25 prompts, 4 images). "
+            "PickScore (0-1) is the cosine the papers report: rlbooth's score (scores.csv, summary.csv: logit scale "
+            "100 x cosine) divided by 100.\n")
     return "# DreamBench results\n\n" + "\n".join(lines) + "\n" + note
 
 
@@ -366,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = evaluate(args)
     except RlboothError as err:
-        print(f"dreambench.evaluate: error: {err}", file=sys.stderr)
+        print(f"rlbooth eval: error: {err}", file=sys.stderr)
         return 2
     print(results.read_text())
     print(f"tables: {results.parent}")

@@ -1,8 +1,9 @@
-"""Accelerator set-up shared by both stages: precision, TensorBoard logging, and friendly checks."""
+"""Accelerator set-up shared by both stages: precision, tracker logging (TensorBoard, W&B), and friendly checks."""
 
 from __future__ import annotations
 
 import os
+from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,15 +12,19 @@ from rlbooth.config import ConfigError, RuntimeConfig
 if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
+    from PIL import Image
 
 
 def check_runtime(runtime: RuntimeConfig) -> None:
-    """Fail before loading anything when the precision cannot run here."""
+    """Fail before loading anything when the precision or the tracker cannot run here."""
     import torch
 
     if runtime.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("runtime.mixed_precision: fp16 needs a CUDA GPU; on this machine use "
                           "`--set runtime.mixed_precision=no` (or bf16)")
+    if runtime.report_to == "wandb" and find_spec("wandb") is None:
+        raise ConfigError("runtime.report_to: wandb is not installed; `pip install wandb` (then `wandb login`), "
+                          "or choose tensorboard or none")
 
 
 def make_accelerator(runtime: RuntimeConfig, output_dir: Path, gradient_accumulation_steps: int = 1
@@ -31,6 +36,9 @@ def make_accelerator(runtime: RuntimeConfig, output_dir: Path, gradient_accumula
     if runtime.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if runtime.report_to == "wandb":  # W&B's local run files beside the stage's other logs, not in the cwd
+        os.environ.setdefault("WANDB_DIR", str(output_dir / "logs"))
+        (output_dir / "logs").mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(
         # Without this, accelerate runs each torchrun process on CPUs as a separate single-process job.
         cpu=world_size > 1 and not torch.cuda.is_available(),
@@ -61,6 +69,18 @@ def flat_hparams(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
+
+
+def log_grid(accelerator: "Accelerator", tag: str, grid: "Image.Image", step: int) -> None:
+    """A sample grid to every tracker that is on (each takes images its own way)."""
+    import numpy as np
+
+    pixels = np.asarray(grid.convert("RGB"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({tag: pixels[None]}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({tag: [pixels]}, step=step)
 
 
 def backward_and_step(accelerator: "Accelerator", loss: "torch.Tensor", params: list, max_grad_norm: float,

@@ -15,11 +15,22 @@ from pathlib import Path
 from rlbooth import __version__
 
 
+FIELDS_HINT = ("every config field with its type, default and doc: `rlbooth config --fields`; "
+               "the resolved config of a preset and overrides: `rlbooth config --config X --set ...`")
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None,
                         help="preset YAML: a path or a name in configs/ (toy, tiny, sd15, sd15-lora)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set personalize.max_train_steps=400 (repeatable)")
+                        help="override a config field, e.g. --set personalize.max_train_steps=400 (repeatable); "
+                        + FIELDS_HINT)
+
+
+def _add_hub_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--push-to-hub", metavar="REPO", default=None,
+                        help="when the stage has finished, upload its model/ (weights, model card) to this Hub repo")
+    parser.add_argument("--private", action="store_true", help="create the Hub repository private")
 
 
 def _add_subject_args(parser: argparse.ArgumentParser) -> None:
@@ -38,25 +49,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rlbooth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("personalize", help="stage one: DreamBooth with prior preservation")
+    p = sub.add_parser("personalize", help="stage one: DreamBooth with prior preservation", epilog=FIELDS_HINT)
     _add_config_args(p)
     _add_subject_args(p)
     p.add_argument("--output", "-o", type=Path, required=True, help="output folder of this stage")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    _add_hub_args(p)
     p.set_defaults(func=cmd_personalize)
 
-    p = sub.add_parser("align", help="stage two: DDPO on the personalized model")
+    p = sub.add_parser("align", help="stage two: DDPO on the personalized model", epilog=FIELDS_HINT)
     _add_config_args(p)
     p.add_argument("--stage-one", type=Path, required=True, help="output folder of `rlbooth personalize`")
     p.add_argument("--output", "-o", type=Path, required=True, help="output folder of this stage")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    _add_hub_args(p)
     p.set_defaults(func=cmd_align)
 
-    p = sub.add_parser("run", help="both stages and a report for one subject, resumable")
+    p = sub.add_parser("run", help="both stages and a report for one subject, resumable", epilog=FIELDS_HINT)
     p.add_argument("subject_spec", type=Path, metavar="SUBJECT.yaml", help="subject spec")
     _add_config_args(p)
     p.add_argument("--output", "-o", type=Path, default=None, help="run folder (default: runs/<subject name>)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("config", help="print the resolved configuration with each field's doc",
+                       description="Print the configuration a preset and overrides resolve to, as YAML with each "
+                       "field's doc as a comment (it loads back with --config), or with --fields every field's "
+                       "type, default and doc.")
+    _add_config_args(p)
+    p.add_argument("--fields", action="store_true", help="list every field with its type, default and doc")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("sample", help="draw images from a finished stage's output")
     p.add_argument("stage", type=Path, help="output folder of `rlbooth personalize` or `rlbooth align`")
@@ -68,6 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--output", "-o", type=Path, required=True, help="folder for the images")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="write a stage's LoRA as one file for AUTOMATIC1111, Forge, ComfyUI",
+                       description="Write a finished stage's LoRA in the single-file kohya layout. A stage-one folder "
+                       "gives its LoRA; a stage-two folder gives its own LoRA (load it on top of stage one), or with "
+                       "--merge both stages in one file.")
+    p.add_argument("stage", type=Path, help="output folder of `rlbooth personalize` (mode lora) or `rlbooth align`")
+    p.add_argument("--format", dest="fmt", choices=["kohya"], default="kohya", help="file layout (default: kohya)")
+    p.add_argument("--merge", action="store_true", help="stage two: stage one's LoRA and stage two's in one file")
+    p.add_argument("--output", "-o", type=Path, required=True, help="the .safetensors file to write")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("push", help="upload a finished stage's model/ (weights, model card) to the Hugging Face Hub")
+    p.add_argument("stage", type=Path, help="output folder of `rlbooth personalize` or `rlbooth align`")
+    p.add_argument("repo", help="Hub model repository, e.g. me/my-dog (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.set_defaults(func=lambda args: _push(args.stage, args.repo, args.private))
 
     p = sub.add_parser("eval", add_help=False,
                        help="DreamBench evaluation of stage outputs (options: `rlbooth eval --help`)")
@@ -100,6 +137,8 @@ def cmd_personalize(args: argparse.Namespace) -> None:
     subject = subject_from_args(args)
     model_dir = personalize(config, subject, args.output, resume=args.resume)
     print(f"stage one finished: {model_dir}")
+    if args.push_to_hub:
+        _push(args.output, args.push_to_hub, args.private)
 
 
 def cmd_align(args: argparse.Namespace) -> None:
@@ -109,6 +148,16 @@ def cmd_align(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     model_dir = align(config, args.stage_one, args.output, resume=args.resume)
     print(f"stage two finished: {model_dir}")
+    if args.push_to_hub:
+        _push(args.output, args.push_to_hub, args.private)
+
+
+def _push(stage: Path, repo: str, private: bool) -> None:
+    from rlbooth.hub_upload import push_stage
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, one upload
+        return
+    print(f"uploaded to {repo}: {push_stage(stage, repo, private)}")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -120,6 +169,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     subject = Subject.from_yaml(args.subject_spec)
     index = run(config, subject, args.output or Path("runs") / subject.name)
     print(f"report: {index}")
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from rlbooth.config import load_config
+    from rlbooth.config_doc import render_config, render_fields
+
+    print(render_fields() if args.fields else render_config(load_config(args.config, args.overrides)), end="")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -142,9 +198,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"{path}\t{prompts[p]}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from rlbooth.export import export_lora
+
+    print(f"wrote {export_lora(args.stage, args.output, args.fmt, merge=args.merge)}")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Forwards everything after `eval` to `python -m dreambench.evaluate`."""
-    from dreambench.evaluate import main as evaluate_main
+    """Forwards everything after `eval` to `python -m rlbooth.dreambench.evaluate`."""
+    from rlbooth.dreambench.evaluate import main as evaluate_main
 
     code = evaluate_main(args.eval_args)
     if code:
@@ -153,7 +215,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["eval"]:  # its options belong to dreambench.evaluate's own parser
+    if argv[:1] == ["eval"]:  # its options belong to rlbooth.dreambench.evaluate's own parser
         cmd_eval(argparse.Namespace(eval_args=argv[1:]))
         return 0
     args = build_parser().parse_args(argv)

@@ -18,8 +18,10 @@ from typing import Any, Literal, Union
 import yaml
 
 from rlbooth.errors import RlboothError
+from rlbooth.resources import PRESETS, data_dir
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = data_dir(PRESETS)
+"""The shipped presets (`configs/` in the repository, `rlbooth.presets` when installed)."""
 
 
 class ConfigError(RlboothError, ValueError):
@@ -83,8 +85,9 @@ class RuntimeConfig:
     """Seed of every random draw in training (batches, noise, timesteps); a resumed run repeats them."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
     """Autocast dtype; frozen weights are stored in it, trainable weights stay fp32. fp16 needs a GPU."""
-    report_to: Literal["tensorboard", "none"] = "tensorboard"
-    """Where accelerate sends the training logs (written under `<output>/logs`)."""
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    """Where accelerate sends the training logs and sample grids: TensorBoard (under `<output>/logs`), Weights &
+    Biases (`pip install wandb`, then `wandb login`; its local files also go under `<output>/logs`), or nowhere."""
     allow_tf32: bool = True
     """Allow TF32 matmuls on Ampere or newer GPUs."""
 
@@ -252,6 +255,10 @@ class AlignConfig:
     """Options of each reward's factory by reward name, e.g. {aesthetic: {clip_model: /local/clip}}."""
     reward_standardize: list[str] = field(default_factory=list)
     """Components rescaled to zero mean and unit std over each epoch's samples (all processes) before weighting."""
+    reward_modules: list[str] = field(default_factory=list)
+    """Your own reward modules, imported before the rewards are built so their `@register(name)` calls run: a
+    module name on the Python path (`my_rewards`) or a `.py` file (relative to the current directory). Installed
+    packages can declare theirs in the entry-point group `rlbooth.rewards` instead (README, custom rewards)."""
     checkpointing_epochs: int = 5
     """Write a resumable checkpoint every this many epochs (and at the end)."""
     checkpoints_total_limit: int | None = 2
@@ -409,7 +416,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({err.problem}); quote strings "
+                              "that hold braces or commas, e.g. \"['a {identifier} {class_noun}']\"") from None
         data = deep_merge(data, update)
     return data
 
@@ -433,6 +444,15 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             raise ConfigError(f"unknown key '{prefix}{key}' (known keys: {', '.join(sorted(fields))})")
     kwargs = {key: _coerce(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
     return cls(**kwargs)
+
+
+def type_name(tp: Any) -> str:
+    """`int`, `list[str]`, `str | None`, `Literal['no', 'fp16', 'bf16']`: as the annotation reads."""
+    if dataclasses.is_dataclass(tp):
+        return tp.__name__
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

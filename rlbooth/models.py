@@ -184,5 +184,9 @@ def lora_layers(model: "torch.nn.Module | None", adapter_name: str = "default") 
 def save_lora(folder: Path, family: "Family", models: "dict[str, torch.nn.Module]",
               adapter_name: str = "default") -> None:
     """Write `pytorch_lora_weights.safetensors` of the adapted `models` (by component name) in the layout
-    `pipe.load_lora_weights(folder)` reads."""
-    family.save_lora(folder, {name: lora_layers(model, adapter_name) for name, model in models.items()})
+    `pipe.load_lora_weights(folder)` reads.
+
+    The adapters' configs go in as metadata, so a loader applies the trained alpha / rank, not 1.
+    """
+    family.save_lora(folder, {name: lora_layers(model, adapter_name) for name, model in models.items()},
+                     {name: model.peft_config[adapter_name].to_dict() for name, model in models.items()})

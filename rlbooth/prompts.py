@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlbooth.errors import RlboothError
+from rlbooth.resources import DREAMBENCH, PROMPT_SETS, data_dir
 from rlbooth.subject import Subject, SubjectError, format_prompt
 
-PROMPT_DIR = Path(__file__).resolve().parent.parent / "prompts"
-DREAMBENCH_DIR = PROMPT_DIR.parent / "dreambench"
+PROMPT_DIR = data_dir(PROMPT_SETS)
+"""The shipped prompt sets (`prompts/` in the repository, `rlbooth.prompt_sets` when installed)."""
+DREAMBENCH_DIR = data_dir(DREAMBENCH)
 """DreamBench's evaluation prompts, `prompts-object.txt` and `prompts-live.txt`."""
 
 
@@ -39,9 +41,9 @@ class PromptFileError(RlboothError, ValueError):
 
 def resolve_prompt_file(name: str | Path) -> Path:
     """A path, or a set name in `prompts/` (`live` -> prompts/live.txt), or `dreambench/prompts-live`."""
-    root = PROMPT_DIR.parent
-    for path in (Path(name), PROMPT_DIR / str(name), PROMPT_DIR / f"{name}.txt", root / str(name),
-                 root / f"{name}.txt"):
+    shipped = str(name).removeprefix("dreambench/")
+    folder = DREAMBENCH_DIR if shipped != str(name) else PROMPT_DIR
+    for path in (Path(name), folder / shipped, folder / f"{shipped}.txt"):
         if path.is_file():
             return path
     known = ", ".join(sorted(p.stem for p in PROMPT_DIR.glob("*.txt"))

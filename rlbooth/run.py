@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from rlbooth.accel import check_runtime
 from rlbooth.checkpoint import latest_checkpoint
 from rlbooth.config import Config
 from rlbooth.prompts import default_prompt_set, heldout_prompt_set, read_prompt_file
@@ -29,8 +30,11 @@ def run(config: Config, subject: Subject, run_dir: Path) -> Path:
     from rlbooth.images import check_images
     from rlbooth.personalize.train import personalize
     from rlbooth.report import write_report
+    from rlbooth.rewards.composite import check_composite
 
     # Everything checkable is checked before the first stage spends compute.
+    check_runtime(config.runtime)
+    check_composite(config.align.reward, config.align.reward_options, config.align.reward_modules)
     check_images(subject.images, config.personalize.resolution)
     read_prompt_file(config.align.prompt_file or default_prompt_set(subject))
     read_prompt_file(config.report.prompt_file or heldout_prompt_set(subject))

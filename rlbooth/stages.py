@@ -115,11 +115,14 @@ def check_output_dir(output_dir: Path, resume: bool, stage: str) -> None:
 
 
 def publish(output_dir: Path, write_model: "Callable[[Path], None]", metadata: dict[str, Any]) -> Path:
-    """Write `model/` through a temporary folder, then the metadata that marks the stage finished."""
+    """Write `model/` (with its model card) through a temporary folder, then the metadata that marks the stage finished."""
+    from rlbooth.model_card import write_model_card
+
     model_dir, tmp = output_dir / "model", output_dir / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write_model(tmp)
+    write_model_card(tmp, output_dir, metadata)
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp, model_dir)
     write_text_atomic(output_dir / METADATA, json.dumps(metadata, indent=2))

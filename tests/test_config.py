@@ -219,7 +219,7 @@ def test_unknown_key_lists_known_keys():
     ("model.pretrained=[a, b]", "model.pretrained", "string"),
     ("model.pretrained=12", "model.pretrained", "string"),
     ("runtime.mixed_precision=16", "runtime.mixed_precision", "one of"),
-    ("runtime.report_to=wandb", "runtime.report_to", "one of"),
+    ("runtime.report_to=comet", "runtime.report_to", "one of"),
     ("personalize.mode=3", "personalize.mode", "one of"),
     ("personalize.learning_rate=fast", "personalize.learning_rate", "number"),
     ("personalize.learning_rate=true", "personalize.learning_rate", "number"),

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlbooth import __version__
-from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, make_accelerator, weight_dtype
+from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, log_grid, make_accelerator, weight_dtype
 from rlbooth.align.ddim import ddim_mean_std, ddim_step_with_logprob, gaussian_kl
 from rlbooth.align.ppo import (PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages,
                               ppo_clip_loss)
@@ -41,6 +41,7 @@ from rlbooth.families import Conditioning, family_of
 from rlbooth.families.base import square_geometry
 from rlbooth.prompts import Prompt, PromptSampler, default_prompt_set, read_prompt_file
 from rlbooth.rewards import CompositeReward
+from rlbooth.rewards.composite import check_composite
 from rlbooth.sampling import draw_grid
 from rlbooth.stages import ALIGN_ADAPTER, StageOutput, check_output_dir, load_stage_pipeline, publish, read_stage
 
@@ -95,8 +96,9 @@ def align(config: Config, stage_one_dir: str | Path, output_dir: str | Path, res
 
 def preflight(config: Config, stage_one_dir: Path, output_dir: Path, resume: bool
               ) -> tuple[StageOutput, list[str]]:
-    """Everything checkable before a model is loaded: runtime, stage-one folder, prompts, output state."""
+    """Everything checkable before a model is loaded: runtime, rewards, stage-one folder, prompts, output state."""
     check_runtime(config.runtime)
+    check_composite(config.align.reward, config.align.reward_options, config.align.reward_modules)
     stage_one = read_stage(stage_one_dir, "personalize")
     templates = read_prompt_file(config.align.prompt_file or default_prompt_set(stage_one.subject))
     check_output_dir(output_dir, resume, "align")
@@ -361,6 +363,7 @@ class DDPOTrainer:
                              self.cfg.num_steps, self.cfg.guidance_scale,
                              autocast_dtype=None if dtype == torch.float32 else dtype)
             save_image_atomic(grid, self.output_dir / "samples" / f"epoch-{epoch}.png")
+            log_grid(acc, "samples", grid, epoch)
         acc.wait_for_everyone()
 
     def replica_checksums(self) -> list[list[float]]:

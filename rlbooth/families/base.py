@@ -130,12 +130,15 @@ class Family(ABC):
     def lora_components(self) -> list[str]:
         return ["unet", *self.text_encoders]
 
-    def save_lora(self, folder: Path, layers: dict[str, dict[str, torch.Tensor] | None]) -> None:
+    def save_lora(self, folder: Path, layers: dict[str, dict[str, torch.Tensor] | None],
+                  configs: dict[str, dict[str, Any]]) -> None:
         """Write `pytorch_lora_weights.safetensors` as the pipeline's `load_lora_weights` reads it.
 
-        `layers` maps a component (`unet`, `text_encoder`, ...) to its diffusers-named LoRA weights.
+        `layers` maps a component (`unet`, `text_encoder`, ...) to its diffusers-named LoRA weights,
+        `configs` to its peft `LoraConfig` as a dict (stored as metadata: alpha and rank survive a reload).
         """
         kwargs = {f"{name}_lora_layers": layers.get(name) for name in self.lora_components}
+        kwargs |= {f"{name}_lora_adapter_metadata": configs.get(name) for name in self.lora_components}
         self.pipeline_class.save_lora_weights(folder, safe_serialization=True, **kwargs)
 
 

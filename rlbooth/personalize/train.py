@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlbooth import __version__
-from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, make_accelerator, weight_dtype
+from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, log_grid, make_accelerator, weight_dtype
 from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlbooth.config import Config, PersonalizeConfig
 from rlbooth.families import Conditioning, Family, family_of
@@ -255,11 +255,7 @@ class TrainLoop:
         grid = draw_grid(self.pipe, prompts, cfg.validation_seeds, cfg.validation_inference_steps,
                          cfg.validation_guidance_scale, autocast_dtype=None if dtype == torch.float32 else dtype)
         save_image_atomic(grid, self.output_dir / "samples" / f"step-{step}.png")
-        for tracker in acc.trackers:
-            if tracker.name == "tensorboard":
-                import numpy as np
-
-                tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+        log_grid(acc, "validation", grid, step)
         acc.wait_for_everyone()
 
 
@@ -281,7 +277,7 @@ def save_output(accelerator, config: Config, subject: Subject, family: Family, m
             base.save_pretrained(folder, safe_serialization=True)
 
         publish(output_dir, write_model, {
-            "stage": "personalize", "rlbooth_version": __version__, "mode": cfg.mode,
+            "stage": "personalize", "rlbooth_version": __version__, "mode": cfg.mode, "family": family.name,
             "base_model": config.model.pretrained, "subject": subject.to_dict(),
             "instance_prompt": instance_prompt, "class_prompt": class_prompt,
             "num_instance_images": len(list_images(subject.images)), "steps": cfg.max_train_steps,

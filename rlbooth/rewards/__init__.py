@@ -1,20 +1,30 @@
 """Rewards for stage two, behind one signature and an explicit registry.
 
 A reward module registers factories with `@register(name)`; a config names a reward and its
-options, and `build_reward` builds it. Factories of model-based rewards import their heavy
-dependencies (transformers, insightface) inside the factory body, so importing this package
-stays cheap: the reward modules are imported here, but none of them imports a model library at
-module level.
+options, and `build_reward` builds it. Reward modules come in two ways, and rlbooth's own use the
+first: a package declares them in the entry-point group `rlbooth.rewards` (setup.cfg lists the
+built-in ones), and the registry imports them on first use; or a config names them in
+`align.reward_modules` (a module name or a `.py` file), imported by `import_reward_modules`.
+Factories of model-based rewards import their heavy dependencies (transformers, insightface)
+inside the factory body, so importing a reward module stays cheap.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
+import sys
+import types
+import typing
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar, Union
 
 import torch
 
+from rlbooth.config import type_name
 from rlbooth.errors import RlboothError
 
 
@@ -37,6 +47,61 @@ class RewardFn(Protocol):
 Factory = TypeVar("Factory", bound=Callable[..., RewardFn])
 
 _REGISTRY: dict[str, Callable[..., RewardFn]] = {}
+ENTRY_POINT_GROUP = "rlbooth.rewards"
+"""Entry-point group of reward modules: `name = package.module`; importing the module registers its rewards."""
+_plugins_loaded = False
+
+
+def load_reward_plugins() -> None:
+    """Imports every module of the `rlbooth.rewards` entry-point group once (rlbooth's own rewards among them)."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    found = list(entry_points(group=ENTRY_POINT_GROUP))
+    if not any(ep.value.startswith("rlbooth.") for ep in found):
+        raise RewardError(f"no rlbooth rewards in the entry-point group {ENTRY_POINT_GROUP!r}: the installed "
+                          "metadata predates them; reinstall rlbooth (`pip install -e .` in a checkout)")
+    for ep in found:
+        try:
+            ep.load()
+        except RewardError:
+            raise
+        except Exception as err:  # a broken plugin: name it, not a bare import traceback
+            raise RewardError(f"reward plugin {ep.name!r} ({ep.value}, entry-point group {ENTRY_POINT_GROUP!r}) "
+                              f"failed to import: {type(err).__name__}: {err}") from err
+    _plugins_loaded = True
+
+
+def import_reward_modules(modules: list[str]) -> None:
+    """Imports the user's reward modules so their `@register` calls run.
+
+    Each is a module name importable from sys.path (`my_rewards`, `mypkg.rewards`) or a path to a `.py`
+    file (relative to the current directory), loaded under its file name's stem.
+    """
+    for module in modules:
+        if module.endswith(".py") or "/" in module or "\\" in module:
+            path = Path(module).expanduser()
+            if not path.is_file():
+                raise RewardError(f"align.reward_modules: file {module!r} not found (from {Path.cwd()})")
+            name = path.stem
+            if getattr(sys.modules.get(name), "__file__", None) == str(path.resolve()):
+                continue
+            spec = importlib.util.spec_from_file_location(name, path.resolve())
+            loaded = importlib.util.module_from_spec(spec)
+            sys.modules[name] = loaded
+            try:
+                spec.loader.exec_module(loaded)
+            except Exception:
+                del sys.modules[name]
+                raise
+        else:
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as err:
+                if err.name != module.split(".")[0] and err.name != module:
+                    raise
+                raise RewardError(f"align.reward_modules: module {module!r} not found on the Python path; "
+                                  "give a path to its .py file instead (e.g. ./my_rewards.py)") from None
 
 
 def register(name: str) -> Callable[[Factory], Factory]:
@@ -58,27 +123,77 @@ def _origin(factory: Callable[..., RewardFn]) -> str:
 
 
 def available_rewards() -> list[str]:
+    load_reward_plugins()
     return sorted(_REGISTRY)
 
 
 def reward_parameters(name: str) -> list[str]:
     """The option names reward `name`'s factory takes (empty for an unknown name)."""
+    load_reward_plugins()
     factory = _REGISTRY.get(name)
     return list(inspect.signature(factory).parameters) if factory is not None else []
 
 
-def build_reward(name: str, **options: object) -> RewardFn:
-    """Builds a registered reward; a typo in its name or options is a user error, not a traceback."""
+def check_reward_options(name: str, options: dict[str, object]) -> None:
+    """Checks a reward's name, its options' names and their types against the factory's signature.
+
+    Cheap (nothing is built), so it runs before any model loads; a typo is a user error, not a traceback.
+    """
+    load_reward_plugins()
     factory = _REGISTRY.get(name)
     if factory is None:
         raise RewardError(f"unknown reward {name!r}; known rewards: {', '.join(available_rewards())}")
     signature = inspect.signature(factory)
+    accepted = ", ".join(signature.parameters) or "none"
     try:
         signature.bind(**options)
     except TypeError as err:
-        accepted = ", ".join(signature.parameters) or "none"
         raise RewardError(f"bad options for reward {name!r}: {err}; it accepts: {accepted}") from None
-    return factory(**options)
+    for option, value in options.items():
+        annotation = _annotation(factory, signature.parameters[option])
+        if annotation is not None and not _matches(value, annotation):
+            raise RewardError(f"bad option {option!r} for reward {name!r}: expected "
+                              f"{type_name(annotation)}, got {type(value).__name__} {value!r}")
+
+
+def _annotation(factory: Callable[..., Any], parameter: inspect.Parameter) -> Any:
+    """A parameter's annotation as a type (string annotations evaluated); None when unknown."""
+    annotation = parameter.annotation
+    if annotation is inspect.Parameter.empty:
+        return None
+    if isinstance(annotation, str):
+        try:
+            annotation = eval(annotation, getattr(factory, "__globals__", {}))  # noqa: S307 (the factory's own source)
+        except Exception:  # a name imported only for type checking: the factory checks the value itself
+            return None
+    return annotation
+
+
+def _matches(value: object, tp: Any) -> bool:
+    """Whether a YAML value fits an annotation; types it cannot judge are let through to the factory."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(tp))
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is Path:
+        return isinstance(value, (str, Path))
+    check = origin or tp
+    return isinstance(value, check) if isinstance(check, type) else True
+
+
+def build_reward(name: str, **options: object) -> RewardFn:
+    """Builds a registered reward; a typo in its name or options is a user error, not a traceback."""
+    check_reward_options(name, options)
+    return _REGISTRY[name](**options)
 
 
 def validate_batch(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> int:
@@ -102,8 +217,6 @@ def validate_batch(images: torch.Tensor, prompts: list[str], metadata: list[dict
     return batch
 
 
-from rlbooth.rewards import clip_models, identity, image_reward, image_stats  # noqa: E402,F401  (register their rewards)
-from rlbooth.toyworld import rewards as _toyworld_rewards  # noqa: E402,F401
 from rlbooth.rewards.composite import CompositeReward  # noqa: E402
 
 __all__ = [
@@ -112,6 +225,9 @@ __all__ = [
     "RewardFn",
     "available_rewards",
     "build_reward",
+    "check_reward_options",
+    "import_reward_modules",
+    "load_reward_plugins",
     "register",
     "validate_batch",
 ]

@@ -9,7 +9,8 @@ from types import TracebackType
 
 import torch
 
-from rlbooth.rewards import RewardError, build_reward, reward_parameters, validate_batch
+from rlbooth.rewards import (RewardError, build_reward, check_reward_options, import_reward_modules,
+                             reward_parameters, validate_batch)
 
 Result = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
@@ -27,16 +28,8 @@ class CompositeReward:
 
     def __init__(self, weights: dict[str, float], options: dict[str, dict] | None = None,
                  executor_workers: int = 0, context: dict[str, object] | None = None) -> None:
-        if not weights:
-            raise RewardError("the composite reward needs at least one weighted reward")
         options = options or {}
-        unused = sorted(set(options) - set(weights))
-        if unused:
-            raise RewardError(f"options given for rewards {unused} that have no weight; "
-                              f"weighted rewards: {sorted(weights)}")
-        for name, weight in weights.items():
-            if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
-                raise RewardError(f"weight of reward {name!r} must be a finite number, got {weight!r}")
+        check_composite(weights, options)
         if executor_workers < 0:
             raise RewardError(f"executor_workers must be >= 0, got {executor_workers}")
         self.weights = {name: float(weight) for name, weight in weights.items()}
@@ -119,6 +112,28 @@ class CompositeReward:
         for reward in self.components.values():
             stats.update(getattr(reward, "log_stats", dict)())
         return stats
+
+
+def check_composite(weights: dict[str, float], options: dict[str, dict], modules: list[str] = ()) -> None:
+    """Everything about a composite reward that can be checked without building it: run before any model loads.
+
+    Imports the user's reward `modules` first (their rewards must be registered to be checked), then checks
+    the weights, that options go to weighted rewards, and each reward's name, option names and option types.
+    """
+    import_reward_modules(list(modules))
+    if not weights:
+        raise RewardError("the composite reward needs at least one weighted reward")
+    unused = sorted(set(options) - set(weights))
+    if unused:
+        raise RewardError(f"options given for rewards {unused} that have no weight; "
+                          f"weighted rewards: {sorted(weights)}")
+    for name, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+            raise RewardError(f"weight of reward {name!r} must be a finite number, got {weight!r}")
+        if not isinstance(options.get(name, {}), dict):
+            raise RewardError(f"align.reward_options.{name}: expected a mapping of option: value, "
+                              f"got {options[name]!r}")
+        check_reward_options(name, options.get(name, {}))
 
 
 def _accepted(name: str, context: dict[str, object]) -> dict[str, object]:

@@ -8,16 +8,16 @@ with `model.pretrained: toyworld`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rlbooth.resources import data_dir
 from rlbooth.toyworld.world import SIZE, WORDS
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-WEIGHTS = Path(__file__).resolve().parent / "weights"
+WEIGHTS = data_dir("rlbooth.toyworld") / "weights"
 """The shipped pipeline folder (`StableDiffusionPipeline.from_pretrained(WEIGHTS)` loads it)."""
 IDENTIFIERS = ("sks",)
 """Rare words in the vocabulary that no caption uses, as `sks` is for Stable Diffusion."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dreambench import PROMPT_FILES, read_prompts, read_subjects
+from rlbooth.dreambench import PROMPT_FILES, read_prompts, read_subjects
 
 ORIGINAL = {  # subject_name,class from prompts_and_classes.txt
     "backpack": "backpack", "backpack_dog": "backpack", "bear_plushie": "stuffed animal", "berry_bowl": "bowl",

@@ -1,4 +1,4 @@
-"""`python -m dreambench.evaluate` end to end, offline: two tiny models, two subjects, tiny DINO and CLIP."""
+"""`python -m rlbooth.dreambench.evaluate` end to end, offline: two tiny models, two subjects, tiny DINO and CLIP."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from dreambench import evaluate, metrics
+from rlbooth.dreambench import evaluate, metrics
 from rlbooth import sampling
 from tests.align.conftest import make_stage_one
 from tests.rewards.test_clip_models import tiny_clip  # noqa: F401  (fixture)
@@ -101,12 +101,20 @@ def test_first_run_writes_images_and_tables(first_run: Path):
 
     results = (first_run / "results.md").read_text()
     table = [line for line in results.splitlines() if line.startswith("|")]
-    assert table[0] == "| Model | DINO | CLIP-I | CLIP-T | ImageReward | PickScore |"
+    assert table[0] == "| Model | DINO | CLIP-I | CLIP-T | ImageReward | PickScore (0-1) |"
     assert table[2].startswith(f"| A | {overall['dino']} | {overall['clip_i']} | {overall['clip_t']} | – | – |")
     assert table[3].startswith("| B |")
     assert "| 0.668 | 0.803 | 0.305 | – | – |" in table[4]
     assert "| 0.661 | – | 0.306 | 0.651 | 0.217 |" in table[5]
     assert "2 subject(s), 2 prompt(s)" in results
+    assert "divided by 100" in results
+
+
+def test_table_puts_pickscore_on_the_published_scale():
+    from rlbooth.dreambench.evaluate import _table_value
+
+    assert _table_value("pickscore", "21.7000") == "0.2170"  # InstructBooth's 0.217 sits beside it
+    assert _table_value("dino", "0.6680") == "0.6680" and _table_value("pickscore", "") == "–"
 
 
 def test_scores_are_the_metrics_by_hand(first_run: Path, bench, tiny_vit, tiny_clip):  # noqa: F811
@@ -197,7 +205,7 @@ def test_rlbooth_eval_forwards_its_arguments(bench, tiny_vit, tiny_clip, tmp_pat
 def test_hub_root_downloads_the_subjects_in_the_original_layout(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from dreambench.evaluate import photo_root
+    from rlbooth.dreambench.evaluate import photo_root
 
     calls = {}
 
@@ -215,7 +223,7 @@ def test_hub_root_downloads_the_subjects_in_the_original_layout(tmp_path, monkey
 def test_hub_root_offline_explains_the_fix(monkeypatch):
     import huggingface_hub
 
-    from dreambench.evaluate import EvalError, photo_root
+    from rlbooth.dreambench.evaluate import EvalError, photo_root
 
     def offline(*args, **kwargs):
         raise OSError("no network")

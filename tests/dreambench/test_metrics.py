@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from dreambench import metrics
-from dreambench.metrics import (
+from rlbooth.dreambench import metrics
+from rlbooth.dreambench.metrics import (
     MetricOptions,
     MetricSuite,
     pairwise_mean_cosine,

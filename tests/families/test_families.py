@@ -115,7 +115,7 @@ def test_conditioning_rows_and_guidance_stack():
 
 
 def test_eval_scores_an_sdxl_stage(tmp_path, tiny_vit, tiny_clip):  # noqa: F811
-    from dreambench import evaluate
+    from rlbooth.dreambench import evaluate
     from tests.dreambench.test_evaluate import read_csv, write_photos
 
     stage = make_stage_one(tmp_path / "stage", 32, "tiny-sdxl")

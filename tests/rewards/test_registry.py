@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -52,3 +54,37 @@ def test_bad_option_value_is_a_reward_error():
 def test_name_clash_is_refused(temporary_reward):
     with pytest.raises(RewardError, match="already registered"):
         register(temporary_reward)(lambda: None)
+
+
+def fake_plugin(tmp_path, monkeypatch, module: str, source: str) -> None:
+    """A distribution on sys.path whose entry point `rlbooth.rewards` names `module`, written from `source`."""
+    (tmp_path / f"{module}.py").write_text(source)
+    info = tmp_path / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[rlbooth.rewards]\n{module.split('_')[0]} = {module}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(rewards, "_plugins_loaded", False)
+
+
+def test_an_installed_package_registers_rewards_through_the_entry_point_group(tmp_path, monkeypatch):
+    """A distribution that declares its module in the group is imported on first use, like rlbooth's own."""
+    fake_plugin(tmp_path, monkeypatch, "plugin_rewards_for_test",
+                "from rlbooth.rewards import register\n\n"
+                "@register('test_plugin_darkness')\n"
+                "def darkness():\n"
+                "    return lambda images, prompts, metadata: 1 - images.float().mean(dim=(1, 2, 3)).cpu()\n")
+    try:
+        assert "test_plugin_darkness" in available_rewards()
+        assert set(WEIGHT_FREE) <= set(available_rewards())
+        reward = build_reward("test_plugin_darkness")
+        assert reward(torch.zeros(2, 3, 4, 4), ["a", "b"], [{}, {}]).tolist() == [1.0, 1.0]
+    finally:
+        rewards._REGISTRY.pop("test_plugin_darkness", None)
+        sys.modules.pop("plugin_rewards_for_test", None)
+
+
+def test_a_broken_plugin_is_named(tmp_path, monkeypatch):
+    fake_plugin(tmp_path, monkeypatch, "broken_rewards_for_test", "raise RuntimeError('boom')\n")
+    with pytest.raises(RewardError, match=r"reward plugin 'broken' \(broken_rewards_for_test.*RuntimeError: boom"):
+        available_rewards()

@@ -1,0 +1,108 @@
+"""`rlbooth export --format kohya`: the single-file LoRA, read back by diffusers' own loader, draws the same pixels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from rlbooth.align.train import align
+from rlbooth.cli import main
+from rlbooth.config import load_config
+from rlbooth.models import load_pipeline
+from rlbooth.personalize.train import personalize
+from rlbooth.sampling import draw, sample_stage
+from rlbooth.stages import read_stage
+from rlbooth.subject import Subject
+from tests.conftest import draw_subject_photos
+
+PROMPT, SEEDS, STEPS, GUIDANCE = "a sks triangular toy on the beach", [0, 1], 4, 7.5
+QUICK = ["runtime.report_to=none", "personalize.validation_steps=0", "align.grid_every=0", "align.num_steps=4"]
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-sdxl"])
+def stages(tmp_path_factory, request) -> tuple[Path, Path]:
+    """A LoRA stage one (UNet and text encoder(s), alpha = 2 x rank) and a stage two on it (alpha = rank / 2),
+    for each model family."""
+    root = tmp_path_factory.mktemp("export")
+    subject = Subject(images=draw_subject_photos(root / "photos"), class_noun="toy", description="triangular")
+    config = load_config(request.param, QUICK + [
+        "personalize.max_train_steps=6", "personalize.learning_rate=1e-2", "personalize.train_text_encoder=true",
+        "personalize.lora_alpha=8", "align.num_epochs=1", "align.learning_rate=3e-2", "align.lora_alpha=2",
+        "align.reward={brightness: 1.0}", "align.clip_range=0.5"])
+    personalize(config, subject, root / "one")
+    align(config, root / "one", root / "two")
+    return root / "one", root / "two"
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(image, dtype=np.int16) for image in images])
+
+
+def draw_exported(stage_dir: Path, file: Path) -> np.ndarray:
+    """The base model with the exported file loaded the way any diffusers user would."""
+    pipe = load_pipeline(read_stage(stage_dir).base_model)
+    pipe.load_lora_weights(str(file))
+    return pixels(draw(pipe, [PROMPT], SEEDS, STEPS, GUIDANCE))
+
+
+def export(stage_dir: Path, file: Path, *flags: str) -> Path:
+    assert main(["export", str(stage_dir), "--format", "kohya", "-o", str(file), *flags]) == 0
+    return file
+
+
+def test_stage_one_lora_round_trips(stages, tmp_path):
+    one, _ = stages
+    file = export(one, tmp_path / "one.safetensors")
+    with safe_open(str(file), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in keys)
+    sdxl = read_stage(one).metadata["family"] == "sdxl"  # kohya names SDXL's two encoders te1 and te2
+    for prefix in ("lora_te1_", "lora_te2_") if sdxl else ("lora_te_",):
+        assert any(k.startswith(f"{prefix}text_model_encoder_layers_") for k in keys), prefix
+    expected = pixels(sample_stage(read_stage(one), [PROMPT], SEEDS, STEPS, GUIDANCE))
+    base = pixels(draw(load_pipeline(read_stage(one).base_model), [PROMPT], SEEDS, STEPS, GUIDANCE))
+    assert np.abs(expected - base).mean() > 5  # the LoRA changes the picture: the comparison below means something
+    assert np.abs(draw_exported(one, file) - expected).max() <= 1
+
+
+def test_merged_stages_round_trip_in_one_file(stages, tmp_path):
+    one, two = stages
+    file = export(two, tmp_path / "both.safetensors", "--merge")
+    expected = pixels(sample_stage(read_stage(two), [PROMPT], SEEDS, STEPS, GUIDANCE))
+    stage_one = pixels(sample_stage(read_stage(one), [PROMPT], SEEDS, STEPS, GUIDANCE))
+    assert np.abs(expected - stage_one).mean() > 0.5  # stage two moved the model
+    assert np.abs(draw_exported(two, file) - expected).max() <= 1
+
+
+def test_stage_two_alone_goes_on_top_of_stage_one(stages, tmp_path):
+    one, two = stages
+    file = export(two, tmp_path / "two.safetensors")
+    pipe = load_pipeline(read_stage(one).base_model)
+    pipe.load_lora_weights(str(export(one, tmp_path / "one.safetensors")), adapter_name="one")
+    pipe.load_lora_weights(str(file), adapter_name="two")
+    pipe.set_adapters(["one", "two"])
+    expected = pixels(sample_stage(read_stage(two), [PROMPT], SEEDS, STEPS, GUIDANCE))
+    assert np.abs(pixels(draw(pipe, [PROMPT], SEEDS, STEPS, GUIDANCE)) - expected).max() <= 1
+
+
+def test_bad_exports_are_refused_before_loading(stages, tmp_path, capsys):
+    one, _ = stages
+    assert main(["export", str(one), "--merge", "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "give a stage-two folder" in capsys.readouterr().err
+    assert main(["export", str(one), "-o", str(tmp_path / "x.ckpt")]) == 2
+    assert ".safetensors" in capsys.readouterr().err
+
+
+def test_stage_loras_load_with_their_trained_alpha(stages):
+    """alpha / rank is saved with each LoRA, so loaders apply the scale training used (2 and 0.5 here), not 1."""
+    from peft.tuners.lora import LoraLayer
+
+    from rlbooth.stages import load_stage_pipeline
+
+    pipe = load_stage_pipeline(read_stage(stages[1]))
+    for model in (pipe.unet, pipe.text_encoder):
+        scales = {(name, scale) for m in model.modules() if isinstance(m, LoraLayer) for name, scale in m.scaling.items()}
+        assert scales == ({("personalize", 2.0), ("align", 0.5)} if model is pipe.unet else {("personalize", 2.0)})
