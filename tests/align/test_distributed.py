@@ -49,5 +49,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(any_stage_on
     b = load_file(str(tmp_path / "two" / "model" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys()
     assert any(v.abs().sum() > 0 for k, v in a.items() if ".up." in k), "nothing was trained"
+    # Batches of 2 instead of 4 sum in another order; Adam turns that into up to ~3e-5 (0.3% of one lr-sized
+    # step) on the tiny SDXL's near-zero gradients, under 1e-5 on SD.
+    atol = 1e-5 if json.loads((any_stage_one / "rlbooth.json").read_text())["family"] == "sd" else 1e-4
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=atol, msg=key)
