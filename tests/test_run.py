@@ -77,8 +77,12 @@ def test_sample_draws_what_the_report_shows(finished_run, tmp_path):
     prompt = html.split("<tr><td>")[1].split("</td>")[0]  # the first held-out prompt, as the report wrote it
     assert main(["sample", str(finished_run / "align"), "--prompt", prompt, "--seeds", "1", "--steps", "6",
                  "--guidance-scale", "7.5", "-o", str(tmp_path)]) == 0
-    assert np.array_equal(pixels(tmp_path / "p0-seed1.png"),
-                          pixels(finished_run / "report" / "images" / "stage-two" / "p0-seed1.png"))
+    drawn = pixels(tmp_path / "p0-seed1.png").astype(int)
+    shown = pixels(finished_run / "report" / "images" / "stage-two" / "p0-seed1.png").astype(int)
+    # The report draws both seeds in one batch, `sample` one: SD gives the same pixels, diffusers' SDXL
+    # pipeline batch-dependent float sums (up to one level seen).
+    family = json.loads((finished_run / "personalize" / "rlbooth.json").read_text())["family"]
+    assert np.abs(drawn - shown).max() <= (0 if family == "sd" else 1)
 
 
 class Killed(Exception):

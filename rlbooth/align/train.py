@@ -182,12 +182,13 @@ class DDPOTrainer:
 
     @torch.no_grad()
     def embed(self, texts: list[str]) -> Conditioning:
-        """The prompts' conditioning (with the image-size conditioning), each computed once per run."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._embeds]
-        if missing:
-            cond = self.family.with_geometry(self.family.encode_prompts(self.pipe, missing), self.geometry)
-            for i, text in enumerate(missing):
-                self._embeds[text] = cond[i:i + 1]
+        """The prompts' conditioning (with the image-size conditioning), each computed once per run and
+        alone: batched, the text encoders' float sums would depend on which prompts shared the batch, and
+        a resumed run (which meets them in other company) would not repeat the uninterrupted one."""
+        for text in dict.fromkeys(texts):
+            if text not in self._embeds:
+                self._embeds[text] = self.family.with_geometry(self.family.encode_prompts(self.pipe, [text]),
+                                                               self.geometry)
         return Conditioning.cat([self._embeds[t] for t in texts])
 
     def sample_epoch(self, epoch: int) -> Samples:
