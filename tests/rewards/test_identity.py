@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from rlbooth.rewards import CompositeReward, RewardError, build_reward, identity, reward_parameters
-from rlbooth.rewards.identity import DetectedFace, FaceIdentityReward, largest_face
+from rlbooth.rewards.identity import DetectedFace, FaceIdentityReward, InsightfaceBackend, largest_face
 from rlbooth.subject import Subject
 from tests.conftest import draw_subject_photos
 
@@ -352,7 +352,8 @@ def tom(sample_images, tmp_path) -> Path:
 
 
 def test_face_score_is_cosine_to_the_mean_reference_and_no_face_is_counted(rec_model, tom):
-    reward = FaceIdentityReward(bright_centre_detector, rec_model, sorted(tom.iterdir()), no_face_score=-2.0)
+    reward = FaceIdentityReward(InsightfaceBackend(bright_centre_detector, rec_model), sorted(tom.iterdir()),
+                                no_face_score=-2.0)
     assert reward.identifier_only is True
     photos = [read_bgr(p) for p in sorted(tom.iterdir())]
     refs = identity.embed_aligned(rec_model, photos)  # the stub's landmarks are the template: crops = photos
@@ -377,7 +378,7 @@ def test_face_score_is_cosine_to_the_mean_reference_and_no_face_is_counted(rec_m
 def test_subject_photo_without_a_face_is_an_error_naming_it(rec_model, tom):
     Image.new("RGB", (64, 64), (5, 5, 5)).save(tom / "c_dark.png")
     with pytest.raises(RewardError, match="c_dark.png"):
-        FaceIdentityReward(bright_centre_detector, rec_model, sorted(tom.iterdir()))
+        FaceIdentityReward(InsightfaceBackend(bright_centre_detector, rec_model), sorted(tom.iterdir()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +414,7 @@ def test_real_photos_same_person_scores_higher_than_another(rec_model, hog_detec
     folder.mkdir()
     for margin in (0.3, 0.7):
         Image.fromarray(face_crop(t1, T1_FACES["subject"], margin)[:, :, ::-1]).save(folder / f"m{margin}.png")
-    reward = FaceIdentityReward(hog_detector, rec_model, sorted(folder.iterdir()))
+    reward = FaceIdentityReward(InsightfaceBackend(hog_detector, rec_model), sorted(folder.iterdir()))
     same = face_crop(t1, T1_FACES["subject"], 0.5)
     other = face_crop(t1, T1_FACES["other"], 0.5)
     scores = reward(to_tensor([same, other]), *rows(2))
@@ -436,7 +437,7 @@ def test_real_detector_rejects_a_subject_photo_without_a_face(rec_model, hog_det
         folder / "face.png")
     Image.open(sample_images / "mask_blue.jpg").save(folder / "mask_blue.jpg")  # a face-mask texture, no face
     with pytest.raises(RewardError, match="mask_blue.jpg"):
-        FaceIdentityReward(hog_detector, rec_model, sorted(folder.iterdir()))
+        FaceIdentityReward(InsightfaceBackend(hog_detector, rec_model), sorted(folder.iterdir()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,8 +475,8 @@ def test_factory_loads_a_pack_folder_and_scores_end_to_end(pack, textures, rec_p
     reward = build_reward("identity_face", pack=str(pack), det_size=128, no_face_score=-1.5, subject=textures,
                           device="cpu", dtype="bfloat16")
     assert reward.identifier_only is True
-    assert isinstance(reward.detect, identity.ScrfdDetector) and isinstance(reward.detect.model, SCRFD)
-    assert isinstance(reward.rec_model, ArcFaceONNX) and reward.crop_size == 112
+    assert isinstance(reward.backend.detect, identity.ScrfdDetector) and isinstance(reward.backend.detect.model, SCRFD)
+    assert isinstance(reward.backend.rec_model, ArcFaceONNX) and reward.backend.crop_size == 112
     own = bright_texture(0)
     images = torch.from_numpy(np.stack([own, bright_texture(7), np.full_like(own, 20)])).permute(0, 3, 1, 2) / 255.0
     scores = reward(images.float(), *rows(3))
@@ -490,7 +491,7 @@ def test_factory_loads_a_pack_folder_and_scores_end_to_end(pack, textures, rec_p
     (det_only / "det_fake.onnx").write_bytes((pack / "det_fake.onnx").read_bytes())
     separate = build_reward("identity_face", pack=str(det_only), recognition=str(rec_path), det_size=128,
                             no_face_score=-1.5, subject=textures)
-    assert isinstance(separate.detect.model, SCRFD) and separate.rec_model.model_file == str(rec_path)
+    assert isinstance(separate.backend.detect.model, SCRFD) and separate.backend.rec_model.model_file == str(rec_path)
     torch.testing.assert_close(separate(images.float(), *rows(3)), scores)
 
     # a subject photo in which the detector finds no face is named
