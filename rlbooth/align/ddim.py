@@ -131,12 +131,19 @@ def ddim_step_with_logprob(
         )
         prev_sample = (mean + std_dev * noise.to(torch.float32)).to(sample.dtype)
 
-    # Scored after the cast, so the value recomputed later from the stored
-    # sample equals the one recorded now. Detached: the policy gradient flows
-    # through the mean only.
-    diff = prev_sample.detach().to(torch.float32) - mean
-    log_prob = -(diff**2) / (2 * std_dev**2) - std_dev.log() - _LOG_SQRT_2PI
-    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    return prev_sample, gaussian_log_prob(prev_sample, mean, std_dev)
+
+
+def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """log N(sample; mean, std^2) averaged over the latent's dimensions, shape (B,).
+
+    Scored on the sample as stored (after its cast), so the value recomputed later from the
+    stored step equals the one recorded now. Detached: the policy gradient flows through the
+    mean only.
+    """
+    diff = sample.detach().to(torch.float32) - mean
+    log_prob = -(diff**2) / (2 * std**2) - std.log() - _LOG_SQRT_2PI
+    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
 def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
