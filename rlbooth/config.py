@@ -145,7 +145,8 @@ class PersonalizeConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
     snr_gamma: float | None = None
-    """Min-SNR weighting gamma (5.0 is the paper's); off when null."""
+    """Min-SNR weighting gamma (5.0 is the paper's) of the instance loss; the prior-preservation loss stays
+    unweighted, as in diffusers' DreamBooth script. Off when null."""
     train_text_encoder: bool = False
     """Also train the text encoder (full weights, or LoRA in `lora` mode)."""
     lora_rank: int = 4
