@@ -28,6 +28,10 @@ class ConfigError(RlboothError, ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 
+LORA_INITS = ("ddpo", "peft")
+"""The LoRA initializations `rlbooth.models.add_lora` offers (see `AlignConfig.lora_init`)."""
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
@@ -145,7 +149,8 @@ class PersonalizeConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
     snr_gamma: float | None = None
-    """Min-SNR weighting gamma (5.0 is the paper's); off when null."""
+    """Min-SNR weighting gamma (5.0 is the paper's) of the instance loss; the prior-preservation loss stays
+    unweighted, as in diffusers' DreamBooth script. Off when null."""
     train_text_encoder: bool = False
     """Also train the text encoder (full weights, or LoRA in `lora` mode)."""
     lora_rank: int = 4
@@ -247,6 +252,11 @@ class AlignConfig:
     """Rank of the stage-two LoRA."""
     lora_alpha: float | None = None
     """LoRA alpha; defaults to the rank."""
+    lora_init: Literal["ddpo", "peft"] = "ddpo"
+    """Init of the stage-two LoRA's A (down) matrices; B (up) starts at zero either way, so epoch 0 samples the
+    stage-one model. `ddpo`: A ~ N(0, 1/rank^2), as ddpo-pytorch trained (diffusers' LoRALinearLayer of then),
+    which DDPO's learning rate 3e-4 was tuned with; `peft`: peft's default kaiming-uniform A, std 1/sqrt(3 fan_in),
+    8-16x smaller on SD 1.5's attention widths, so the same learning rate moves the model 8-16x less per step."""
     lora_target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
     """UNet modules that get the stage-two adapter."""
     reward: dict[str, float] = field(default_factory=lambda: {"jpeg_compressibility": 1.0})
@@ -291,6 +301,8 @@ class AlignConfig:
                f"{self.timestep_window} holds none of the {self.num_steps} steps (step i sits at i / num_steps)")
         _check(0 <= self.identifier_ratio <= 1, "align.identifier_ratio", "must be in [0, 1]")
         _check(self.kl_coef >= 0, "align.kl_coef", "must not be negative")
+        _check(self.lora_init in LORA_INITS, "align.lora_init",
+               f"must be one of {list(LORA_INITS)}, got {self.lora_init!r}")
         _check(self.grid_every >= 0, "align.grid_every", "must not be negative")
         _check(self.stat_min_count <= self.stat_buffer_size, "align.stat_min_count",
                f"must not exceed align.stat_buffer_size ({self.stat_buffer_size})")

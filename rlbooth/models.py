@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rlbooth.config import ModelConfig, TinyModelConfig
+from rlbooth.config import LORA_INITS, ModelConfig, TinyModelConfig
 from rlbooth.errors import RlboothError
 from rlbooth.families.tiny import tiny_tokenizer  # noqa: F401  (the tiny pipelines' tokenizer, for tests)
 
@@ -152,19 +152,23 @@ def tiny_pipeline_folder(cfg: TinyModelConfig, family: "Family") -> Path:
 
 
 def add_lora(model: "torch.nn.Module", rank: int, alpha: float | None, target_modules: list[str],
-             adapter_name: str = "default", zero_init: bool = False) -> None:
+             adapter_name: str = "default", init: str = "ddpo") -> None:
     """Attach a peft LoRA adapter; only its weights are left trainable.
 
-    `zero_init` zeroes both factors' product (B = 0, peft's default), so the model is unchanged at step 0.
+    B starts at zero with either `init`, so the model is unchanged at step 0; `init` picks A: `ddpo` draws
+    N(0, 1/rank^2) (peft's "gaussian": the init of diffusers' old LoRALinearLayer, which ddpo-pytorch and
+    diffusers' DreamBooth-LoRA scripts train from), `peft` peft's default kaiming-uniform (std 1/sqrt(3 fan_in)).
     A transformers model (the text encoder) gets the adapter from peft itself: transformers' own
     `add_adapter` refuses peft < 0.22 from 5.24 on, and pip finds no peft 0.22 (2026-12-02).
     """
     from diffusers import ModelMixin
     from peft import LoraConfig, inject_adapter_in_model
 
+    if init not in LORA_INITS:
+        raise ValueError(f"LoRA init must be one of {list(LORA_INITS)}, got {init!r}")
     model.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=target_modules,
-                        init_lora_weights=True if zero_init else "gaussian")
+                        init_lora_weights="gaussian" if init == "ddpo" else True)
     if isinstance(model, ModelMixin):
         model.add_adapter(config, adapter_name=adapter_name)
     else:

@@ -146,7 +146,7 @@ class DDPOTrainer:
                 module.to(dtype=frozen_dtype)
         torch.manual_seed(self.seed)
         add_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, adapter_name=ALIGN_ADAPTER,
-                 zero_init=True)
+                 init=cfg.lora_init)
         for p in pipe.unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()

@@ -1,4 +1,4 @@
-"""The DreamBooth objective: instance loss plus weighted prior-preservation loss, optionally Min-SNR weighted."""
+"""The DreamBooth objective: instance loss (optionally Min-SNR weighted) plus weighted prior-preservation loss."""
 
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ def dreambooth_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss on a batch whose first half is instance images and second half class images (when `with_prior`).
 
-    Predictions, targets and timesteps are split the same way, so Min-SNR weights the instance
-    loss with the instance timesteps (the diffusers script weighted B losses with 2B timesteps).
+    Min-SNR weights only the instance loss, with the instance timesteps (the diffusers script weighted
+    B losses with 2B timesteps); the prior loss stays plain MSE, as in diffusers' DreamBooth script, so
+    `prior_loss_weight` keeps its meaning whether or not `snr_gamma` is set.
     """
     weights = None
     if snr_gamma is not None:
@@ -53,8 +54,7 @@ def dreambooth_loss(
         return loss, {"instance_loss": loss.detach()}
     pred_inst, pred_prior = model_pred.chunk(2)
     target_inst, target_prior = target.chunk(2)
-    w_inst, w_prior = weights.chunk(2) if weights is not None else (None, None)
-    instance = _mse(pred_inst, target_inst, w_inst)
-    prior = _mse(pred_prior, target_prior, w_prior)
+    instance = _mse(pred_inst, target_inst, weights.chunk(2)[0] if weights is not None else None)
+    prior = _mse(pred_prior, target_prior, None)
     loss = instance + prior_loss_weight * prior
     return loss, {"instance_loss": instance.detach(), "prior_loss": prior.detach()}

@@ -205,8 +205,15 @@ class TrainLoop:
 
         return DDPMScheduler.from_config(self.pipe.scheduler.config)
 
+    def train_mode(self, on: bool) -> None:
+        """Trained models in train mode for the steps (transformers checkpoints a text encoder's layers only
+        in train mode), in eval mode for sampling."""
+        for model in self.models.values():
+            model.train(on)
+
     def run(self, start_step: int) -> None:
         cfg, acc = self.cfg, self.accelerator
+        self.train_mode(True)
         bar = tqdm(range(start_step, cfg.max_train_steps), initial=start_step, total=cfg.max_train_steps,
                    desc="personalize", disable=not acc.is_local_main_process)
         for step in bar:
@@ -222,6 +229,7 @@ class TrainLoop:
             if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_train_steps):
                 self.validate(done)
         bar.close()
+        self.train_mode(False)
 
     def micro_step(self, micro_step: int) -> dict[str, float]:
         acc, cfg = self.accelerator, self.cfg
@@ -252,8 +260,10 @@ class TrainLoop:
             return
         prompts = [self.subject.prompt(t) for t in cfg.validation_prompts]
         dtype = weight_dtype(acc)
+        self.train_mode(False)
         grid = draw_grid(self.pipe, prompts, cfg.validation_seeds, cfg.validation_inference_steps,
                          cfg.validation_guidance_scale, autocast_dtype=None if dtype == torch.float32 else dtype)
+        self.train_mode(True)
         save_image_atomic(grid, self.output_dir / "samples" / f"step-{step}.png")
         log_grid(acc, "validation", grid, step)
         acc.wait_for_everyone()

@@ -49,8 +49,9 @@ def final_latents(pipe, unet, seeds: list[int], prompt: str = PROMPT, steps: int
                           num_steps=steps, guidance_scale=5.0, eta=1.0).final
 
 
-def test_zero_lora_samples_exactly_the_stage_one_model(any_stage_one, tmp_path):
-    trainer = make_trainer(align_config(), any_stage_one, tmp_path)
+@pytest.mark.parametrize("init", ["ddpo", "peft"])
+def test_zero_lora_samples_exactly_the_stage_one_model(any_stage_one, tmp_path, init):
+    trainer = make_trainer(align_config(f"align.lora_init={init}"), any_stage_one, tmp_path)
     seeds = [0, 1, 2]
     ours = final_latents(trainer.pipe, trainer.unet, seeds)
 
