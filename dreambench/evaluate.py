@@ -352,6 +352,8 @@ def evaluate(args: argparse.Namespace) -> Path:
 
     jobs = plan(args)
     output: Path = args.output
+    scores_csv = output / "scores.csv"
+    rows = {_key(r): r for r in read_rows(scores_csv)}  # a damaged table is reported before any generation
     seeds = list(range(args.num_images))
     prompts = {(job.model, job.subject.name): prompts_for(job, args.num_prompts) for job in jobs}
     for job in jobs:
@@ -361,8 +363,6 @@ def evaluate(args: argparse.Namespace) -> Path:
     options = MetricOptions(args.dino_model, args.clip_model, args.image_reward_checkpoint,
                             args.image_reward_tokenizer, args.pickscore_model, args.pickscore_processor, device)
     suite = MetricSuite(args.metrics, options)
-    scores_csv = output / "scores.csv"
-    rows = {_key(r): r for r in read_rows(scores_csv)}
     cache: dict[str, dict] = {}
     for job in jobs:
         if score(job, prompts[job.model, job.subject.name], seeds, output, suite, rows, cache):

@@ -95,7 +95,7 @@ def read_text(path: str | Path, what: str, hint: str = "", error: ErrorClass = F
             line = data.count(b"\n", 0, err.start) + 1
             detail = (f"byte 0x{data[err.start]:02x} on line {line} is not UTF-8 (Latin-1 or Windows-1252?); "
                       f"convert it, e.g. `iconv -f latin1 -t utf-8 {path} > fixed` and use that file")
-        raise _fail(error, what, path, f"is not UTF-8 text: {detail}", "save it as UTF-8") from None
+        raise _fail(error, what, path, f"is not UTF-8 text: {detail}; save it as UTF-8", hint) from None
 
 
 def read_json(path: str | Path, what: str, hint: str = "", error: ErrorClass = FileError) -> Any:
