@@ -162,3 +162,14 @@ def test_other_write_errors_stay_what_they_are(tmp_path: Path):
             tmp.write_text("x")
             raise PermissionError(errno.EACCES, "Permission denied")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_damaged_class_image_is_drawn_again(tmp_path: Path):
+    from rlbooth.personalize.class_images import missing_class_images
+
+    for i in range(3):
+        Image.new("RGB", (8, 8), (80 * i, 0, 0)).save(tmp_path / f"{i:05d}.png")
+    whole = (tmp_path / "00001.png").read_bytes()
+    (tmp_path / "00001.png").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / ".00002.png.tmp").write_bytes(b"left by a kill")
+    assert missing_class_images(tmp_path, 4) == [1, 3]
