@@ -12,6 +12,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlbooth.files import read_text
 from rlbooth.resources import DREAMBENCH, data_dir
 
 DATA_DIR = data_dir(DREAMBENCH)
@@ -29,7 +30,7 @@ class BenchSubject:
 
 def read_subjects(path: Path = SUBJECTS_FILE) -> dict[str, BenchSubject]:
     """The subjects of `subjects.tsv` by name, in file order; `#` lines are comments."""
-    lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    lines = [line for line in read_text(path, "DreamBench subject table", "reinstall rlbooth").splitlines() if line.strip() and not line.startswith("#")]
     subjects = {}
     for row in csv.DictReader(lines, delimiter="\t"):
         subjects[row["subject"]] = BenchSubject(row["subject"], row["class_noun"], row["kind"])

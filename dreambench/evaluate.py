@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
+import io
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,15 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_mapping(path: Path) -> dict[str, Path]:
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(path.read_text())
-        else:
-            import yaml
+    from rlbooth.files import read_json, read_yaml
 
-            data = yaml.safe_load(path.read_text())
-    except Exception as err:
-        raise EvalError(f"model mapping {path} cannot be read ({type(err).__name__}: {err})") from err
+    read = read_json if path.suffix.lower() == ".json" else read_yaml
+    data = read(path, "model mapping", "it maps subject names to stage output folders", EvalError)
     if not isinstance(data, dict) or not data:
         raise EvalError(f"model mapping {path} must map subject names to stage output folders")
     return {str(k): (path.parent / str(v)) if not Path(str(v)).is_absolute() else Path(str(v))
@@ -155,7 +149,7 @@ def photo_root(root: str, subjects: list[str]) -> Path:
 
 def plan(args: argparse.Namespace) -> list[Job]:
     """Every (model, subject) job, with all input checked; raises EvalError before anything runs."""
-    from rlbooth.images import ImageError, list_images
+    from rlbooth.images import ImageError, check_images
     from rlbooth.stages import StageError, read_stage
 
     known = read_subjects()
@@ -178,7 +172,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
     photos: dict[str, tuple[Path, ...]] = {}
     for name in names:
         try:
-            photos[name] = tuple(list_images(root / name))
+            photos[name] = tuple(check_images(root / name, 0))
         except ImageError as err:
             raise EvalError(f"subject {name!r}: {err} (expected {root}/{name}/*.jpg)") from err
     jobs = []
@@ -213,11 +207,11 @@ def image_path(output: Path, model: str, subject: str, prompt_index: int, seed: 
 def generate(job: Job, prompts: list[str], seeds: list[int], output: Path, steps: int, guidance: float) -> int:
     """Draws the prompts that miss an image (all seeds in one call) and saves only the missing files."""
     from rlbooth import sampling
-    from rlbooth.images import save_image_atomic
+    from rlbooth.images import is_readable_image, save_image_atomic
     from rlbooth.stages import read_stage
 
     todo = [p for p in range(len(prompts))
-            if any(not image_path(output, job.model, job.subject.name, p, s).is_file() for s in seeds)]
+            if any(not is_readable_image(image_path(output, job.model, job.subject.name, p, s)) for s in seeds)]
     if not todo:
         return 0
     logger.info("%s / %s: drawing %d prompts x %d seeds", job.model, job.subject.name, len(todo), len(seeds))
@@ -226,28 +220,37 @@ def generate(job: Job, prompts: list[str], seeds: list[int], output: Path, steps
     for index, image in enumerate(images):
         p, s = todo[index // len(seeds)], seeds[index % len(seeds)]
         path = image_path(output, job.model, job.subject.name, p, s)
-        if not path.is_file():
+        if not is_readable_image(path):  # missing, or damaged (by a copy, not by a kill: writes are atomic)
             save_image_atomic(image, path)
             written += 1
     return written
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a scores table written before; one that lacks the key columns is an error."""
+    from rlbooth.files import read_text
+
     if not path.is_file():
         return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    hint = "remove it: the next run scores its images again"
+    rows = list(csv.DictReader(io.StringIO(read_text(path, "scores table", hint, EvalError), newline="")))
+    for number, row in enumerate(rows, start=2):
+        try:
+            _key(row)
+        except (KeyError, TypeError, ValueError):
+            raise EvalError(f"scores table {path}:{number} is damaged (no model, subject, prompt_index, seed); "
+                            f"{hint}") from None
+    return rows
 
 
 def write_rows(path: Path, fields: list[str], rows: list[dict[str, str]]) -> None:
     """Writes a CSV through a temporary file, so a crash never leaves half a table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    from rlbooth.files import replacing
+
+    with replacing(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _key(row: dict[str, str]) -> tuple[str, str, int, int]:
@@ -345,8 +348,12 @@ def evaluate(args: argparse.Namespace) -> Path:
     """Checks, generates, scores and tabulates; returns the results.md path."""
     import torch
 
+    from rlbooth.files import write_text_atomic
+
     jobs = plan(args)
     output: Path = args.output
+    scores_csv = output / "scores.csv"
+    rows = {_key(r): r for r in read_rows(scores_csv)}  # a damaged table is reported before any generation
     seeds = list(range(args.num_images))
     prompts = {(job.model, job.subject.name): prompts_for(job, args.num_prompts) for job in jobs}
     for job in jobs:
@@ -356,8 +363,6 @@ def evaluate(args: argparse.Namespace) -> Path:
     options = MetricOptions(args.dino_model, args.clip_model, args.image_reward_checkpoint,
                             args.image_reward_tokenizer, args.pickscore_model, args.pickscore_processor, device)
     suite = MetricSuite(args.metrics, options)
-    scores_csv = output / "scores.csv"
-    rows = {_key(r): r for r in read_rows(scores_csv)}
     cache: dict[str, dict] = {}
     for job in jobs:
         if score(job, prompts[job.model, job.subject.name], seeds, output, suite, rows, cache):
@@ -368,7 +373,7 @@ def evaluate(args: argparse.Namespace) -> Path:
     summary = summarize(selected, list(dict.fromkeys(job.model for job in jobs)))
     write_rows(output / "summary.csv", SUMMARY_FIELDS, summary)
     results = output / "results.md"
-    results.write_text(results_markdown(summary, args, jobs))
+    write_text_atomic(results, results_markdown(summary, args, jobs))
     return results
 
 

@@ -2,7 +2,9 @@
 
 A checkpoint is a folder `step-<N>` holding the trainable weights (safetensors), the optimizer,
 LR-scheduler and grad-scaler states (loaded back with `weights_only=True`) and a JSON of run state.
-It is written under a temporary name and renamed, so a killed run leaves only whole checkpoints.
+It is written under a temporary name (`.tmp-step-<N>`) and renamed, so a killed run leaves only whole
+checkpoints; a temporary left by a kill is never loaded and is removed by the next save. A full disk
+during a save leaves the previous checkpoints as they were.
 """
 
 from __future__ import annotations
@@ -14,12 +16,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from rlbooth.errors import RlboothError
+from rlbooth.files import (DiskFullError, check_safetensors, check_torch_file, kill_point, load_safetensors,
+                           load_torch, read_json, replacing)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
 _NAME = re.compile(r"^step-(\d+)$")
+WEIGHTS, STATE = "trainable.safetensors", "state.json"
+STATE_FILES = ("optimizer.pt", "lr_scheduler.pt")
+
+
+class CheckpointError(RlboothError, ValueError):
+    """A checkpoint's files are missing or damaged; the message says which and how to resume without it."""
 
 
 def trainable_parameters(accelerator: "Accelerator", models: dict[str, torch.nn.Module]
@@ -48,19 +60,25 @@ def save_checkpoint(accelerator: "Accelerator", root: Path, step: int, models: d
     final = root / f"step-{step}"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tmp = root / f".tmp-step-{step}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        weights = {k: p.detach().to("cpu", copy=True).contiguous()
-                   for k, p in trainable_parameters(accelerator, models).items()}
-        save_file(weights, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step-*"):  # left by a kill inside an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            with replacing(final, f".tmp-step-{step}") as tmp:
+                tmp.mkdir()
+                weights = {k: p.detach().to("cpu", copy=True).contiguous()
+                           for k, p in trainable_parameters(accelerator, models).items()}
+                save_file(weights, str(tmp / WEIGHTS))
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+                if accelerator.scaler is not None:
+                    torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+                (tmp / STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+                kill_point("checkpoint-write")
+        except DiskFullError as err:
+            previous = latest_checkpoint(root)
+            raise DiskFullError(f"{err}. The last whole checkpoint, {previous}, is intact" if previous else
+                                f"{err}. No checkpoint had been written yet") from None
         if total_limit is not None:
             for old in list_checkpoints(root)[:-total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -68,11 +86,27 @@ def save_checkpoint(accelerator: "Accelerator", root: Path, step: int, models: d
     return final
 
 
+def _hint(path: Path) -> str:
+    earlier = [p for p in list_checkpoints(path.parent) if p != path]
+    return (f"remove the folder {path} to resume from {earlier[-1].name}" if earlier else
+            f"remove the folder {path} to start the stage over")
+
+
+def check_checkpoint(path: Path) -> None:
+    """The files of a checkpoint open (headers, zip directories, JSON): checked before any model is loaded."""
+    hint = _hint(path)
+    check_safetensors(path / WEIGHTS, "checkpoint weights", hint, CheckpointError)
+    for name in STATE_FILES:
+        check_torch_file(path / name, "checkpoint state", hint, CheckpointError)
+    read_json(path / STATE, "checkpoint run state", hint, CheckpointError)
+
+
 def load_checkpoint(path: Path, accelerator: "Accelerator", models: dict[str, torch.nn.Module],
                     optimizer: Any, lr_scheduler: Any) -> dict[str, Any]:
     """Restore into the prepared objects in place; returns the run state saved with them."""
+    hint = _hint(path)
     params = trainable_parameters(accelerator, models)
-    weights = load_file(str(path / "trainable.safetensors"))
+    weights = load_safetensors(path / WEIGHTS, "checkpoint weights", hint, CheckpointError)
     missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {path} does not fit this run's trainable weights "
@@ -80,8 +114,8 @@ def load_checkpoint(path: Path, accelerator: "Accelerator", models: dict[str, to
     with torch.no_grad():
         for key, param in params.items():
             param.copy_(weights[key].to(param.device, param.dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(load_torch(path / "optimizer.pt", "checkpoint state", hint, CheckpointError))
+    lr_scheduler.load_state_dict(load_torch(path / "lr_scheduler.pt", "checkpoint state", hint, CheckpointError))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
-        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-    return json.loads((path / "state.json").read_text())
+        accelerator.scaler.load_state_dict(load_torch(path / "scaler.pt", "checkpoint state", hint, CheckpointError))
+    return read_json(path / STATE, "checkpoint run state", hint, CheckpointError)

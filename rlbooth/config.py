@@ -395,10 +395,10 @@ def read_preset(name: str | Path, relative_to: Path | None = None, _seen: tuple[
     path = resolve_preset(name, relative_to).resolve()
     if path in _seen:
         raise ConfigError(f"{path}: `extends` loops back to itself")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    from rlbooth.files import read_yaml
+
+    data = read_yaml(path, "config file", "`rlbooth config -c tiny` prints a valid one", ConfigError,
+                     allow_empty=True) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must hold a mapping at the top level")
     parent = data.pop("extends", None)

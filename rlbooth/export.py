@@ -100,6 +100,7 @@ def export_lora(stage_dir: str | Path, output: str | Path, fmt: str = "kohya", m
     from safetensors.torch import save_file
 
     from rlbooth.families import family_of
+    from rlbooth.files import replacing
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
@@ -116,8 +117,6 @@ def export_lora(stage_dir: str | Path, output: str | Path, fmt: str = "kohya", m
             components[component] = merge_factors(parts)
     metadata = {"ss_network_module": "networks.lora", "rlbooth_stage": stage.stage,
                 "rlbooth_adapters": ",".join(adapters), "rlbooth_base_model": stage_one_of(stage).base_model.pretrained}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    save_file(kohya_state_dict(components), str(tmp), metadata=metadata)
-    tmp.replace(output)
+    with replacing(output) as tmp:
+        save_file(kohya_state_dict(components), str(tmp), metadata=metadata)
     return output

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -131,8 +130,19 @@ def enlarge(img: Image.Image, min_side: int) -> Image.Image:
 
 
 def save_image_atomic(img: Image.Image, path: Path) -> None:
-    """Write to a temporary name, then rename, so a killed run never leaves half a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Write to a temporary name, then rename, so a killed run never leaves half a PNG (a full disk: DiskFullError)."""
+    from rlbooth.files import kill_point, replacing
+
+    with replacing(path) as tmp:
+        img.save(tmp, format="PNG")
+        kill_point("image-write")
+
+
+def is_readable_image(path: Path) -> bool:
+    """Whether the file exists and decodes whole: rlbooth's own images that do not are drawn again."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlbooth.errors import RlboothError
+from rlbooth.files import read_text
 from rlbooth.resources import DREAMBENCH, PROMPT_SETS, data_dir
 from rlbooth.subject import Subject, SubjectError, format_prompt
 
@@ -58,8 +59,9 @@ def read_prompt_file(name: str | Path) -> list[str]:
     (`{class_noun}`). The order of the placeholders is free (`a red {identifier} {class_noun}` is fine).
     """
     path = resolve_prompt_file(name)
+    text = read_text(path, "prompt file", "one template per line", PromptFileError, allow_empty=True)
     templates = []
-    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue

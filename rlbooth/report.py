@@ -19,7 +19,8 @@ from PIL import Image, ImageDraw
 from rlbooth.config import ReportConfig
 from rlbooth.images import enlarge, make_grid, save_image_atomic
 from rlbooth.prompts import heldout_prompt_set, read_prompt_file
-from rlbooth.stages import StageOutput, read_stage, write_text_atomic
+from rlbooth.files import write_text_atomic
+from rlbooth.stages import StageOutput, read_stage
 from rlbooth.subject import Subject
 
 SHEET_CELL = 128

@@ -8,8 +8,6 @@ a LoRA over stage one's model.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -24,6 +22,7 @@ if TYPE_CHECKING:
 METADATA = "rlbooth.json"
 PERSONALIZE_ADAPTER = "personalize"
 ALIGN_ADAPTER = "align"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 class StageError(RlboothError, ValueError):
@@ -54,18 +53,47 @@ class StageOutput:
         return from_dict(ModelConfig, self.metadata["config"]["model"], "model.")
 
 
+REQUIRED_KEYS = {"personalize": ("mode", "subject", "config"), "align": ("stage_one", "subject", "config")}
+REDO = "rerun the stage into a new --output, or restore the folder from a copy"
+
+
 def read_stage(folder: str | Path, expected: str | None = None) -> StageOutput:
+    """A finished stage's metadata, checked with its weights' headers (and stage one's, for stage two),
+    so a damaged folder is reported before any model is loaded."""
+    from rlbooth.files import read_json
+
     folder = Path(folder)
     meta_path = folder / METADATA
     if not meta_path.is_file():
         raise StageError(f"{folder} is not a finished rlbooth stage output (no {METADATA}); "
                          "run `rlbooth personalize` into it first, or pass the folder it wrote")
-    metadata = json.loads(meta_path.read_text())
-    if expected is not None and metadata.get("stage") != expected:
-        raise StageError(f"{folder} holds a {metadata.get('stage')!r} stage, expected {expected!r}")
+    metadata = read_json(meta_path, "stage metadata", REDO, StageError)
+    stage = metadata.get("stage") if isinstance(metadata, dict) else None
+    if stage not in REQUIRED_KEYS:
+        raise StageError(f"stage metadata {meta_path} names no rlbooth stage (`stage`: {stage!r}); {REDO}")
+    missing = [key for key in REQUIRED_KEYS[stage] if key not in metadata]
+    if missing:
+        raise StageError(f"stage metadata {meta_path} lacks {missing}; {REDO}")
+    if expected is not None and stage != expected:
+        raise StageError(f"{folder} holds a {stage!r} stage, expected {expected!r}")
     if not (folder / "model").is_dir():
         raise StageError(f"{folder}/model is missing: the stage output is incomplete")
+    check_weights(folder / "model", lora=stage == "align" or metadata["mode"] == "lora")
+    if stage == "align":
+        read_stage(metadata["stage_one"], "personalize")
     return StageOutput(folder, metadata)
+
+
+def check_weights(model_dir: Path, lora: bool) -> None:
+    """Every safetensors file of `model/` opens (header and size agree): truncated or corrupt ones are named."""
+    from rlbooth.files import check_safetensors, read_json, require_file
+
+    if lora:
+        require_file(model_dir / LORA_WEIGHTS, "stage weights", REDO, StageError)
+    else:
+        read_json(model_dir / "model_index.json", "pipeline index", REDO, StageError)
+    for path in sorted(model_dir.rglob("*.safetensors")):
+        check_safetensors(path, "stage weights", REDO, StageError)
 
 
 def load_stage_pipeline(stage: StageOutput, fuse: bool = False) -> "DiffusionPipeline":
@@ -103,34 +131,34 @@ class OutputError(RlboothError, RuntimeError):
 
 
 def check_output_dir(output_dir: Path, resume: bool, stage: str) -> None:
-    """Refuse to overwrite a finished stage or to restart over an unfinished one's checkpoints."""
-    from rlbooth.checkpoint import latest_checkpoint
+    """Refuse to overwrite a finished stage or to restart over an unfinished one's checkpoints; the checkpoint
+    a resume would load must open."""
+    from rlbooth.checkpoint import check_checkpoint, latest_checkpoint
 
     if is_finished(output_dir):
         raise OutputError(f"{output_dir} already holds a finished {stage} stage ({METADATA}); "
                           "choose another --output or remove it")
-    if not resume and latest_checkpoint(output_dir / "checkpoints") is not None:
+    latest = latest_checkpoint(output_dir / "checkpoints")
+    if not resume and latest is not None:
         raise OutputError(f"{output_dir} holds checkpoints of an unfinished run: pass --resume to continue it, "
                           "or choose another --output")
+    if latest is not None:
+        check_checkpoint(latest)
 
 
 def publish(output_dir: Path, write_model: "Callable[[Path], None]", metadata: dict[str, Any]) -> Path:
-    """Write `model/` (with its model card) through a temporary folder, then the metadata that marks the stage finished."""
+    """Write `model/` (with its model card) through a temporary folder, then the metadata that marks the stage finished.
+
+    A kill in between leaves `model/` without `rlbooth.json`: the stage counts as unfinished and its rerun
+    (from the last checkpoint, which holds the final step) publishes again.
+    """
+    from rlbooth.files import kill_point, replacing, write_text_atomic
     from rlbooth.model_card import write_model_card
 
-    model_dir, tmp = output_dir / "model", output_dir / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_model(tmp)
-    write_model_card(tmp, output_dir, metadata)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(tmp, model_dir)
+    with replacing(output_dir / "model", ".model.tmp") as tmp:
+        tmp.mkdir(parents=True)
+        write_model(tmp)
+        write_model_card(tmp, output_dir, metadata)
+    kill_point("publish")
     write_text_atomic(output_dir / METADATA, json.dumps(metadata, indent=2))
-    return model_dir
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a reader (or a rerun) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return output_dir / "model"

@@ -8,8 +8,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from rlbooth.errors import RlboothError
 
 Kind = Literal["face", "live", "object"]
@@ -59,13 +57,11 @@ class Subject:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Subject":
         """Read a spec; a relative `images` folder is relative to the spec file."""
+        from rlbooth.files import read_yaml
+
         path = Path(path)
-        if not path.is_file():
-            raise SubjectError(f"subject spec {path} not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise SubjectError(f"{path}: not valid YAML ({err})") from None
+        data = read_yaml(path, "subject spec", "see examples/ for one (images, class_noun, ...)", SubjectError,
+                         allow_empty=True) or {}
         if not isinstance(data, dict):
             raise SubjectError(f"{path}: must hold a mapping (images, class_noun, identifier, description, kind)")
         known = {"images", "class_noun", "identifier", "description", "kind", "name"}

@@ -122,7 +122,7 @@ def test_spec_not_found(tmp_path: Path):
 
 
 def test_spec_is_a_folder(tmp_path: Path):
-    with pytest.raises(SubjectError, match="not found"):
+    with pytest.raises(SubjectError, match="is a folder, not a file"):
         Subject.from_yaml(tmp_path)
 
 

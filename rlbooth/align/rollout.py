@@ -10,6 +10,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from rlbooth.align.ddim import ddim_step_with_logprob
 from rlbooth.families import Conditioning, Family
+from rlbooth.files import kill_point
 
 
 def guided_noise(family: Family, unet: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
@@ -61,6 +62,7 @@ def sample_rollout(family: Family, unet: torch.nn.Module, scheduler: DDIMSchedul
         latents, log_prob = ddim_step_with_logprob(scheduler, noise, t, latents, eta=eta, generator=generators)
         trajectory.append(latents)
         log_probs.append(log_prob)
+    kill_point("rollout")
     return Rollout(torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1), scheduler.timesteps.clone())
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from rlbooth.images import save_image_atomic
+from rlbooth.images import is_readable_image, save_image_atomic
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -22,8 +22,17 @@ def class_image_path(folder: Path, index: int) -> Path:
 
 
 def missing_class_images(folder: Path, count: int) -> list[int]:
-    """Indices whose image is not on disk yet; an interrupted generation resumes from these."""
-    return [i for i in range(count) if not class_image_path(folder, i).is_file()]
+    """Indices whose image is not on disk yet, or does not decode whole; an interrupted generation resumes
+    from these (the images are written atomically, so a damaged one came from elsewhere: it is redrawn)."""
+    missing = []
+    for i in range(count):
+        path = class_image_path(folder, i)
+        if path.is_file() and is_readable_image(path):
+            continue
+        if path.is_file():
+            logger.warning("class image %s is damaged: drawing it again", path)
+        missing.append(i)
+    return missing
 
 
 def generate_class_images(

@@ -23,7 +23,8 @@ import torch
 
 from rlbooth.config import Config, apply_overrides, from_dict, load_config
 from rlbooth.prompts import read_prompt_file
-from rlbooth.stages import is_finished, load_stage_pipeline, read_stage, write_text_atomic
+from rlbooth.files import write_text_atomic
+from rlbooth.stages import is_finished, load_stage_pipeline, read_stage
 from rlbooth.subject import Subject
 from rlbooth.rewards import RewardFn, build_reward
 from rlbooth.toyworld.rewards import scene_accuracy
