@@ -116,7 +116,7 @@ def test_dino_reward_is_dreambench_dino_over_the_length_of_the_mean(dino, tiny_v
 
     Pins the relation README states; the metric's encoder (dreambench.metrics' DinoEncoder) preprocesses alike.
     """
-    from dreambench.metrics import DinoEncoder, cosine_matrix, embed_all, load_images
+    from rlbooth.dreambench.metrics import DinoEncoder, cosine_matrix, embed_all, load_images
 
     encoder = DinoEncoder(str(tiny_vit))
     real = embed_all(encoder, load_images(sorted(toy.images.iterdir()), square=True))
