@@ -52,3 +52,29 @@ def draw_subject_photos(folder: Path, count: int = 4, size: int = 48) -> Path:
 @pytest.fixture
 def subject_photos(tmp_path: Path) -> Path:
     return draw_subject_photos(tmp_path / "photos")
+
+
+FACES = REPO / "tests" / "data" / "faces"  # real 256 px photos, public domain (see its README)
+
+
+def real_photo_layouts() -> dict[str, Image.Image]:
+    """Real photos at the sizes rewards meet: 256 px as is, a 512 px 2x2 mosaic (shrunk 2.3x, as an SD
+    sample is), and a 256 x 180 crop (non-square: its short side is enlarged, its long side centre-cropped)."""
+    photos = [Image.open(FACES / f"{name}.jpg").convert("RGB") for name in ("obama", "obama2", "obama3", "biden")]
+    mosaic = Image.new("RGB", (512, 512))
+    for i, photo in enumerate(photos):
+        mosaic.paste(photo, (256 * (i % 2), 256 * (i // 2)))
+    return {"photo": photos[0], "mosaic": mosaic, "wide": photos[3].crop((0, 30, 256, 210))}
+
+
+def pil_to_batch(img: Image.Image) -> torch.Tensor:
+    """(1, 3, H, W) float in [0, 1], exactly the photo's 8-bit pixels / 255: how a reward receives it."""
+    import numpy as np
+
+    return torch.from_numpy(np.array(img, dtype=np.float32) / 255).permute(2, 0, 1).unsqueeze(0)
+
+
+def max_level_difference(ours: torch.Tensor, reference: torch.Tensor, std: tuple[float, ...]) -> float:
+    """The largest difference of two normalized pixel tensors in 8-bit pixel levels (normalization undone)."""
+    scale = torch.tensor(std).view(1, -1, 1, 1) * 255
+    return float(((ours - reference).abs() * scale).max())

@@ -1,9 +1,10 @@
 """CLIP-based rewards: the LAION aesthetic predictor, CLIP-T alignment and PickScore.
 
-All three share one path: a `CLIPModel` loaded once (hub id or local folder), images preprocessed in
-torch on the reward's device (resize shorter side, bicubic with antialiasing, center crop, normalize
-with the processor's mean/std), text tokenized with the processor's CLIP tokenizer to 77 tokens, and
-embeddings L2-normalized in float32. transformers is imported inside the factories only.
+All three share one path: a `CLIPModel` loaded once (hub id or local folder), images preprocessed as
+CLIPImageProcessor does (8-bit copy, shorter side resized by PIL's bicubic, center crop, normalized
+with the processor's mean/std on the reward's device), text tokenized with the processor's CLIP
+tokenizer to 77 tokens, and embeddings L2-normalized in float32. transformers is imported inside the
+factories only.
 
 transformers 5 returns an output object from `get_image_features` / `get_text_features`; the
 projected embedding is its `.pooler_output` (older versions returned the tensor; both are handled).
@@ -21,6 +22,7 @@ import torch
 from rlbooth.rewards import RewardError, RewardFn, register, validate_batch
 from rlbooth.rewards import common
 from rlbooth.rewards.hub import load_or_explain
+from rlbooth.rewards.pil_resize import normalize, resize_bicubic
 
 if TYPE_CHECKING:
     from transformers import CLIPModel
@@ -44,9 +46,10 @@ def _check_batch_size(batch_size: int, reward: str) -> None:
 
 @dataclass(frozen=True)
 class ClipPreprocess:
-    """CLIPImageProcessor's resize / center crop / normalize, done on tensors in [0, 1].
+    """CLIPImageProcessor's resize / center crop / normalize of tensors in [0, 1], on their 8-bit copy.
 
     `resize` is the shorter side's target length (an int) or an exact (height, width); `crop` is (height, width).
+    The resize is PIL's bicubic (`rlbooth.rewards.pil_resize`), so pixels equal the processor's own.
     """
 
     resize: int | tuple[int, int]
@@ -63,21 +66,13 @@ class ClipPreprocess:
         return int(self.resize * height / width), self.resize
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.float()
-        size = self.output_size(*images.shape[-2:])
-        if size != tuple(images.shape[-2:]):
-            images = torch.nn.functional.interpolate(images, size=size, mode="bicubic", antialias=True,
-                                                     align_corners=False)
-            images = images.clamp(0, 1)  # PIL saturates bicubic overshoot in uint8; so do we
+        images = resize_bicubic(images, self.output_size(*images.shape[-2:]))
         crop_h, crop_w = self.crop
         height, width = images.shape[-2:]
         if height < crop_h or width < crop_w:
             raise RewardError(f"images resized to {height}x{width} are smaller than the {crop_h}x{crop_w} crop")
         top, left = (height - crop_h) // 2, (width - crop_w) // 2
-        images = images[..., top:top + crop_h, left:left + crop_w]
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
-        return (images - mean) / std
+        return normalize(images[..., top:top + crop_h, left:left + crop_w], self.mean, self.std)
 
     @classmethod
     def from_config(cls, config: dict[str, Any], image_size: int) -> ClipPreprocess:
@@ -105,7 +100,7 @@ class ClipPreprocess:
 
 
 def _load_preprocess(processor_id: str, field: str, image_size: int) -> ClipPreprocess:
-    """Reads the processor's image settings without building an image processor (no PIL, no torchvision)."""
+    """Reads the processor's image settings without building an image processor (which may want torchvision)."""
     local = Path(processor_id)
     if local.is_dir():
         config_file = local / "preprocessor_config.json"

@@ -33,6 +33,7 @@ from rlbooth.images import list_images, to_rgb
 from rlbooth.rewards import RewardError, register, validate_batch
 from rlbooth.rewards import common
 from rlbooth.rewards.hub import load_or_explain
+from rlbooth.rewards.pil_resize import normalize, resize_bicubic, to_8bit
 from rlbooth.subject import Subject
 
 logger = logging.getLogger(__name__)
@@ -89,14 +90,12 @@ def reference_embedding(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 def dino_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> (B, 3, size, size): bicubic antialiased resize, ImageNet mean/std, float32."""
-    images = images.float()
-    if images.shape[-2:] != (size, size):
-        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic",
-                                                 align_corners=False, antialias=True)
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images - mean) / std
+    """(B, 3, H, W) in [0, 1] -> (B, 3, size, size) float32: the whole 8-bit image resized, ImageNet mean/std.
+
+    The resize is PIL's bicubic (as DINO's own evaluation transforms), straight to size x size: no
+    256-then-224 centre crop, so a subject near the edge of a (square) image stays in view.
+    """
+    return normalize(resize_bicubic(images, (size, size)), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def _center_square(img: Image.Image) -> torch.Tensor:
@@ -277,7 +276,7 @@ class InsightfaceBackend:
 
 def tensor_to_bgr(images: torch.Tensor) -> list[np.ndarray]:
     """(B, 3, H, W) in [0, 1] -> B contiguous BGR uint8 arrays, quantized as a saved image would be."""
-    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    pixels = to_8bit(images).cpu()
     return [np.ascontiguousarray(array[:, :, ::-1]) for array in pixels.permute(0, 2, 3, 1).numpy()]
 
 

@@ -15,9 +15,9 @@ The first token is the tokenizer's own `[CLS]`: the original inference code (`Im
 only BLIP's ITM head swaps `input_ids[:, 0]` for `[ENC]`, which ImageReward never does. transformers'
 `BlipTextModel` does not touch the ids either, so passing the tokenizer's output as is matches.
 
-Preprocessing is the original's Resize(224, bicubic) / CenterCrop(224) / CLIP mean-std, done in torch
-on float images: bicubic with antialiasing is PIL's kernel, and the result is clamped to [0, 1] as
-PIL's uint8 output is. The original quantizes to uint8 first; decoded samples here are not quantized.
+Preprocessing is the original's Resize(224, bicubic) / CenterCrop(224) / ToTensor / CLIP mean-std on a
+PIL image: the 8-bit copy of each image is resized by PIL itself (`rlbooth.rewards.pil_resize`), so the
+pixels are the original's; cropping and normalizing run batched on the model's device.
 
 `convert_image_reward_state_dict` renames the `ImageReward.pt` keys as transformers' BLIP conversion
 script does; the model is then loaded strictly: only heads the reward never runs may be missing.
@@ -36,6 +36,7 @@ import torch
 from rlbooth.rewards import RewardError, register, validate_batch
 from rlbooth.rewards import common
 from rlbooth.rewards.hub import load_or_explain
+from rlbooth.rewards.pil_resize import normalize, resize_bicubic
 
 if TYPE_CHECKING:
     from transformers import BlipConfig, BlipForImageTextRetrieval
@@ -238,6 +239,19 @@ def _load_tokenizer(name: str, vocab_size: int) -> Any:
     return tokenizer
 
 
+def preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 3, size, size): the original's Resize(size, BICUBIC) / CenterCrop(size) /
+    ToTensor / Normalize(CLIP mean, std) on the images' 8-bit copies, resized by PIL as torchvision does."""
+    height, width = images.shape[-2:]
+    if height <= width:  # torchvision: the shorter side becomes `size`, the longer int(size * long / short)
+        target = (size, int(size * width / height))
+    else:
+        target = (int(size * height / width), size)
+    images = resize_bicubic(images, target)
+    top, left = round((target[0] - size) / 2), round((target[1] - size) / 2)  # torchvision: int(round(.))
+    return normalize(images[..., top:top + size, left:left + size], CLIP_MEAN, CLIP_STD)
+
+
 class ImageRewardScorer:
     """ImageReward on a batch of (image, prompt) pairs: (B,) float32 on the CPU, without gradients.
 
@@ -254,23 +268,7 @@ class ImageRewardScorer:
         self.text_length = min(TEXT_LENGTH, int(model.config.text_config.max_position_embeddings))
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Resize shorter side (bicubic, antialiased), center crop, CLIP normalization, as torchvision on PIL."""
-        images = images.float()
-        size = self.image_size
-        height, width = images.shape[-2:]
-        if height <= width:
-            target = (size, int(size * width / height))
-        else:
-            target = (int(size * height / width), size)
-        if target != (height, width):
-            images = torch.nn.functional.interpolate(images, size=target, mode="bicubic", antialias=True,
-                                                     align_corners=False).clamp(0, 1)
-        height, width = target
-        top, left = round((height - size) / 2), round((width - size) / 2)  # torchvision: int(round(.)), half to even
-        images = images[..., top:top + size, left:left + size]
-        mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
-        return (images - mean) / std
+        return preprocess(images, self.image_size)
 
     def tokenize(self, prompts: list[str]) -> Any:
         return self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.text_length,

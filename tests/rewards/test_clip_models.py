@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from rlbooth.rewards import (
     RewardError,
@@ -16,6 +17,7 @@ from rlbooth.rewards import (
 )
 from rlbooth.rewards.clip_models import CLIP_MEAN, CLIP_STD, ClipPreprocess
 from rlbooth.rewards.common import ScoreMLP
+from tests.conftest import max_level_difference, pil_to_batch, real_photo_layouts
 
 PROJECTION = 16
 SIZE = 32
@@ -70,7 +72,9 @@ def rewards(tiny_clip: Path, head_file: Path) -> dict:
 
 
 def images(batch: int = 4, height: int = 40, width: int = 48, seed: int = 0) -> torch.Tensor:
-    return torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+    """Random 8-bit images as floats: the rewards score an image's 8-bit copy, so these are scored as given."""
+    levels = torch.randint(0, 256, (batch, 3, height, width), generator=torch.Generator().manual_seed(seed))
+    return levels.float() / 255
 
 
 def meta(batch: int) -> list[dict]:
@@ -164,22 +168,27 @@ def test_bad_aesthetic_heads_fail_with_the_field(tiny_clip: Path, tmp_path: Path
         build_reward("aesthetic", clip_model=str(tiny_clip), head=str(tmp_path / "absent.pth"))
 
 
-def test_preprocess_matches_clip_image_processor():
-    """Torch resize/crop/normalize agrees with transformers' PIL CLIP processor up to uint8 rounding."""
-    from transformers import CLIPImageProcessor
+@pytest.mark.parametrize("layout", ["photo", "mosaic", "wide"])
+def test_preprocess_matches_clip_image_processor_on_a_real_photo(layout: str):
+    """Within one 8-bit level of CLIPImageProcessor (the CLIP, PickScore and aesthetic reference) on real photos.
 
-    processor = CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size=SIZE)
-    preprocess = ClipPreprocess.from_config(processor.to_dict(), image_size=SIZE)
-    assert preprocess == ClipPreprocess(SIZE, (SIZE, SIZE))
-    # a smooth, non-square image (bicubic ringing on noise would dwarf the comparison)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, 72), torch.linspace(0, 1, 96), indexing="ij")
-    x = torch.stack([xx, yy, (xx * yy).sqrt()])[None]
-    x = (x * 255).round() / 255  # exactly representable in uint8
-    pixels = (x[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    expected = torch.as_tensor(processor(images=pixels, return_tensors="pt")["pixel_values"])
-    ours = preprocess(x)
-    assert ours.shape == expected.shape == (1, 3, SIZE, SIZE)
-    torch.testing.assert_close(ours, expected, atol=0.03, rtol=0)
+    Torch's antialiased bicubic on floats was 4.6 levels off on the 256 px photo and 5.7 on the mosaic.
+    """
+    # The PIL backend, as CLIP's and PickScore's own code ran it (with torchvision installed, transformers 5's
+    # CLIPImageProcessor resizes uint8 tensors with torchvision instead, 1-2 levels off PIL).
+    from transformers import CLIPImageProcessorPil
+
+    processor = CLIPImageProcessorPil()  # openai/clip-vit-* and laion/CLIP-ViT-H-14: shortest edge 224, crop 224
+    preprocess = ClipPreprocess.from_config(processor.to_dict(), image_size=224)
+    assert preprocess == ClipPreprocess(224, (224, 224))
+    img = real_photo_layouts()[layout]
+    reference = torch.as_tensor(processor(images=img, return_tensors="pt")["pixel_values"])
+    ours = preprocess(pil_to_batch(img))
+    assert ours.shape == reference.shape == (1, 3, 224, 224)
+    assert max_level_difference(ours, reference, CLIP_STD) < 1.0
+    # in a batch, each image is preprocessed as alone
+    batch = preprocess(torch.cat([pil_to_batch(img), pil_to_batch(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))]))
+    torch.testing.assert_close(batch[:1], ours, atol=0, rtol=0)
 
 
 def test_preprocess_sizes_from_old_and_new_configs():

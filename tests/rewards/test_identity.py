@@ -84,9 +84,12 @@ def test_dino_is_deterministic_and_batch_invariant(dino):
 
 
 def _by_hand_cls(model, images: torch.Tensor) -> torch.Tensor:
-    """The documented recipe, written out again: bicubic antialiased resize, ImageNet mean/std, CLS token."""
+    """The documented recipe, written out again: 8-bit image, PIL bicubic to the model's size, ImageNet mean/std,
+    CLS token."""
     size = model.config.image_size
-    x = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic", antialias=True)
+    pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    resized = [np.asarray(Image.fromarray(p).resize((size, size), Image.Resampling.BICUBIC)) for p in pixels]
+    x = torch.from_numpy(np.stack(resized).astype(np.float32) / 255).permute(0, 3, 1, 2)
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     with torch.no_grad():
@@ -106,6 +109,23 @@ def test_dino_score_is_cosine_to_the_mean_of_normalized_photo_embeddings(dino, t
     cls = _by_hand_cls(model, images)
     expected = (cls @ reference) / cls.norm(dim=1)
     torch.testing.assert_close(dino(images, *rows(3)), expected, atol=1e-5, rtol=0)
+
+
+def test_dino_reward_is_dreambench_dino_over_the_length_of_the_mean(dino, tiny_vit, toy):
+    """Per image, reward = `rlbooth eval`'s DINO (mean cosine to the photos) / |mean of normalized photo embeddings|.
+
+    Pins the relation README states; the metric's encoder (dreambench.metrics' DinoEncoder) preprocesses alike.
+    """
+    from rlbooth.dreambench.metrics import DinoEncoder, cosine_matrix, embed_all, load_images
+
+    encoder = DinoEncoder(str(tiny_vit))
+    real = embed_all(encoder, load_images(sorted(toy.images.iterdir()), square=True))
+    images = torch.cat([noise(2), 1 - noise(1, seed=3)])
+    metric = cosine_matrix(encoder(images), real).mean(1)
+    length = torch.nn.functional.normalize(real, dim=-1).mean(0).norm()
+    assert length < 0.999  # the photos' embeddings differ, so the factor is not 1
+    torch.testing.assert_close(dino(images, *rows(3)), metric / length, atol=1e-5, rtol=0)
+    assert not torch.allclose(dino(images, *rows(3)), metric, atol=1e-4)
 
 
 def test_dino_crops_non_square_photos_to_their_centre(tiny_vit, tmp_path):
@@ -168,10 +188,12 @@ def sample_images(insightface) -> Path:
     return folder
 
 
-def write_tiny_arcface(path: Path, dim: int = 512, seed: int = 0) -> Path:
+def write_tiny_arcface(path: Path, dim: int = 512, seed: int = 0, batch: int | str = "N") -> Path:
     """An ArcFace-shaped ONNX model (N x 3 x 112 x 112 -> N x dim): an 8x8 average pool, then a random projection.
 
     Node names avoid `Sub`/`Mul`, so insightface reads it as a PyTorch-style model: input (x - 127.5) / 127.5.
+    An int `batch` exports the batch axis fixed, as some recognition models are (onnxruntime then refuses
+    any other batch size).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -182,8 +204,8 @@ def write_tiny_arcface(path: Path, dim: int = 512, seed: int = 0) -> Path:
          helper.make_node("Flatten", ["pooled"], ["flat"], axis=1, name="flatten"),
          helper.make_node("Gemm", ["flat", "proj_w"], ["embedding"], name="proj")],
         "tiny_arcface",
-        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 112, 112])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", dim])],
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [batch, 3, 112, 112])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [batch, dim])],
         [numpy_helper.from_array(weight, "proj_w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -373,6 +395,32 @@ def test_face_score_is_cosine_to_the_mean_reference_and_no_face_is_counted(rec_m
     assert reward.log_stats() == {"identity_face/no_face": 0.0, "identity_face/several_faces": 0.0,
                                   "identity_face/scored": 0.0}
     assert torch.equal(reward(images[:2], *rows(2)), scores[:2])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_recognition_model_with_a_fixed_batch_embeds_any_number_of_crops(insightface, rec_model, sample_images,
+                                                                         tmp_path, batch):
+    """A recognition ONNX exported with a fixed batch axis gets the crops in chunks of that size (the last one
+    padded); the embeddings equal those of the same weights with a free batch axis."""
+    from insightface.model_zoo import get_model
+
+    fixed = get_model(str(write_tiny_arcface(tmp_path / "fixed.onnx", batch=batch)),
+                      providers=["CPUExecutionProvider"])
+    assert identity.fixed_batch_size(fixed) == batch and identity.fixed_batch_size(rec_model) is None
+    face = read_bgr(sample_images / "Tom_Hanks_54745.png")
+    crops = [face, np.ascontiguousarray(face[:, ::-1]), np.ascontiguousarray(face[::-1])]
+    embeds = identity.embed_aligned(fixed, crops)
+    assert embeds.shape == (3, 512)
+    np.testing.assert_allclose(embeds, identity.embed_aligned(rec_model, crops), atol=1e-5)
+    # the whole reward: three subject photos make one reference, a batch of three images is scored
+    folder = tmp_path / "subject"
+    folder.mkdir()
+    for i, crop in enumerate(crops):
+        Image.fromarray(crop[:, :, ::-1]).save(folder / f"{i}.png")
+    rewards = [FaceIdentityReward(InsightfaceBackend(bright_centre_detector, model), sorted(folder.iterdir()))
+               for model in (fixed, rec_model)]
+    images = to_tensor(crops)
+    np.testing.assert_allclose(rewards[0](images, *rows(3)).numpy(), rewards[1](images, *rows(3)).numpy(), atol=1e-5)
 
 
 def test_subject_photo_without_a_face_is_an_error_naming_it(rec_model, tom):

@@ -20,6 +20,7 @@ from PIL import Image
 from rlbooth.rewards import RewardError, build_reward
 from rlbooth.rewards import image_reward as ir
 from rlbooth.rewards.common import ScoreMLP
+from tests.conftest import max_level_difference, pil_to_batch, real_photo_layouts
 
 WORDS = ["a", "photo", "of", "cat", "dog", "sks", "on", "the", "beach", "red", "in", "snow", "##s", "with", "hat"]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "[DEC]", "[ENC]"]
@@ -160,7 +161,9 @@ def scorer(files: dict[str, str]) -> ir.ImageRewardScorer:
 
 
 def images(batch: int, seed: int = 0, size: tuple[int, int] = (IMAGE, IMAGE)) -> torch.Tensor:
-    return torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+    """Random 8-bit images as floats: the reward scores an image's 8-bit copy, so these are scored as given."""
+    levels = torch.randint(0, 256, (batch, 3, *size), generator=torch.Generator().manual_seed(seed))
+    return levels.float() / 255
 
 
 def score(scorer: ir.ImageRewardScorer, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -281,9 +284,9 @@ def test_batching_does_not_change_scores(files, scorer: ir.ImageRewardScorer):
     pixels = images(4, seed=1)
     together = score(scorer, pixels, PROMPTS)
     alone = torch.cat([score(scorer, pixels[i:i + 1], PROMPTS[i:i + 1]) for i in range(4)])
-    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)  # float32 noise of batched matmuls
     chunked = load(files, batch_size=3)
-    torch.testing.assert_close(score(chunked, pixels, PROMPTS), together, atol=1e-5, rtol=0)
+    torch.testing.assert_close(score(chunked, pixels, PROMPTS), together, atol=1e-5, rtol=1e-5)
 
 
 def test_image_and_prompt_both_matter(scorer: ir.ImageRewardScorer):
@@ -320,24 +323,34 @@ def test_prompts_are_padded_and_truncated_to_35_tokens(scorer: ir.ImageRewardSco
     assert tokens["input_ids"][1, -1] == VOCAB.index("[SEP]")
 
 
-def test_preprocessing_matches_the_original_pil_pipeline(scorer: ir.ImageRewardScorer):
-    """Resize(32, bicubic) + CenterCrop(32) + ToTensor + Normalize on a PIL image, as ImageReward does."""
-    coarse = torch.rand(1, 3, 5, 8, generator=torch.Generator().manual_seed(4))
-    smooth = torch.nn.functional.interpolate(coarse, size=(40, 65), mode="bilinear", align_corners=False)
-    pixels = (smooth * 255).round() / 255  # exactly representable in uint8
-    pil = Image.fromarray((pixels[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
-    resized = pil.resize((52, 32), Image.BICUBIC)  # shorter side 32, longer int(32 * 65 / 40) = 52
-    left = round((52 - 32) / 2)
-    cropped = resized.crop((left, 0, left + 32, 32))
-    reference = torch.from_numpy(np.array(cropped)).permute(2, 0, 1).float().unsqueeze(0) / 255
-    mean = torch.tensor(ir.CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(ir.CLIP_STD).view(1, 3, 1, 1)
-    ours = scorer.preprocess(pixels)
-    assert ours.shape == (1, 3, 32, 32)
-    # PIL rounds to uint8 (also between its two passes): about 1/255 apart, i.e. ~0.015 after normalizing.
-    torch.testing.assert_close(ours, (reference - mean) / std, atol=0.03, rtol=0)
-    tall = scorer.preprocess(pixels.transpose(-1, -2))
-    assert tall.shape == (1, 3, 32, 32)
+def original_preprocess(img: Image.Image, size: int = 224) -> torch.Tensor:
+    """ImageReward's Resize(size, BICUBIC) / CenterCrop(size) / ToTensor / Normalize, written out with PIL and numpy."""
+    short, long = sorted(img.size)
+    scaled = (size, int(size * long / short))  # torchvision: the shorter side to `size`, the longer truncated
+    width, height = scaled if img.width <= img.height else scaled[::-1]
+    resized = img.resize((width, height), Image.Resampling.BICUBIC)
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    pixels = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255
+    normalized = (pixels - np.array(ir.CLIP_MEAN, np.float32)) / np.array(ir.CLIP_STD, np.float32)
+    return torch.from_numpy(normalized).permute(2, 0, 1).unsqueeze(0)
+
+
+@pytest.mark.parametrize("layout", ["photo", "mosaic", "wide"])
+def test_preprocessing_matches_the_original_pil_pipeline_on_a_real_photo(layout: str):
+    """Within one 8-bit level of the original's torchvision-on-PIL transforms at 224 px (torch's float bicubic
+    was several levels off)."""
+    img = real_photo_layouts()[layout]
+    ours = ir.preprocess(pil_to_batch(img), 224)
+    assert ours.shape == (1, 3, 224, 224)
+    assert max_level_difference(ours, original_preprocess(img), ir.CLIP_STD) < 1.0
+    tall = img.transpose(Image.Transpose.ROTATE_90)
+    assert max_level_difference(ir.preprocess(pil_to_batch(tall), 224), original_preprocess(tall), ir.CLIP_STD) < 1.0
+
+
+def test_scorer_preprocesses_at_its_model_resolution(scorer: ir.ImageRewardScorer):
+    pixels = images(2, seed=4, size=(40, 52))
+    assert torch.equal(scorer.preprocess(pixels), ir.preprocess(pixels, IMAGE))
+    assert scorer.preprocess(pixels[..., :40, :20]).shape == (2, 3, IMAGE, IMAGE)
 
 
 def test_reduced_precision_returns_float32(files, scorer: ir.ImageRewardScorer):
