@@ -43,6 +43,14 @@ class FlowMatchingFamily(Family):
 
         return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
+    def to_latents(self, vae: Any, sample: torch.Tensor) -> torch.Tensor:
+        """The denoiser's latents from a VAE encoding: SD3's and FLUX's VAEs shift before they scale."""
+        return (sample - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def from_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        """What `vae.decode` takes, as the pipelines undo `to_latents` before decoding."""
+        return latents / vae.config.scaling_factor + vae.config.shift_factor
+
     def with_guidance(self, cond: Conditioning, scale: float) -> Conditioning:
         """Add the distilled-guidance input (FLUX.1-dev); families that guide by CFG ignore it."""
         return cond
