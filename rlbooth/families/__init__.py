@@ -1,4 +1,5 @@
-"""Model families behind one interface (`Family`): Stable Diffusion 1.x/2.x (`sd`) and SDXL (`sdxl`).
+"""Model families behind one interface (`Family`): Stable Diffusion 1.x/2.x (`sd`), SDXL (`sdxl`), and the
+flow-matching transformers SD3/SD3.5 (`sd3`) and FLUX.1 (`flux`), which share `FlowMatchingFamily`.
 
 The family is `model.family` in the config, or read from the base model's `model_index.json`
 (its pipeline class). Stage one, stage two, sampling, the report and evaluation reach the model's
@@ -10,10 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from rlbooth.families.base import Conditioning, Family
+from rlbooth.families.flowmatch import FlowMatchingFamily
+from rlbooth.families.flux import Flux
 from rlbooth.families.sd import StableDiffusion
+from rlbooth.families.sd3 import StableDiffusion3
 from rlbooth.families.sdxl import StableDiffusionXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())}
 """Every family by its `model.family` name."""
 
 
@@ -36,4 +40,4 @@ def family_of(pipe: Any) -> Family:
     return family
 
 
-__all__ = ["Conditioning", "FAMILIES", "Family", "family_of", "family_of_class", "get_family"]
+__all__ = ["Conditioning", "FAMILIES", "Family", "FlowMatchingFamily", "family_of", "family_of_class", "get_family"]

@@ -1,0 +1,95 @@
+"""What the flow-matching families (SD3, FLUX) share: a transformer denoiser that predicts the velocity
+eps - x0, `FlowMatchEulerDiscreteScheduler` instead of a DDIM schedule, a T5 encoder padded to the
+pipeline's `max_sequence_length`, and the sampling timesteps each pipeline sets (resolution-dependent
+shift where the scheduler asks for it)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from rlbooth.families.base import Conditioning, Family
+
+if TYPE_CHECKING:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+
+class FlowMatchingFamily(Family):
+    """A family whose denoiser is `pipe.transformer` and whose output is a velocity, not a noise."""
+
+    denoiser = "transformer"
+    """Pipeline attribute of the denoiser."""
+    lora_text_encoders: tuple[str, ...] = ()
+    """The text encoders the pipeline's `save_lora_weights` / `load_lora_weights` carry LoRA for."""
+    max_sequence_length: int
+    """T5 tokens per prompt, the pipeline's `max_sequence_length` default."""
+    classifier_free_guidance: bool = True
+    """Whether sampling runs the unconditional batch (SD3); FLUX is guidance-distilled and does not."""
+
+    @property
+    def lora_components(self) -> list[str]:
+        return [self.denoiser, *self.lora_text_encoders]
+
+    def ddim_scheduler(self, pipe: Any) -> Any:
+        raise NotImplementedError(
+            f"{self.name} is a flow-matching family: it has no DDIM schedule; sample with "
+            f"family.flow_scheduler(pipe) and rlbooth.align.flow's SDE step")
+
+    def flow_scheduler(self, pipe: Any) -> "FlowMatchEulerDiscreteScheduler":
+        """A fresh copy of the pipeline's flow scheduler, so setting its timesteps leaves the pipeline's alone."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+
+    def to_latents(self, vae: Any, sample: torch.Tensor) -> torch.Tensor:
+        """The denoiser's latents from a VAE encoding: SD3's and FLUX's VAEs shift before they scale."""
+        return (sample - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def from_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        """What `vae.decode` takes, as the pipelines undo `to_latents` before decoding."""
+        return latents / vae.config.scaling_factor + vae.config.shift_factor
+
+    def with_guidance(self, cond: Conditioning, scale: float) -> Conditioning:
+        """Add the distilled-guidance input (FLUX.1-dev); families that guide by CFG ignore it."""
+        return cond
+
+    def image_seq_len(self, pipe: Any, height: int, width: int) -> int:
+        """Image tokens the transformer sees for latents of `height` x `width`: the resolution shift's input."""
+        patch = pipe.transformer.config.patch_size
+        return (height // patch) * (width // patch)
+
+    def sampling_sigmas(self, num_steps: int) -> list[float] | None:
+        """The sigmas the pipeline passes to `set_timesteps` (None: the scheduler's own spacing)."""
+        return None
+
+    def set_timesteps(self, pipe: Any, scheduler: "FlowMatchEulerDiscreteScheduler", num_steps: int,
+                      latent_size: tuple[int, int], device: Any = None) -> torch.Tensor:
+        """Set `scheduler` to the timesteps the pipeline samples `num_steps` with at this latent size."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = scheduler.config
+        kwargs: dict[str, Any] = {}
+        if config.get("use_dynamic_shifting", False):
+            kwargs["mu"] = calculate_shift(self.image_seq_len(pipe, *latent_size), config.base_image_seq_len,
+                                           config.max_image_seq_len, config.base_shift, config.max_shift)
+        sigmas = self.sampling_sigmas(num_steps)
+        if sigmas is None:
+            scheduler.set_timesteps(num_steps, device=device, **kwargs)
+        else:
+            scheduler.set_timesteps(sigmas=sigmas, device=device, **kwargs)
+        return scheduler.timesteps
+
+    def t5_ids(self, tokenizer: Any, prompts: list[str]) -> torch.Tensor:
+        """T5 ids padded to `max_sequence_length` as the pipeline pads them; zeros without a T5 (the pipeline
+        then feeds zero embeddings of that length)."""
+        if tokenizer is None:
+            return torch.zeros(len(prompts), self.max_sequence_length, dtype=torch.long)
+        return tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                         add_special_tokens=True, return_tensors="pt").input_ids
+
+
+def linear_sigmas(num_steps: int) -> list[float]:
+    """1 down to 1/n in n steps: the sigmas FLUX's pipeline samples with before its shift."""
+    return np.linspace(1.0, 1 / num_steps, num_steps).tolist()
