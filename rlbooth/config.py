@@ -67,9 +67,9 @@ class ModelConfig:
     pretrained: str = "runwayml/stable-diffusion-v1-5"
     """Hub id or local folder of a diffusers pipeline of a supported family; `tiny` for the random offline test
     model (of `family`), `toyworld` for the toy world's shipped 32 px model (rlbooth.toyworld)."""
-    family: Literal["auto", "sd", "sdxl"] = "auto"
-    """Model family (rlbooth.families): `sd` (Stable Diffusion 1.x/2.x), `sdxl`; `auto` reads it from the model's
-    model_index.json (`tiny` and `toyworld`: sd)."""
+    family: Literal["auto", "sd", "sdxl", "sd3", "flux"] = "auto"
+    """Model family (rlbooth.families): `sd` (Stable Diffusion 1.x/2.x), `sdxl`, `sd3` (SD3/SD3.5), `flux`
+    (FLUX.1); `auto` reads it from the model's model_index.json (`tiny` and `toyworld`: sd)."""
     vae: str | None = None
     """Hub id or local folder of a VAE that replaces the pipeline's own, e.g. madebyollin/sdxl-vae-fp16-fix
     (SDXL's VAE overflows in fp16)."""
@@ -151,8 +151,23 @@ class PersonalizeConfig:
     snr_gamma: float | None = None
     """Min-SNR weighting gamma (5.0 is the paper's) of the instance loss; the prior-preservation loss stays
     unweighted, as in diffusers' DreamBooth script. Off when null."""
+    timestep_density: Literal["logit_normal", "mode", "uniform"] = "logit_normal"
+    """Flow-matching families (sd3, flux): the density training timesteps are drawn from; logit-normal (the
+    default of diffusers' SD3/FLUX scripts) favours the middle of the schedule. DDPM families draw uniformly."""
+    logit_mean: float = 0.0
+    """Mean of the logit-normal timestep density."""
+    logit_std: float = 1.0
+    """Std of the logit-normal timestep density."""
+    mode_scale: float = 1.29
+    """How far the `mode` timestep density bends towards the middle of the schedule (0: uniform)."""
+    flow_loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    """Flow-matching families: weight of each image's squared error by its sigma (diffusers' scripts' options)."""
+    training_guidance: float = 3.5
+    """Guidance-distilled models (FLUX.1-dev): the guidance input while training (diffusers' FLUX script's
+    default); unused by families that guide by classifier-free guidance."""
     train_text_encoder: bool = False
-    """Also train the text encoder (full weights, or LoRA in `lora` mode)."""
+    """Also train the text encoder (full weights, or LoRA in `lora` mode); on SD3 and FLUX the CLIP encoders
+    only, never T5 (what their LoRA loaders carry)."""
     lora_rank: int = 4
     """Rank of the LoRA adapters."""
     lora_alpha: float | None = None
@@ -189,6 +204,8 @@ class PersonalizeConfig:
         _check(self.lr_warmup_steps >= 0, "personalize.lr_warmup_steps", "must not be negative")
         _check(self.validation_steps >= 0, "personalize.validation_steps", "must not be negative")
         _check(self.snr_gamma is None or self.snr_gamma > 0, "personalize.snr_gamma", "must be positive or null")
+        _check(self.logit_std > 0, "personalize.logit_std", "must be positive")
+        _check(self.mode_scale >= 0, "personalize.mode_scale", "must not be negative")
         _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
                "personalize.checkpoints_total_limit", "must be at least 1 or null")
         _check(bool(self.lora_target_modules), "personalize.lora_target_modules", "must name at least one module")

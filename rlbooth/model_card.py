@@ -18,7 +18,7 @@ import yaml
 CARD = "README.md"
 SAMPLE = "sample.png"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
+FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux"}
 """The Hub's tag of each model family."""
 
 

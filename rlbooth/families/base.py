@@ -73,6 +73,11 @@ class Family(ABC):
     """Pipeline attributes of the tokenizers, one per text encoder."""
     load_kwargs: dict[str, Any] = {}
     """Extra `from_pretrained` arguments (no safety checker, no watermark)."""
+    denoiser: str = "unet"
+    """Pipeline attribute of the denoiser (`unet`, or `transformer` for the flow-matching families)."""
+    flow_matching: bool = False
+    """Whether the denoiser predicts a flow velocity on FlowMatchEulerDiscreteScheduler's sigmas (SD3, FLUX)
+    rather than a DDPM noise."""
 
     @property
     def pipeline_class(self) -> type:
@@ -108,8 +113,27 @@ class Family(ABC):
         """Add the image-size conditioning; `geometry` is (B, 6): original h, w, crop top, left, target h, w."""
         return cond
 
+    def with_guidance(self, cond: Conditioning, scale: float) -> Conditioning:
+        """Add the distilled-guidance input (FLUX.1-dev); families that guide by CFG ignore it."""
+        return cond
+
     def text_encoder_modules(self, pipe: Any) -> list[torch.nn.Module]:
         return [getattr(pipe, name) for name in self.text_encoders]
+
+    @property
+    def lora_text_encoders(self) -> tuple[str, ...]:
+        """The text encoders that `personalize.train_text_encoder` trains and the LoRA files carry."""
+        return self.text_encoders
+
+    # ------------------------------------------------------------------ latents
+
+    def to_latents(self, vae: Any, sample: torch.Tensor) -> torch.Tensor:
+        """The denoiser's latents from a VAE encoding (SD3's and FLUX's VAEs also shift before they scale)."""
+        return (sample - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
+
+    def from_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        """What `vae.decode` takes, as the pipelines undo `to_latents` before decoding."""
+        return latents / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
 
     # ------------------------------------------------------------------ denoiser
 
@@ -128,7 +152,7 @@ class Family(ABC):
 
     @property
     def lora_components(self) -> list[str]:
-        return ["unet", *self.text_encoders]
+        return [self.denoiser, *self.lora_text_encoders]
 
     def save_lora(self, folder: Path, layers: dict[str, dict[str, torch.Tensor] | None],
                   configs: dict[str, dict[str, Any]]) -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from rlbooth.families.base import Conditioning, Family
+from rlbooth.families.base import Family
 
 if TYPE_CHECKING:
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -20,17 +20,11 @@ class FlowMatchingFamily(Family):
     """A family whose denoiser is `pipe.transformer` and whose output is a velocity, not a noise."""
 
     denoiser = "transformer"
-    """Pipeline attribute of the denoiser."""
-    lora_text_encoders: tuple[str, ...] = ()
-    """The text encoders the pipeline's `save_lora_weights` / `load_lora_weights` carry LoRA for."""
+    flow_matching = True
     max_sequence_length: int
     """T5 tokens per prompt, the pipeline's `max_sequence_length` default."""
     classifier_free_guidance: bool = True
     """Whether sampling runs the unconditional batch (SD3); FLUX is guidance-distilled and does not."""
-
-    @property
-    def lora_components(self) -> list[str]:
-        return [self.denoiser, *self.lora_text_encoders]
 
     def ddim_scheduler(self, pipe: Any) -> Any:
         raise NotImplementedError(
@@ -42,18 +36,6 @@ class FlowMatchingFamily(Family):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-
-    def to_latents(self, vae: Any, sample: torch.Tensor) -> torch.Tensor:
-        """The denoiser's latents from a VAE encoding: SD3's and FLUX's VAEs shift before they scale."""
-        return (sample - vae.config.shift_factor) * vae.config.scaling_factor
-
-    def from_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
-        """What `vae.decode` takes, as the pipelines undo `to_latents` before decoding."""
-        return latents / vae.config.scaling_factor + vae.config.shift_factor
-
-    def with_guidance(self, cond: Conditioning, scale: float) -> Conditioning:
-        """Add the distilled-guidance input (FLUX.1-dev); families that guide by CFG ignore it."""
-        return cond
 
     def image_seq_len(self, pipe: Any, height: int, width: int) -> int:
         """Image tokens the transformer sees for latents of `height` x `width`: the resolution shift's input."""

@@ -6,6 +6,7 @@ exactly the batches, noise and timesteps an uninterrupted one would have.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,9 +68,12 @@ class DreamBoothData:
     instance: LatentBank
     prior: LatentBank | None
     scaling_factor: float
-    num_train_timesteps: int
+    draw_timesteps: Callable[[int, torch.Generator], torch.Tensor]
+    """n training timesteps from the batch's generator (the objective's density)."""
     batch_size: int
     seed: int
+    shift_factor: float = 0.0
+    """Subtracted before scaling (SD3's and FLUX's VAEs); 0 for SD."""
 
     def batch(self, micro_step: int, process_index: int = 0) -> Batch:
         """Instance rows first, then as many class rows: the loss splits the prediction in two halves."""
@@ -79,7 +83,7 @@ class DreamBoothData:
         for bank in banks:  # index, then latents, bank by bank: the order of the seeded draws
             index = torch.randint(len(bank), (self.batch_size,), generator=g)
             rows.append((bank.sample(index, g), bank.geometry[index]))
-        latents = torch.cat([sampled for sampled, _ in rows]) * self.scaling_factor
+        latents = (torch.cat([sampled for sampled, _ in rows]) - self.shift_factor) * self.scaling_factor
         noise = torch.randn(latents.shape, generator=g)
-        timesteps = torch.randint(0, self.num_train_timesteps, (latents.shape[0],), generator=g)
+        timesteps = self.draw_timesteps(latents.shape[0], g)
         return Batch(latents, noise, timesteps, torch.cat([geometry for _, geometry in rows]))

@@ -27,7 +27,7 @@ from rlbooth.images import check_images, list_images, save_image_atomic
 from rlbooth.models import TEXT_ENCODER_LORA_TARGETS, add_lora, cache_dir, load_pipeline, model_key, save_lora
 from rlbooth.personalize.class_images import generate_class_images
 from rlbooth.personalize.data import DreamBoothData, encode_images
-from rlbooth.personalize.loss import dreambooth_loss
+from rlbooth.personalize.objective import Objective, objective_for
 from rlbooth.sampling import draw_grid
 from rlbooth.stages import check_output_dir, publish
 from rlbooth.subject import Subject
@@ -55,7 +55,8 @@ def personalize(config: Config, subject: Subject, output_dir: str | Path, resume
             batch_size=cfg.class_batch_size, accelerator=accelerator)
 
     params = setup_trainable(pipe, family, cfg, weight_dtype(accelerator), config.runtime.seed)
-    data = build_data(pipe, cfg, config.runtime.seed, instance_paths, class_paths)
+    objective = objective_for(family, pipe, cfg)
+    data = build_data(pipe, cfg, config.runtime.seed, instance_paths, class_paths, objective)
     prompts = PromptInputs.build(pipe, family, cfg.train_text_encoder, instance_prompt,
                                  class_prompt if class_paths else None)
 
@@ -65,8 +66,8 @@ def personalize(config: Config, subject: Subject, output_dir: str | Path, resume
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.max_train_steps * accelerator.num_processes)
-    trained = {"unet": pipe.unet} | ({name: getattr(pipe, name) for name in family.text_encoders}
-                                     if cfg.train_text_encoder else {})
+    trained = {family.denoiser: getattr(pipe, family.denoiser)} | (
+        {name: getattr(pipe, name) for name in family.lora_text_encoders} if cfg.train_text_encoder else {})
     prepared = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     models = dict(zip(trained, prepared[:len(trained)]))
     optimizer, lr_scheduler = prepared[len(trained):]
@@ -82,7 +83,7 @@ def personalize(config: Config, subject: Subject, output_dir: str | Path, resume
                     cfg.gradient_accumulation_steps, accelerator.num_processes)
 
     loop = TrainLoop(accelerator, pipe, family, cfg, data, prompts, models, optimizer, lr_scheduler, subject,
-                     output_dir, config.runtime.seed)
+                     output_dir, config.runtime.seed, objective)
     loop.run(start_step)
     model_dir = save_output(accelerator, config, subject, family, models, output_dir, instance_prompt, class_prompt)
     accelerator.end_training()
@@ -109,43 +110,42 @@ def default_class_dir(config: Config, class_prompt: str) -> Path:
 def setup_trainable(pipe: Any, family: Family, cfg: PersonalizeConfig, frozen_dtype: torch.dtype, seed: int
                     ) -> list[torch.nn.Parameter]:
     """Freeze, attach LoRA (seeded init) or unfreeze; frozen weights cast to `frozen_dtype`, trainable ones fp32."""
-    full_text_encoder = cfg.mode == "full" and cfg.train_text_encoder
+    denoiser = getattr(pipe, family.denoiser)
     text_encoders = family.text_encoder_modules(pipe)
+    trained_encoders = [getattr(pipe, name) for name in family.lora_text_encoders] if cfg.train_text_encoder else []
     cast = (lambda m: m.to(dtype=frozen_dtype)) if frozen_dtype != torch.float32 else (lambda m: m)
     cast(pipe.vae.requires_grad_(False))
-    pipe.unet.requires_grad_(cfg.mode == "full")
+    denoiser.requires_grad_(cfg.mode == "full")
     for encoder in text_encoders:
-        encoder.requires_grad_(full_text_encoder)
-        if not full_text_encoder:
+        full = cfg.mode == "full" and any(encoder is e for e in trained_encoders)
+        encoder.requires_grad_(full)
+        if not full:
             cast(encoder)
     if cfg.mode == "lora":
-        cast(pipe.unet)
+        cast(denoiser)
         torch.manual_seed(seed)
-        add_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
-        if cfg.train_text_encoder:
-            for encoder in text_encoders:
-                add_lora(encoder, cfg.lora_rank, cfg.lora_alpha, TEXT_ENCODER_LORA_TARGETS)
-    params = [p for m in (pipe.unet, *text_encoders) for p in m.parameters() if p.requires_grad]
+        add_lora(denoiser, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+        for encoder in trained_encoders:
+            add_lora(encoder, cfg.lora_rank, cfg.lora_alpha, TEXT_ENCODER_LORA_TARGETS)
+    params = [p for m in (denoiser, *text_encoders) for p in m.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
     if cfg.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            for encoder in text_encoders:
-                encoder.gradient_checkpointing_enable()
+        denoiser.enable_gradient_checkpointing()
+        for encoder in trained_encoders:
+            encoder.gradient_checkpointing_enable()
     return params
 
 
 def build_data(pipe: Any, cfg: PersonalizeConfig, seed: int, instance_paths: list[Path],
-               class_paths: list[Path] | None) -> DreamBoothData:
+               class_paths: list[Path] | None, objective: Objective) -> DreamBoothData:
     encode = lambda paths, desc: encode_images(pipe.vae, paths, cfg.resolution, cfg.center_crop, seed,
                                                desc=desc)
     return DreamBoothData(
         instance=encode(instance_paths, "encoding photos"),
         prior=encode(class_paths, "encoding class images") if class_paths else None,
-        scaling_factor=pipe.vae.config.scaling_factor,
-        num_train_timesteps=pipe.scheduler.config.num_train_timesteps,
-        batch_size=cfg.train_batch_size, seed=seed,
+        scaling_factor=pipe.vae.config.scaling_factor, shift_factor=pipe.vae.config.get("shift_factor") or 0.0,
+        draw_timesteps=objective.draw, batch_size=cfg.train_batch_size, seed=seed,
     )
 
 
@@ -192,18 +192,12 @@ class TrainLoop:
 
     def __init__(self, accelerator, pipe, family: Family, cfg: PersonalizeConfig, data: DreamBoothData,
                  prompts: PromptInputs, models: dict[str, torch.nn.Module], optimizer, lr_scheduler,
-                 subject: Subject, output_dir: Path, seed: int) -> None:
+                 subject: Subject, output_dir: Path, seed: int, objective: Objective) -> None:
         self.accelerator, self.pipe, self.family, self.cfg = accelerator, pipe, family, cfg
-        self.data, self.prompts = data, prompts
+        self.data, self.prompts, self.objective = data, prompts, objective
         self.models, self.optimizer, self.lr_scheduler = models, optimizer, lr_scheduler
         self.subject, self.output_dir, self.seed = subject, output_dir, seed
-        self.noise_scheduler = self._noise_scheduler()
         self.params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
-
-    def _noise_scheduler(self):
-        from diffusers import DDPMScheduler
-
-        return DDPMScheduler.from_config(self.pipe.scheduler.config)
 
     def train_mode(self, on: bool) -> None:
         """Trained models in train mode for the steps (transformers checkpoints a text encoder's layers only
@@ -234,21 +228,16 @@ class TrainLoop:
     def micro_step(self, micro_step: int) -> dict[str, float]:
         acc, cfg = self.accelerator, self.cfg
         batch = self.data.batch(micro_step, acc.process_index)
-        unet = self.models["unet"]
-        latents, noise, timesteps = (t.to(acc.device) for t in (batch.latents, batch.noise, batch.timesteps))
-        encoders = [self.models.get(name, getattr(self.pipe, name)) for name in self.family.text_encoders]
+        denoiser = self.models[self.family.denoiser]
+        latents, noise, index = (t.to(acc.device) for t in (batch.latents, batch.noise, batch.timesteps))
+        encoders = [self.models.get(name, module) for name, module in
+                    zip(self.family.text_encoders, self.family.text_encoder_modules(self.pipe))]
         with acc.accumulate(*self.models.values()):
             cond = self.prompts.conditioning(encoders, cfg.train_batch_size).to(acc.device)
-            cond = self.family.with_geometry(cond, batch.geometry)
-            noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-            pred = self.family.denoise(unet, noisy, timesteps, cond)
-            prediction_type = self.noise_scheduler.config.prediction_type
-            target = noise if prediction_type == "epsilon" else self.noise_scheduler.get_velocity(
-                latents, noise, timesteps)
-            loss, parts = dreambooth_loss(
-                pred, target, timesteps, with_prior=self.data.prior is not None,
-                prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma,
-                alphas_cumprod=self.noise_scheduler.alphas_cumprod, prediction_type=prediction_type)
+            cond = self.family.with_guidance(self.family.with_geometry(cond, batch.geometry), cfg.training_guidance)
+            noisy, timesteps = self.objective.inputs(latents, noise, index)
+            pred = self.family.denoise(denoiser, noisy, timesteps, cond)
+            loss, parts = self.objective.loss(pred, latents, noise, index, with_prior=self.data.prior is not None)
             backward_and_step(acc, loss, self.params, cfg.max_grad_norm, self.optimizer, self.lr_scheduler)
         return {"loss": loss.item()} | {k: v.item() for k, v in parts.items()}
 

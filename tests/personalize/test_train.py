@@ -8,15 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from rlbooth.config import load_config
+from rlbooth.config import PersonalizeConfig, load_config
 from rlbooth.families import family_of
 from rlbooth.models import load_pipeline
 from rlbooth.personalize import train as train_module
 from rlbooth.personalize.data import encode_images
+from rlbooth.personalize.objective import objective_for
 from rlbooth.personalize.train import personalize
 from rlbooth.stages import METADATA, OutputError
 from rlbooth.sampling import draw_grid
@@ -27,7 +28,7 @@ def tiny_config(*overrides: str, preset: str = "tiny"):
     return load_config(preset, ["runtime.report_to=none", "personalize.validation_steps=0", *overrides])
 
 
-FAMILY_PRESETS = pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl"])
+FAMILY_PRESETS = pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
 
 
 @pytest.fixture
@@ -35,19 +36,20 @@ def subject(subject_photos: Path) -> Subject:
     return Subject(images=subject_photos, class_noun="toy", description="triangular")
 
 
-def instance_loss(pipe, unet, paths: list[Path]) -> float:
-    """Denoising loss on the subject's photos with fixed noise and timesteps."""
+def instance_loss(pipe, denoiser, paths: list[Path]) -> float:
+    """Stage one's loss on the subject's photos with fixed noise and timesteps (DDPM noise or flow velocity)."""
+    family = family_of(pipe)
     bank = encode_images(pipe.vae, paths, 32, True, seed=0)
-    latents = bank.mean * pipe.vae.config.scaling_factor
+    latents = family.to_latents(pipe.vae, bank.mean)
     g = torch.Generator().manual_seed(123)
     noise = torch.randn(latents.shape, generator=g)
-    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=g)
-    family = family_of(pipe)
+    objective = objective_for(family, pipe, PersonalizeConfig())
+    index = objective.draw(latents.shape[0], g)
     with torch.no_grad():
         cond = family.with_geometry(family.encode_prompts(pipe, ["a sks triangular toy"] * len(paths)), bank.geometry)
-        noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(latents, noise, timesteps)
-        pred = family.denoise(unet, noisy, timesteps, cond)
-    return torch.nn.functional.mse_loss(pred, noise).item()
+        noisy, timesteps = objective.inputs(latents, noise, index)
+        pred = family.denoise(denoiser, noisy, timesteps, family.with_guidance(cond, 3.5))
+        return objective.loss(pred, latents, noise, index, with_prior=False)[0].item()
 
 
 @FAMILY_PRESETS
@@ -58,9 +60,11 @@ def test_full_finetune_lowers_instance_loss_and_leaves_frozen_parts(tmp_path, su
     base = load_pipeline(config.model)
     tuned = type(base).from_pretrained(model_dir)
     photos = sorted(subject.images.iterdir())
-    assert instance_loss(base, tuned.unet, photos) < 0.8 * instance_loss(base, base.unet, photos)
-    changed = [k for k, v in tuned.unet.state_dict().items() if not torch.equal(v, base.unet.state_dict()[k])]
-    assert len(changed) > 0.9 * len(base.unet.state_dict())
+    name = family_of(base).denoiser
+    trained, original = getattr(tuned, name), getattr(base, name)
+    assert instance_loss(base, trained, photos) < 0.8 * instance_loss(base, original, photos)
+    changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, original.state_dict()[k])]
+    assert len(changed) > 0.9 * len(original.state_dict())
     for name in ("vae", *family_of(base).text_encoders):
         frozen, original = getattr(tuned, name).state_dict(), getattr(base, name).state_dict()
         assert all(torch.equal(frozen[k], original[k]) for k in original), f"{name} changed"
@@ -74,7 +78,7 @@ def test_lora_output_reloads_with_diffusers_and_draws_what_training_drew(tmp_pat
     out = tmp_path / "out"
     model_dir = personalize(config, subject, out)
     pipe = load_pipeline(config.model)
-    components = family_of(pipe).lora_components  # unet, text_encoder (SDXL: and text_encoder_2)
+    components = family_of(pipe).lora_components  # denoiser, CLIP text encoder(s); never T5
     lora = load_file(str(model_dir / "pytorch_lora_weights.safetensors"))
     assert {k.split(".")[0] for k in lora} == set(components)
     for encoder in components[1:]:
