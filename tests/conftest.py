@@ -52,3 +52,21 @@ def draw_subject_photos(folder: Path, count: int = 4, size: int = 48) -> Path:
 @pytest.fixture
 def subject_photos(tmp_path: Path) -> Path:
     return draw_subject_photos(tmp_path / "photos")
+
+
+@pytest.fixture
+def item_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Files of rlbooth's own `Tensor.item()` calls (each a host sync on a GPU) while the test runs."""
+    import sys
+
+    calls: list[str] = []
+    item = torch.Tensor.item
+
+    def counted(self: torch.Tensor) -> float:
+        caller = sys._getframe(1).f_code.co_filename
+        if f"{os.sep}rlbooth{os.sep}" in caller:
+            calls.append(caller)
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counted)
+    return calls
