@@ -85,7 +85,7 @@ def epoch_means(stats: dict[str, list[torch.Tensor]]) -> dict[str, float]:
     """
     if not stats:
         return {}
-    table = torch.stack([torch.stack(values).double() for values in stats.values()]).cpu().numpy()
+    table = torch.stack([torch.stack(values).float() for values in stats.values()]).cpu().double().numpy()
     return {key: float(np.mean(row)) for key, row in zip(stats, table)}
 
 
