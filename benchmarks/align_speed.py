@@ -1,15 +1,24 @@
-"""Stage-two throughput: trajectories sampled per second, trained timesteps per second, peak memory.
+"""Stage-two speed: epoch time with torch's default threads and with OMP_NUM_THREADS=1, alternating runs.
 
-    python benchmarks/align_speed.py [--config tiny] [--epochs 3] [--set KEY=VALUE ...]
+    python benchmarks/align_speed.py [--config tiny] [--epochs 3] [--repeats 3] [--set KEY=VALUE ...]
 
-A tiny stage-one model is trained first (or pass --stage-one DIR). The first epoch is a warm-up
-and is not counted.
+A tiny stage-one model is trained first (or pass --stage-one DIR). Each run is a fresh process that
+times `--epochs` epochs after one warm-up epoch (sampling + decode + reward, then training); runs
+alternate between the two thread settings and the medians are printed, with trajectories/s, trained
+timesteps/s and peak memory. Issue 20's check: with more threads an epoch must not take longer
+(before the fix, the reward worker thread made 2 threads 2.3x slower than 1 on a 2-core machine).
+`--single` times one run in this process.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import resource
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +26,7 @@ from pathlib import Path
 import torch
 
 from rlbooth.accel import make_accelerator
-from rlbooth.align.train import DDPOTrainer
+from rlbooth.align.train import DDPOTrainer, reward_workers
 from rlbooth.config import load_config
 from rlbooth.personalize.train import personalize
 from rlbooth.prompts import default_prompt_set, read_prompt_file
@@ -26,6 +35,8 @@ from rlbooth.stages import read_stage
 from rlbooth.subject import Subject
 
 REPO = Path(__file__).resolve().parent.parent
+FIXED = ["runtime.report_to=none", "personalize.validation_steps=0", "personalize.max_train_steps=2",
+         "align.grid_every=0"]
 
 
 def sync() -> None:
@@ -33,50 +44,87 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def time_run(config, stage_one: Path, epochs: int, work: Path) -> dict[str, float]:
+    """Seconds of sampling and of training over `epochs` epochs after a warm-up, in this process."""
+    stage = read_stage(stage_one, "personalize")
+    cfg = config.align
+    accelerator = make_accelerator(config.runtime, work, cfg.gradient_accumulation_steps * cfg.num_train_timesteps)
+    with CompositeReward(cfg.reward, executor_workers=reward_workers(cfg, accelerator.device)) as reward:
+        trainer = DDPOTrainer(config, accelerator, stage, read_prompt_file(default_prompt_set(stage.subject)),
+                              reward, work)
+        sample_s = train_s = 0.0
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        for epoch in range(epochs + 1):
+            sync()
+            t0 = time.perf_counter()
+            samples = trainer.sample_epoch(epoch)
+            sync()
+            t1 = time.perf_counter()
+            trainer.train_epoch(epoch, samples, trainer.advantages(epoch, samples))
+            sync()
+            if epoch > 0:
+                sample_s += t1 - t0
+                train_s += time.perf_counter() - t1
+    n = cfg.sample_batch_size * cfg.num_batches_per_epoch * epochs
+    return {
+        "threads": torch.get_num_threads(), "epoch_s": (sample_s + train_s) / epochs,
+        "trajectories_per_s": n / sample_s,
+        "trained_timesteps_per_s": n * cfg.num_train_timesteps * cfg.num_inner_epochs / train_s,
+        "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def child_run(args: argparse.Namespace, stage_one: Path, single_thread: bool) -> dict[str, float]:
+    """One timed run in a fresh process, so each thread setting starts from a clean OpenMP state."""
+    env = dict(os.environ)
+    env.pop("OMP_NUM_THREADS", None)
+    if single_thread:
+        env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, __file__, "--single", "--config", args.config, "--epochs", str(args.epochs),
+               "--stage-one", str(stage_one), *(f"--set={item}" for item in args.overrides)]
+    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="tiny")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per run, after one warm-up epoch")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per thread setting, alternating")
     parser.add_argument("--stage-one", type=Path, default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--single", action="store_true", help="one run in this process; prints its figures as JSON")
     args = parser.parse_args(argv)
-    config = load_config(args.config, ["runtime.report_to=none", "personalize.validation_steps=0",
-                                       "personalize.max_train_steps=2", "align.grid_every=0", *args.overrides])
+    config = load_config(args.config, [*FIXED, *args.overrides])
     with tempfile.TemporaryDirectory() as tmp:
         stage_one = args.stage_one
         if stage_one is None:
             stage_one = Path(tmp) / "stage-one"
             personalize(config, Subject.from_yaml(REPO / "examples" / "tiny" / "subject.yaml"), stage_one)
-        stage = read_stage(stage_one, "personalize")
-        accelerator = make_accelerator(config.runtime, Path(tmp) / "align",
-                                       config.align.gradient_accumulation_steps * config.align.num_train_timesteps)
-        cfg = config.align
-        with CompositeReward(cfg.reward, executor_workers=1) as reward:
-            trainer = DDPOTrainer(config, accelerator, stage, read_prompt_file(default_prompt_set(stage.subject)),
-                                  reward, Path(tmp) / "align")
-            sample_s = train_s = 0.0
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            for epoch in range(args.epochs + 1):
-                sync()
-                t0 = time.perf_counter()
-                samples = trainer.sample_epoch(epoch)
-                sync()
-                t1 = time.perf_counter()
-                trainer.train_epoch(epoch, samples, trainer.advantages(epoch, samples))
-                sync()
-                if epoch > 0:
-                    sample_s += t1 - t0
-                    train_s += time.perf_counter() - t1
-    n = cfg.sample_batch_size * cfg.num_batches_per_epoch * args.epochs
+        if args.single:
+            print(json.dumps(time_run(config, stage_one, args.epochs, Path(tmp) / "align")))
+            return
+        runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+        for _ in range(args.repeats):
+            for single_thread in (False, True):
+                runs[single_thread].append(child_run(args, stage_one, single_thread))
+    cfg = config.align
     print(f"config={args.config} steps={cfg.num_steps} trained_steps={cfg.num_train_timesteps} "
-          f"sample_batch={cfg.sample_batch_size} train_batch={cfg.train_batch_size} "
-          f"precision={config.runtime.mixed_precision} device={accelerator.device} threads={torch.get_num_threads()}")
-    print(f"trajectories/s (sampling + decode + reward): {n / sample_s:.2f}")
-    print(f"trained timesteps/s (sample-steps): {n * cfg.num_train_timesteps * cfg.num_inner_epochs / train_s:.2f}")
-    if torch.cuda.is_available():
-        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
-    print(f"peak host memory (RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+          f"sample_batch={cfg.sample_batch_size} x {cfg.num_batches_per_epoch} train_batch={cfg.train_batch_size} "
+          f"precision={config.runtime.mixed_precision}; medians of {args.repeats} alternating runs")
+    median = {key: {one: statistics.median(r[key] for r in runs[one]) for one in runs} for key in runs[True][0]}
+    for one in (False, True):
+        label = "OMP_NUM_THREADS=1" if one else f"default ({int(median['threads'][one])} threads)"
+        each = ", ".join(f"{r['epoch_s']:.3f}" for r in runs[one])
+        print(f"  {label:22s} epoch {median['epoch_s'][one]:.3f} s  (runs: {each}); trajectories/s "
+              f"{median['trajectories_per_s'][one]:.2f}, trained timesteps/s "
+              f"{median['trained_timesteps_per_s'][one]:.2f}, peak RSS {median['peak_rss_mib'][one]:.0f} MiB"
+              + (f", peak CUDA {median['peak_cuda_mib'][one]:.0f} MiB" if torch.cuda.is_available() else ""))
+    ratio = median["epoch_s"][False] / median["epoch_s"][True]
+    verdict = "ok" if ratio <= 1.05 else "SLOWER with more threads (an idle machine is needed to judge)"
+    print(f"default / 1 thread epoch time: {ratio:.2f}x: {verdict}")
 
 
 if __name__ == "__main__":

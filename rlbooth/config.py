@@ -299,6 +299,16 @@ class AlignConfig:
     """Seeds of the sample grids (one column each)."""
     grid_every: int = 5
     """Draw the sample grid every this many epochs (and at the end); 0 turns it off."""
+    reward_thread: bool | None = None
+    """Score each batch's rewards in a worker thread while the next batch samples; null: only on a CUDA device,
+    where reward models' kernels overlap sampling. On a CPU both would share the same cores, so rewards are
+    scored inline."""
+    merge_lora_for_sampling: bool | None = None
+    """Fold the stage-two LoRA into the UNet's weights while sampling (one matmul per layer instead of three;
+    base weights restored exactly afterwards). null: on when frozen weights are float32; true needs
+    runtime.mixed_precision=no, since a LoRA delta added to half-precision weights is rounded away."""
+    compile_denoiser: bool = False
+    """torch.compile the UNet used for sampling (training stays eager); the first epoch pays the compile."""
 
     def __post_init__(self) -> None:
         for name in ("num_epochs", "sample_batch_size", "num_batches_per_epoch", "num_steps", "train_batch_size",

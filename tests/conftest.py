@@ -78,3 +78,21 @@ def max_level_difference(ours: torch.Tensor, reference: torch.Tensor, std: tuple
     """The largest difference of two normalized pixel tensors in 8-bit pixel levels (normalization undone)."""
     scale = torch.tensor(std).view(1, -1, 1, 1) * 255
     return float(((ours - reference).abs() * scale).max())
+
+
+@pytest.fixture
+def item_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Files of rlbooth's own `Tensor.item()` calls (each a host sync on a GPU) while the test runs."""
+    import sys
+
+    calls: list[str] = []
+    item = torch.Tensor.item
+
+    def counted(self: torch.Tensor) -> float:
+        caller = sys._getframe(1).f_code.co_filename
+        if f"{os.sep}rlbooth{os.sep}" in caller:
+            calls.append(caller)
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counted)
+    return calls

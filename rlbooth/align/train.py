@@ -19,6 +19,8 @@ Output folder layout:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +32,12 @@ from tqdm.auto import tqdm
 from rlbooth import __version__
 from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, log_grid, make_accelerator, weight_dtype
 from rlbooth.align.ddim import ddim_mean_std, ddim_step_with_logprob, gaussian_kl
+from rlbooth.align.merge import merged_lora
 from rlbooth.align.ppo import (PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages,
                               ppo_clip_loss)
 from rlbooth.align.rollout import Rollout, cfg_embeds, decode, guided_noise, sample_rollout
 from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rlbooth.config import Config
+from rlbooth.config import AlignConfig, Config, ConfigError
 from rlbooth.images import save_image_atomic
 from rlbooth.models import add_lora, save_lora
 from rlbooth.families import Conditioning, family_of
@@ -75,6 +78,17 @@ class Samples:
         )
 
 
+def epoch_means(stats: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Mean of each statistic over an epoch's training steps, from one device-to-host copy.
+
+    Averages the values' float64 copies with numpy, the numbers that averaging each `.item()` gave.
+    """
+    if not stats:
+        return {}
+    table = torch.stack([torch.stack(values).float() for values in stats.values()]).cpu().double().numpy()
+    return {key: float(np.mean(row)) for key, row in zip(stats, table)}
+
+
 def align(config: Config, stage_one_dir: str | Path, output_dir: str | Path, resume: bool = False) -> Path:
     """Run stage two on stage one's output; returns the folder of the saved LoRA."""
     output_dir = Path(output_dir)
@@ -83,7 +97,8 @@ def align(config: Config, stage_one_dir: str | Path, output_dir: str | Path, res
     accelerator = make_accelerator(config.runtime, output_dir, cfg.gradient_accumulation_steps * cfg.num_train_timesteps)
     context = {"device": str(accelerator.device), "dtype": str(weight_dtype(accelerator)).removeprefix("torch."),
                "subject": stage_one.subject}
-    with CompositeReward(cfg.reward, cfg.reward_options, executor_workers=1, context=context) as reward:
+    with CompositeReward(cfg.reward, cfg.reward_options, executor_workers=reward_workers(cfg, accelerator.device),
+                         context=context) as reward:
         trainer = DDPOTrainer(config, accelerator, stage_one, templates, reward, output_dir)
         start_epoch = trainer.restore() if resume else 0
         trainer.log_plan()
@@ -94,10 +109,26 @@ def align(config: Config, stage_one_dir: str | Path, output_dir: str | Path, res
     return model_dir
 
 
+def reward_workers(cfg: AlignConfig, device: torch.device) -> int:
+    """Reward threads: one where scoring overlaps sampling (align.reward_thread; by default on CUDA only)."""
+    return int(cfg.reward_thread if cfg.reward_thread is not None else device.type == "cuda")
+
+
+def merges_lora(config: Config) -> bool:
+    """Whether sampling runs with the LoRA merged (align.merge_lora_for_sampling; by default with float32 weights)."""
+    merge, full_precision = config.align.merge_lora_for_sampling, config.runtime.mixed_precision == "no"
+    if merge and not full_precision:
+        raise ConfigError(f"align.merge_lora_for_sampling: needs runtime.mixed_precision=no (got "
+                          f"{config.runtime.mixed_precision!r}): the small LoRA delta added to half-precision "
+                          "weights would be rounded away; leave it null")
+    return full_precision if merge is None else merge
+
+
 def preflight(config: Config, stage_one_dir: Path, output_dir: Path, resume: bool
               ) -> tuple[StageOutput, list[str]]:
     """Everything checkable before a model is loaded: runtime, rewards, stage-one folder, prompts, output state."""
     check_runtime(config.runtime)
+    merges_lora(config)
     check_composite(config.align.reward, config.align.reward_options, config.align.reward_modules)
     stage_one = read_stage(stage_one_dir, "personalize")
     templates = read_prompt_file(config.align.prompt_file or default_prompt_set(stage_one.subject))
@@ -125,6 +156,9 @@ class DDPOTrainer:
         lr_scheduler = get_scheduler("constant", optimizer=optimizer)
         self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(self.pipe.unet, optimizer, lr_scheduler)
         self.params = params
+        self.merge_lora = merges_lora(config)
+        # Compiled once; the module's weights are read at each call, so training's updates reach it.
+        self.compiled = torch.compile(self.pipe.unet) if self.cfg.compile_denoiser else None
         self.sampler = PromptSampler(templates, self.subject, self.cfg.identifier_ratio, self.seed)
         self.tracker = PerPromptStatTracker(self.cfg.stat_buffer_size, self.cfg.stat_min_count)
         self.history: list[dict[str, float]] = []
@@ -191,11 +225,25 @@ class DDPOTrainer:
                                                                self.geometry)
         return Conditioning.cat([self._embeds[t] for t in texts])
 
+    @contextmanager
+    def sampling_denoiser(self) -> Iterator[torch.nn.Module]:
+        """The UNet that sampling calls: LoRA merged (align.merge_lora_for_sampling), compiled (align.compile_denoiser).
+
+        Both give the samples of the plain adapted UNet up to float rounding (tests/align/test_speedups.py).
+        """
+        self.unet.eval()
+        merged = merged_lora(self.pipe.unet, ALIGN_ADAPTER) if self.merge_lora else nullcontext()
+        with merged:
+            yield self.compiled if self.compiled is not None else self.unet
+
     def sample_epoch(self, epoch: int) -> Samples:
+        with self.sampling_denoiser() as denoiser:
+            return self._sample_epoch(epoch, denoiser)
+
+    def _sample_epoch(self, epoch: int, denoiser: torch.nn.Module) -> Samples:
         cfg, acc = self.cfg, self.acc
         per_batch = cfg.sample_batch_size * acc.num_processes
         rollouts, embeds, indices, futures = [], [], [], []
-        self.unet.eval()
         for b in tqdm(range(cfg.num_batches_per_epoch), desc=f"epoch {epoch} sampling", leave=False,
                       disable=not acc.is_local_main_process):
             index = torch.arange(cfg.sample_batch_size) + b * per_batch + acc.process_index * cfg.sample_batch_size
@@ -208,7 +256,7 @@ class DDPOTrainer:
                 torch.Generator(device=acc.device).manual_seed(_seed(self.seed, epoch, int(i) // group, group))
                 for i in index]
             with acc.autocast():
-                rollout = sample_rollout(self.family, self.unet, self.scheduler, cfg_embeds(self.uncond, cond), generators,
+                rollout = sample_rollout(self.family, denoiser, self.scheduler, cfg_embeds(self.uncond, cond), generators,
                                          self.latent_shape, num_steps=cfg.num_steps,
                                          guidance_scale=cfg.guidance_scale, eta=cfg.eta, start_generators=starts)
             images = decode(self.pipe.vae, rollout.final)
@@ -257,25 +305,27 @@ class DDPOTrainer:
     # ------------------------------------------------------------------ training
 
     def train_epoch(self, epoch: int, samples: Samples, advantages: torch.Tensor) -> dict[str, float]:
+        """One pass (per inner epoch) over the samples; the statistics reach the host once, at the end."""
         cfg, acc = self.cfg, self.acc
         n = len(samples.indices)
         pool = torch.tensor(cfg.train_steps)
-        stats: dict[str, list[float]] = {}
+        stats: dict[str, list[torch.Tensor]] = {}
         self.unet.train()
         for inner in range(cfg.num_inner_epochs):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(
                 _seed(self.seed, epoch, inner, acc.process_index)))
             steps = torch.stack([pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(
                 _seed(self.seed, epoch, inner, int(samples.indices[i]))))[:cfg.num_train_timesteps]] for i in order])
+            order, steps = order.to(acc.device), steps.to(acc.device)  # one copy each, not one per step
             batches = range(0, n, cfg.train_batch_size)
             for start in tqdm(batches, desc=f"epoch {epoch} training", leave=False,
                               disable=not acc.is_local_main_process):
-                rows = order[start:start + cfg.train_batch_size].to(acc.device)
+                rows = order[start:start + cfg.train_batch_size]
                 for j in range(cfg.num_train_timesteps):
-                    step = steps[start:start + cfg.train_batch_size, j].to(acc.device)
+                    step = steps[start:start + cfg.train_batch_size, j]
                     for key, value in self.train_step(samples, rows, step, advantages[rows]).items():
                         stats.setdefault(key, []).append(value)
-        return {key: float(np.mean(values)) for key, values in stats.items()}
+        return epoch_means(stats)
 
     def step_log_prob(self, samples: Samples, rows: torch.Tensor, step: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,8 +340,11 @@ class DDPOTrainer:
         return noise, log_prob
 
     def train_step(self, samples: Samples, rows: torch.Tensor, step: torch.Tensor, advantages: torch.Tensor
-                   ) -> dict[str, float]:
-        """One PPO term: the clipped surrogate of stored steps, accumulated until the optimizer step."""
+                   ) -> dict[str, torch.Tensor]:
+        """One PPO term: the clipped surrogate of stored steps, accumulated until the optimizer step.
+
+        Returns its statistics as detached scalar tensors: reading them here would wait for the device.
+        """
         cfg, acc = self.cfg, self.acc
         with acc.accumulate(self.unet):
             noise, log_prob = self.step_log_prob(samples, rows, step)
@@ -301,7 +354,7 @@ class DDPOTrainer:
                 loss = loss + cfg.kl_coef * kl
                 info["kl_stage_one"] = kl.detach()
             backward_and_step(acc, loss, self.params, cfg.max_grad_norm, self.optimizer, self.lr_scheduler)
-        return {"loss": loss.item()} | {k: v.item() for k, v in info.items()}
+        return {"loss": loss.detach()} | info
 
     def kl_to_stage_one(self, noise: torch.Tensor, samples: Samples, rows: torch.Tensor, step: torch.Tensor
                         ) -> torch.Tensor:

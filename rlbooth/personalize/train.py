@@ -190,6 +190,10 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: PersonalizeConfig) -> 
 class TrainLoop:
     """The optimizer-step loop with accumulation, clipping, logging, validation and checkpoints."""
 
+    log_every: int = 50
+    """Steps whose statistics are copied to the host together and then logged, each at its own step: reading
+    every step's loss would make the host wait for the device at every step."""
+
     def __init__(self, accelerator, pipe, family: Family, cfg: PersonalizeConfig, data: DreamBoothData,
                  prompts: PromptInputs, models: dict[str, torch.nn.Module], optimizer, lr_scheduler,
                  subject: Subject, output_dir: Path, seed: int, objective: Objective) -> None:
@@ -210,22 +214,35 @@ class TrainLoop:
         self.train_mode(True)
         bar = tqdm(range(start_step, cfg.max_train_steps), initial=start_step, total=cfg.max_train_steps,
                    desc="personalize", disable=not acc.is_local_main_process)
+        pending: list[tuple[int, dict[str, torch.Tensor], float]] = []
         for step in bar:
             for micro in range(cfg.gradient_accumulation_steps):
                 logs = self.micro_step(step * cfg.gradient_accumulation_steps + micro)
             done = step + 1
-            logs["lr"] = self.lr_scheduler.get_last_lr()[0]
-            acc.log(logs, step=done)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            if done % cfg.checkpointing_steps == 0 or done == cfg.max_train_steps:
+            pending.append((done, logs, self.lr_scheduler.get_last_lr()[0]))
+            checkpoint = done % cfg.checkpointing_steps == 0 or done == cfg.max_train_steps
+            validate = cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_train_steps)
+            if len(pending) >= self.log_every or checkpoint or validate:
+                self.flush_logs(pending, bar)
+            if checkpoint:
                 save_checkpoint(acc, self.output_dir / "checkpoints", done, self.models, self.optimizer,
                                 self.lr_scheduler, {"step": done}, cfg.checkpoints_total_limit)
-            if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_train_steps):
+            if validate:
                 self.validate(done)
         bar.close()
         self.train_mode(False)
 
-    def micro_step(self, micro_step: int) -> dict[str, float]:
+    def flush_logs(self, pending: list[tuple[int, dict[str, torch.Tensor], float]], bar: tqdm) -> None:
+        """Log the pending (step, statistics, lr) entries, their tensors copied to the host in one transfer."""
+        keys = list(pending[0][1])
+        table = torch.stack([torch.stack([logs[k].float() for k in keys]) for _, logs, _ in pending]).cpu().tolist()
+        for (done, _, lr), row in zip(pending, table):
+            self.accelerator.log(dict(zip(keys, row)) | {"lr": lr}, step=done)
+        bar.set_postfix(loss=f"{table[-1][keys.index('loss')]:.4f}")
+        pending.clear()
+
+    def micro_step(self, micro_step: int) -> dict[str, torch.Tensor]:
+        """One accumulation micro-step; returns the loss and its parts as detached scalar tensors."""
         acc, cfg = self.accelerator, self.cfg
         batch = self.data.batch(micro_step, acc.process_index)
         denoiser = self.models[self.family.denoiser]
@@ -239,7 +256,7 @@ class TrainLoop:
             pred = self.family.denoise(denoiser, noisy, timesteps, cond)
             loss, parts = self.objective.loss(pred, latents, noise, index, with_prior=self.data.prior is not None)
             backward_and_step(acc, loss, self.params, cfg.max_grad_norm, self.optimizer, self.lr_scheduler)
-        return {"loss": loss.item()} | {k: v.item() for k, v in parts.items()}
+        return {"loss": loss.detach()} | {k: v.detach() for k, v in parts.items()}
 
     def validate(self, step: int) -> None:
         """A grid of validation prompts x seeds, on every process's model but written by the main one."""

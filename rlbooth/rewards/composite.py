@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 
@@ -24,6 +25,7 @@ class CompositeReward:
     its component is absent (NaN in `components`) and adds nothing to the total. `executor_workers`
     threads compute `submit`ted batches while the caller samples the next one (GPU kernels, PIL
     and ONNX runtime release the GIL); 0 computes them inline, which keeps runs single-threaded.
+    The worker threads run torch's CPU ops on one thread each: see `_start_executor`.
     """
 
     def __init__(self, weights: dict[str, float], options: dict[str, dict] | None = None,
@@ -55,7 +57,7 @@ class CompositeReward:
                 future.set_exception(err)
             return future
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.executor_workers, thread_name_prefix="rlbooth-reward")
+            self._executor = _start_executor(self.executor_workers)
         return self._executor.submit(self._compute, images, prompts, metadata, batch)
 
     def close(self) -> None:
@@ -134,6 +136,31 @@ def check_composite(weights: dict[str, float], options: dict[str, dict], modules
             raise RewardError(f"align.reward_options.{name}: expected a mapping of option: value, "
                               f"got {options[name]!r}")
         check_reward_options(name, options.get(name, {}))
+
+
+def _start_executor(workers: int) -> ThreadPoolExecutor:
+    """Worker threads whose torch CPU ops run on one thread, leaving the caller's thread count as it was.
+
+    A thread that runs a parallel torch op gets an OpenMP pool of its own; with more pool threads than
+    cores, libgomp stops spinning between parallel regions, and the caller's small ops (a tiny UNet's
+    matmuls) got 2-5x slower for as long as the worker lived. One thread per worker makes no pool.
+    `torch.set_num_threads` also sets the default that a thread takes at its first torch call, so the
+    caller's and the workers' counts are fixed first and the default is put back once all have started.
+    """
+    caller_threads = torch.get_num_threads()  # pins this thread's count before a worker changes the default
+    started = threading.Barrier(workers + 1)
+
+    def single_threaded() -> None:
+        torch.get_num_threads()  # torch sets a thread's count up on its first use, from the default: do it now
+        torch.set_num_threads(1)
+        started.wait()
+
+    executor = ThreadPoolExecutor(workers, thread_name_prefix="rlbooth-reward", initializer=single_threaded)
+    for _ in range(workers):  # threads start on demand: one no-op task each, each blocked until all started
+        executor.submit(lambda: None)
+    started.wait()
+    torch.set_num_threads(caller_threads)
+    return executor
 
 
 def _accepted(name: str, context: dict[str, object]) -> dict[str, object]:

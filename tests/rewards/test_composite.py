@@ -180,3 +180,31 @@ def test_total_standardizes_the_chosen_components_and_skips_absent_ones():
     # brightness -> (x - 2) / 1 = [-1, 1, absent]; saturation raw
     assert torch.allclose(total, torch.tensor([2.0 * -1 + 0.5 * 4, 2.0 * 1 + 0.5 * 0, 0.5 * 2]))
     assert torch.allclose(composite.total(components), torch.tensor([2.0 + 2.0, 6.0, 1.0]))
+
+
+def test_worker_thread_runs_torch_on_one_thread_and_leaves_the_callers_count():
+    """A worker with a parallel OpenMP pool of its own made the caller's small ops 2-5x slower (issue 20)."""
+    seen = []
+
+    @register("test_threads")
+    def record_threads():
+        def reward(images, prompts, metadata):
+            seen.append(torch.get_num_threads())
+            return images.mean(dim=(1, 2, 3))
+        return reward
+
+    caller = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that a worker left at the default would run two
+    late = []
+    try:
+        with CompositeReward({"test_threads": 1.0}, executor_workers=1) as composite:
+            composite.submit(batch(), PROMPTS, METADATA).result(timeout=30)
+            assert torch.get_num_threads() == 2
+            thread = threading.Thread(target=lambda: late.append(torch.get_num_threads()))
+            thread.start()
+            thread.join()
+    finally:
+        rewards._REGISTRY.pop("test_threads")
+        torch.set_num_threads(caller)
+    assert seen == [1]
+    assert late == [2], "threads started later must get the caller's default, not the worker's single thread"
