@@ -309,6 +309,14 @@ class AlignConfig:
     runtime.mixed_precision=no, since a LoRA delta added to half-precision weights is rounded away."""
     compile_denoiser: bool = False
     """torch.compile the UNet used for sampling (training stays eager); the first epoch pays the compile."""
+    flow_noise_level: float = 0.7
+    """Flow-matching families (sd3, flux): the noise level a of Flow-GRPO's SDE sampler, whose steps are Gaussian
+    with std sigma_t sqrt(-dt); sigma_t = a sqrt(s / (1 - s)) at sigma s (`flow_grpo`) or a (`constant`)."""
+    flow_noise_schedule: Literal["flow_grpo", "constant"] = "flow_grpo"
+    """Flow-matching families: sigma_t of the SDE, Flow-GRPO's (`flow_grpo`) or DanceGRPO's constant (`constant`)."""
+    ode_outside_window: bool = False
+    """Flow-matching families: SDE steps only inside align.timestep_window and the deterministic Euler ODE
+    elsewhere (MixGRPO); off: every step is an SDE step."""
 
     def __post_init__(self) -> None:
         for name in ("num_epochs", "sample_batch_size", "num_batches_per_epoch", "num_steps", "train_batch_size",
@@ -331,6 +339,8 @@ class AlignConfig:
         _check(self.lora_init in LORA_INITS, "align.lora_init",
                f"must be one of {list(LORA_INITS)}, got {self.lora_init!r}")
         _check(self.grid_every >= 0, "align.grid_every", "must not be negative")
+        _check(self.flow_noise_level > 0, "align.flow_noise_level",
+               "must be > 0: at 0 the flow sampler is the deterministic ODE, whose steps have no log-probability")
         _check(self.stat_min_count <= self.stat_buffer_size, "align.stat_min_count",
                f"must not exceed align.stat_buffer_size ({self.stat_buffer_size})")
         _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,

@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 from rlbooth import __version__
 from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, log_grid, make_accelerator, weight_dtype
-from rlbooth.align.ddim import ddim_mean_std, ddim_step_with_logprob, gaussian_kl
+from rlbooth.align.ddim import gaussian_kl
 from rlbooth.align.merge import merged_lora
+from rlbooth.align.policy import policy_for
 from rlbooth.align.ppo import (PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages,
                               ppo_clip_loss)
 from rlbooth.align.rollout import Rollout, cfg_embeds, decode, guided_noise, sample_rollout
@@ -149,46 +150,49 @@ class DDPOTrainer:
         self.pipe = load_stage_pipeline(stage_one, fuse=True)
         self.family = family_of(self.pipe)
         self.pipe.to(accelerator.device)
-        self._freeze_and_add_lora(weight_dtype(accelerator))
-        self.scheduler = self.family.ddim_scheduler(self.pipe)
-        params = [p for p in self.pipe.unet.parameters() if p.requires_grad]
+        denoiser = getattr(self.pipe, self.family.denoiser)  # the UNet, or the transformer of a flow model
+        self._freeze_and_add_lora(denoiser, weight_dtype(accelerator))
+        params = [p for p in denoiser.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.cfg.learning_rate, weight_decay=self.cfg.adam_weight_decay)
         lr_scheduler = get_scheduler("constant", optimizer=optimizer)
-        self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(self.pipe.unet, optimizer, lr_scheduler)
-        self.params = params
+        # `unet` names the prepared denoiser whatever its kind, as diffusers' training scripts do.
+        self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+        self.denoiser, self.params = denoiser, params
         self.merge_lora = merges_lora(config)
         # Compiled once; the module's weights are read at each call, so training's updates reach it.
-        self.compiled = torch.compile(self.pipe.unet) if self.cfg.compile_denoiser else None
+        self.compiled = torch.compile(denoiser) if self.cfg.compile_denoiser else None
         self.sampler = PromptSampler(templates, self.subject, self.cfg.identifier_ratio, self.seed)
         self.tracker = PerPromptStatTracker(self.cfg.stat_buffer_size, self.cfg.stat_min_count)
         self.history: list[dict[str, float]] = []
         vae = self.pipe.vae
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        size = self.pipe.unet.config.sample_size
-        self.latent_shape = (self.pipe.unet.config.in_channels, size, size)
+        # FLUX's transformer has no native size: it samples at the resolution stage one trained at.
+        size = denoiser.config.get("sample_size") or stage_one.metadata["config"]["personalize"]["resolution"] // factor
+        self.latent_shape = (vae.config.latent_channels, size, size)
         self.resolution = size * factor
+        self.policy = policy_for(self.family, self.pipe, self.cfg, (size, size))
         self.geometry = square_geometry(self.resolution)
         self._embeds: dict[str, Conditioning] = {}
         with torch.no_grad():
             self.uncond = self.family.with_geometry(self.family.unconditional(self.pipe), self.geometry)
 
-    def _freeze_and_add_lora(self, frozen_dtype: torch.dtype) -> None:
+    def _freeze_and_add_lora(self, denoiser: torch.nn.Module, frozen_dtype: torch.dtype) -> None:
         pipe, cfg = self.pipe, self.cfg
-        for module in (pipe.vae, *self.family.text_encoder_modules(pipe), pipe.unet):
+        for module in (pipe.vae, *self.family.text_encoder_modules(pipe), denoiser):
             module.requires_grad_(False)
             if frozen_dtype != torch.float32:
                 module.to(dtype=frozen_dtype)
         torch.manual_seed(self.seed)
-        add_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, adapter_name=ALIGN_ADAPTER,
+        add_lora(denoiser, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, adapter_name=ALIGN_ADAPTER,
                  init=cfg.lora_init)
-        for p in pipe.unet.parameters():
+        for p in denoiser.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
 
     # ------------------------------------------------------------------ state
 
     def models(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.unet}
+        return {self.family.denoiser: self.unet}
 
     def restore(self) -> int:
         ckpt = latest_checkpoint(self.output_dir / "checkpoints")
@@ -232,7 +236,7 @@ class DDPOTrainer:
         Both give the samples of the plain adapted UNet up to float rounding (tests/align/test_speedups.py).
         """
         self.unet.eval()
-        merged = merged_lora(self.pipe.unet, ALIGN_ADAPTER) if self.merge_lora else nullcontext()
+        merged = merged_lora(self.denoiser, ALIGN_ADAPTER) if self.merge_lora else nullcontext()
         with merged:
             yield self.compiled if self.compiled is not None else self.unet
 
@@ -256,9 +260,9 @@ class DDPOTrainer:
                 torch.Generator(device=acc.device).manual_seed(_seed(self.seed, epoch, int(i) // group, group))
                 for i in index]
             with acc.autocast():
-                rollout = sample_rollout(self.family, denoiser, self.scheduler, cfg_embeds(self.uncond, cond), generators,
+                rollout = sample_rollout(self.family, denoiser, self.policy, cfg_embeds(self.uncond, cond), generators,
                                          self.latent_shape, num_steps=cfg.num_steps,
-                                         guidance_scale=cfg.guidance_scale, eta=cfg.eta, start_generators=starts)
+                                         guidance_scale=cfg.guidance_scale, start_generators=starts)
             images = decode(self.pipe.vae, rollout.final)
             futures.append(self.reward.submit(images, [p.text for p in prompts], self.metadata(prompts)))
             rollouts.append(rollout)
@@ -335,8 +339,7 @@ class DDPOTrainer:
         with self.acc.autocast():
             noise = guided_noise(self.family, self.unet, x_t, t, cfg_embeds(self.uncond, samples.embeds[rows]),
                                  self.cfg.guidance_scale)
-        _, log_prob = ddim_step_with_logprob(self.scheduler, noise, t, x_t, eta=self.cfg.eta,
-                                             prev_sample=samples.latents[rows, step + 1])
+        _, log_prob = self.policy.step(noise, step, x_t, prev_sample=samples.latents[rows, step + 1])
         return noise, log_prob
 
     def train_step(self, samples: Samples, rows: torch.Tensor, step: torch.Tensor, advantages: torch.Tensor
@@ -368,8 +371,8 @@ class DDPOTrainer:
                                          self.cfg.guidance_scale)
             finally:
                 unet.enable_adapters()
-        mean, std = ddim_mean_std(self.scheduler, noise, t, x_t, eta=self.cfg.eta)
-        ref_mean, _ = ddim_mean_std(self.scheduler, ref_noise, t, x_t, eta=self.cfg.eta)
+        mean, std = self.policy.mean_std(noise, step, x_t)
+        ref_mean, _ = self.policy.mean_std(ref_noise, step, x_t)
         return gaussian_kl(mean, ref_mean, std).mean()
 
     # ------------------------------------------------------------------ epoch
@@ -434,7 +437,8 @@ class DDPOTrainer:
         checksums = self.replica_checksums()
         if self.acc.is_main_process:
             unet = self.acc.unwrap_model(self.unet)
-            write = lambda folder: save_lora(folder, self.family, {"unet": unet}, adapter_name=ALIGN_ADAPTER)
+            write = lambda folder: save_lora(folder, self.family, {self.family.denoiser: unet},
+                                                 adapter_name=ALIGN_ADAPTER)
             publish(self.output_dir, write, {
                 "stage": "align", "rlbooth_version": __version__, "stage_one": str(self.stage_one.folder.resolve()),
                 "subject": self.subject.to_dict(), "reward": self.cfg.reward, "epochs": self.cfg.num_epochs,

@@ -75,6 +75,9 @@ class Family(ABC):
     """Extra `from_pretrained` arguments (no safety checker, no watermark)."""
     denoiser: str = "unet"
     """Pipeline attribute of the denoiser (`unet`, or `transformer` for the flow-matching families)."""
+    classifier_free_guidance: bool = True
+    """Whether sampling runs the unconditional batch; a guidance-distilled model (FLUX.1-dev) takes the scale
+    as an input instead (`with_guidance`)."""
     flow_matching: bool = False
     """Whether the denoiser predicts a flow velocity on FlowMatchEulerDiscreteScheduler's sigmas (SD3, FLUX)
     rather than a DDPM noise."""
@@ -125,16 +128,6 @@ class Family(ABC):
         """The text encoders that `personalize.train_text_encoder` trains and the LoRA files carry."""
         return self.text_encoders
 
-    # ------------------------------------------------------------------ latents
-
-    def to_latents(self, vae: Any, sample: torch.Tensor) -> torch.Tensor:
-        """The denoiser's latents from a VAE encoding (SD3's and FLUX's VAEs also shift before they scale)."""
-        return (sample - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
-
-    def from_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
-        """What `vae.decode` takes, as the pipelines undo `to_latents` before decoding."""
-        return latents / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
-
     # ------------------------------------------------------------------ denoiser
 
     def denoise(self, unet: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
@@ -174,3 +167,13 @@ def square_geometry(resolution: int) -> torch.Tensor:
 def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                      truncation=True, return_tensors="pt").input_ids
+
+
+def to_latents(vae: Any, sample: torch.Tensor) -> torch.Tensor:
+    """The denoiser's latents from a VAE encoding (SD3's and FLUX's VAEs also shift before they scale)."""
+    return (sample - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
+
+
+def from_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """What `vae.decode` takes, as the pipelines undo `to_latents` before decoding."""
+    return latents / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)

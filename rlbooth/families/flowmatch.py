@@ -23,8 +23,6 @@ class FlowMatchingFamily(Family):
     flow_matching = True
     max_sequence_length: int
     """T5 tokens per prompt, the pipeline's `max_sequence_length` default."""
-    classifier_free_guidance: bool = True
-    """Whether sampling runs the unconditional batch (SD3); FLUX is guidance-distilled and does not."""
 
     def ddim_scheduler(self, pipe: Any) -> Any:
         raise NotImplementedError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.align.conftest import align_config
 from tests.align.test_train import make_trainer
@@ -30,7 +31,7 @@ def test_outlier_advantage_is_clipped_before_training(stage_one, tmp_path, norma
     def record(samples, rows, step, advantages):
         for row, advantage in zip(rows.tolist(), advantages.tolist()):
             seen[int(samples.indices[row])] = advantage
-        return {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
+        return {name: torch.zeros(()) for name in ("loss", "approx_kl", "clipfrac")}
 
     trainer.sample_epoch, trainer.train_step = sample_with_outlier, record
     trainer.run_epoch(0)

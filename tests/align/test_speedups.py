@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlbooth.align.merge import adapter_layers, merged_lora
-from rlbooth.align.train import DDPOTrainer, align, reward_workers
+from rlbooth.align.train import DDPOTrainer, reward_workers
 from rlbooth.config import ConfigError
 from rlbooth.stages import ALIGN_ADAPTER
 from tests.align.conftest import align_config

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from rlbooth.accel import make_accelerator
 from rlbooth.align import train as train_module
+from rlbooth.align.policy import policy_for
 from rlbooth.align.rollout import cfg_embeds, decode, sample_rollout
 from rlbooth.align.train import DDPOTrainer, align
 from rlbooth.stages import OutputError
@@ -24,6 +25,7 @@ from rlbooth.rewards import CompositeReward
 from rlbooth.sampling import draw_grid
 from rlbooth.stages import load_stage_pipeline, read_stage
 from tests.align.conftest import align_config
+from rlbooth.config import AlignConfig
 
 PROMPT = "a sks triangular toy playing soccer"
 
@@ -36,17 +38,17 @@ def make_trainer(config, stage_one: Path, out: Path) -> DDPOTrainer:
 
 
 @torch.no_grad()
-def final_latents(pipe, unet, seeds: list[int], prompt: str = PROMPT, steps: int = 4) -> torch.Tensor:
-    """Trajectories through the stage-two sampler with fixed per-sample seeds."""
+def final_latents(pipe, denoiser, seeds: list[int], prompt: str = PROMPT, steps: int = 4) -> torch.Tensor:
+    """Trajectories through the stage-two sampler (DDIM or the flow SDE) with fixed per-sample seeds."""
     family = family_of(pipe)
-    scheduler = family.ddim_scheduler(pipe)
-    size = pipe.unet.config.sample_size
+    size = denoiser.config.get("sample_size") or 16  # FLUX has none: the tests' 32 px
+    policy = policy_for(family, pipe, AlignConfig(), (size, size))
     geometry = square_geometry(size * 2 ** (len(pipe.vae.config.block_out_channels) - 1))
     cond = family.with_geometry(family.encode_prompts(pipe, [prompt] * len(seeds)), geometry)
     uncond = family.with_geometry(family.unconditional(pipe), geometry)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    return sample_rollout(family, unet, scheduler, cfg_embeds(uncond, cond), gens, (4, size, size),
-                          num_steps=steps, guidance_scale=5.0, eta=1.0).final
+    return sample_rollout(family, denoiser, policy, cfg_embeds(uncond, cond), gens,
+                          (pipe.vae.config.latent_channels, size, size), num_steps=steps, guidance_scale=5.0).final
 
 
 @pytest.mark.parametrize("init", ["ddpo", "peft"])

@@ -12,6 +12,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from rlbooth.config import TinyModelConfig
 from rlbooth.families import Conditioning, FlowMatchingFamily, family_of, get_family
 from rlbooth.families.flux import image_ids, pack, unpack
+from rlbooth.families.base import from_latents, to_latents
 from rlbooth.models import TEXT_ENCODER_LORA_TARGETS, add_lora, save_lora
 
 PROMPTS = ["a sks dog on the beach", "A dog, 2 cats!"]
@@ -152,18 +153,18 @@ def test_flux_step_equals_the_pipelines(flux, guidance_embeds):
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])
 def test_latents_decode_as_the_pipeline_decodes(sd3, flux, name):
-    """The pipeline's image from its final latents equals `vae.decode(family.from_latents(...))`; and
+    """The pipeline's image from its final latents equals `vae.decode(from_latents(...))`; and
     `to_latents` inverts it (SD3's and FLUX's VAEs have a non-zero shift)."""
     pipe = {"sd3": sd3, "flux": flux}[name]
-    family, kwargs = family_of(pipe), {"num_inference_steps": 1, "height": 32, "width": 32}
+    kwargs = {"num_inference_steps": 1, "height": 32, "width": 32}
     final = pipe("a dog", output_type="latent", generator=torch.Generator().manual_seed(0), **kwargs).images
     image = pipe("a dog", output_type="pt", generator=torch.Generator().manual_seed(0), **kwargs).images
     latents = unpack(final, 16, 16) if name == "flux" else final
     assert pipe.vae.config.shift_factor != 0
     with torch.no_grad():
-        ours = pipe.vae.decode(family.from_latents(pipe.vae, latents)).sample
+        ours = pipe.vae.decode(from_latents(pipe.vae, latents)).sample
     torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1), image)
-    torch.testing.assert_close(family.to_latents(pipe.vae, family.from_latents(pipe.vae, latents)), latents)
+    torch.testing.assert_close(to_latents(pipe.vae, from_latents(pipe.vae, latents)), latents)
 
 
 def randomize_lora_b(model: torch.nn.Module) -> None:

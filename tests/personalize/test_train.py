@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from rlbooth.config import PersonalizeConfig, load_config
 from rlbooth.families import family_of
+from rlbooth.families.base import to_latents
 from rlbooth.models import load_pipeline
 from rlbooth.personalize import train as train_module
 from rlbooth.personalize.data import encode_images
@@ -40,7 +41,7 @@ def instance_loss(pipe, denoiser, paths: list[Path]) -> float:
     """Stage one's loss on the subject's photos with fixed noise and timesteps (DDPM noise or flow velocity)."""
     family = family_of(pipe)
     bank = encode_images(pipe.vae, paths, 32, True, seed=0)
-    latents = family.to_latents(pipe.vae, bank.mean)
+    latents = to_latents(pipe.vae, bank.mean)
     g = torch.Generator().manual_seed(123)
     noise = torch.randn(latents.shape, generator=g)
     objective = objective_for(family, pipe, PersonalizeConfig())

@@ -1,0 +1,127 @@
+"""The sampler stage two treats as its policy: steps x_t -> x_{t-1} that are Gaussian, with their log-probs.
+
+DDPM families sample with DDIM (eta > 0, DDPO); flow-matching families with Flow-GRPO's SDE, optionally
+only inside a window of steps and with the deterministic Euler ODE elsewhere (MixGRPO), whose steps have
+no log-probability and are never trained. Steps are addressed by their index in the sampling schedule,
+so a stored trajectory is replayed at its own steps.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from rlbooth.align.ddim import ddim_mean_std, ddim_step_with_logprob
+from rlbooth.align.flow import NoiseSchedule, flow_mean_std, flow_step_with_logprob
+
+if TYPE_CHECKING:
+    from rlbooth.config import AlignConfig
+    from rlbooth.families import Family
+
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+class StepPolicy(ABC):
+    timesteps: Tensor
+    """The denoiser's timestep input at each step, after `set_timesteps`."""
+    init_noise_sigma: float = 1.0
+
+    @abstractmethod
+    def set_timesteps(self, num_steps: int, device: Any = None) -> Tensor:
+        """Set and return the schedule's timesteps."""
+
+    @abstractmethod
+    def mean_std(self, model_output: Tensor, step: Tensor, sample: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std of the Gaussian step(s) `step` (one index, or one per sample), float32."""
+
+    @abstractmethod
+    def step(self, model_output: Tensor, step: Tensor, sample: Tensor, *, prev_sample: Tensor | None = None,
+             generator: Generators = None) -> tuple[Tensor, Tensor]:
+        """Draw (or score the given `prev_sample` of) step(s) `step`; returns x_{t-1} and log p, shape (B,)."""
+
+    def trainable(self, num_steps: int) -> list[int]:
+        """The steps with a log-probability, the only ones training may use."""
+        return list(range(num_steps))
+
+
+class DDIMPolicy(StepPolicy):
+    """DDIM with eta > 0 on the model's own noise schedule (DDPO)."""
+
+    def __init__(self, scheduler: Any, eta: float) -> None:
+        self.scheduler, self.eta = scheduler, eta
+        self.init_noise_sigma = float(scheduler.init_noise_sigma)
+
+    def set_timesteps(self, num_steps: int, device: Any = None) -> Tensor:
+        self.scheduler.set_timesteps(num_steps, device=device)
+        self.timesteps = self.scheduler.timesteps
+        return self.timesteps
+
+    def _t(self, step: Tensor) -> Tensor:
+        return self.timesteps[torch.as_tensor(step).to(self.timesteps.device)]
+
+    def mean_std(self, model_output: Tensor, step: Tensor, sample: Tensor) -> tuple[Tensor, Tensor]:
+        return ddim_mean_std(self.scheduler, model_output, self._t(step), sample, eta=self.eta)
+
+    def step(self, model_output: Tensor, step: Tensor, sample: Tensor, *, prev_sample: Tensor | None = None,
+             generator: Generators = None) -> tuple[Tensor, Tensor]:
+        return ddim_step_with_logprob(self.scheduler, model_output, self._t(step), sample, eta=self.eta,
+                                      prev_sample=prev_sample, generator=generator)
+
+
+class FlowSDEPolicy(StepPolicy):
+    """Flow-GRPO's SDE on a flow-matching family's sampling sigmas; the Euler ODE at steps not in `sde_steps`."""
+
+    def __init__(self, family: "Family", pipe: Any, latent_size: tuple[int, int], *, noise_level: float,
+                 schedule: NoiseSchedule = "flow_grpo", sde_steps: Sequence[int] | None = None) -> None:
+        self.family, self.pipe, self.latent_size = family, pipe, latent_size
+        self.scheduler = family.flow_scheduler(pipe)
+        self.noise_level, self.schedule = noise_level, schedule
+        self.sde_steps = None if sde_steps is None else sorted(sde_steps)
+
+    def set_timesteps(self, num_steps: int, device: Any = None) -> Tensor:
+        self.timesteps = self.family.set_timesteps(self.pipe, self.scheduler, num_steps, self.latent_size,
+                                                   device=device)
+        self.sigmas = self.scheduler.sigmas.float().cpu()
+        # Flow-GRPO's sigma_t divides by 1 - sigma, which is 0 at pure noise: the largest sigma below 1 stands in.
+        below_one = self.sigmas[self.sigmas < 1]
+        self.sigma_max = float(below_one.max()) if len(below_one) else 0.98
+        self.num_steps = num_steps
+        return self.timesteps
+
+    def trainable(self, num_steps: int) -> list[int]:
+        return list(range(num_steps)) if self.sde_steps is None else [i for i in self.sde_steps if i < num_steps]
+
+    def _sigmas(self, step: Tensor) -> tuple[Tensor, Tensor]:
+        index = torch.as_tensor(step).cpu()
+        return self.sigmas[index], self.sigmas[index + 1]
+
+    def mean_std(self, model_output: Tensor, step: Tensor, sample: Tensor) -> tuple[Tensor, Tensor]:
+        sigma, sigma_next = self._sigmas(step)
+        return flow_mean_std(model_output, sample, sigma, sigma_next, noise_level=self.noise_level,
+                             schedule=self.schedule, sigma_max=self.sigma_max)
+
+    def step(self, model_output: Tensor, step: Tensor, sample: Tensor, *, prev_sample: Tensor | None = None,
+             generator: Generators = None) -> tuple[Tensor, Tensor]:
+        index = torch.as_tensor(step)
+        if index.ndim == 0 and int(index) not in self.trainable(self.num_steps):
+            sigma, sigma_next = self._sigmas(index)  # the Euler ODE step: no noise, no log-prob
+            x = sample.float() + (sigma_next - sigma).to(sample.device) * model_output.float()
+            return x.to(sample.dtype), torch.zeros(sample.shape[0], device=sample.device)
+        sigma, sigma_next = self._sigmas(index)
+        return flow_step_with_logprob(model_output, sample, sigma, sigma_next, noise_level=self.noise_level,
+                                      schedule=self.schedule, sigma_max=self.sigma_max, prev_sample=prev_sample,
+                                      generator=generator)
+
+
+def policy_for(family: "Family", pipe: Any, cfg: "AlignConfig", latent_size: tuple[int, int]) -> StepPolicy:
+    """DDIM for DDPM families (DDPO); Flow-GRPO's SDE for flow-matching ones, with the Euler ODE outside the
+    trained window under align.ode_outside_window (MixGRPO)."""
+    if family.flow_matching:
+        return FlowSDEPolicy(family, pipe, latent_size, noise_level=cfg.flow_noise_level,
+                             schedule=cfg.flow_noise_schedule,
+                             sde_steps=cfg.train_steps if cfg.ode_outside_window else None)
+    return DDIMPolicy(family.ddim_scheduler(pipe), cfg.eta)
