@@ -43,8 +43,18 @@ def stage_one_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_stage_one(tmp_path_factory.mktemp("stage-one-sdxl"), 32, "tiny-sdxl")
 
 
-@pytest.fixture(params=["sd", "sdxl"])
+@pytest.fixture(scope="session")
+def stage_one_sd3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_stage_one(tmp_path_factory.mktemp("stage-one-sd3"), 32, "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def stage_one_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_stage_one(tmp_path_factory.mktemp("stage-one-flux"), 32, "tiny-flux")
+
+
+@pytest.fixture(params=["sd", "sdxl", "sd3", "flux"])
 def any_stage_one(request: pytest.FixtureRequest) -> Path:
     """Stage one of each model family (32 px)."""
-    return request.getfixturevalue({"sd": "stage_one", "sdxl": "stage_one_sdxl"}[request.param])
+    return request.getfixturevalue(f"stage_one_{request.param}" if request.param != "sd" else "stage_one")
 

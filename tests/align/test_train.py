@@ -37,6 +37,10 @@ def make_trainer(config, stage_one: Path, out: Path) -> DDPOTrainer:
                        CompositeReward(config.align.reward), out)
 
 
+def denoiser_of(pipe) -> torch.nn.Module:
+    return getattr(pipe, family_of(pipe).denoiser)
+
+
 @torch.no_grad()
 def final_latents(pipe, denoiser, seeds: list[int], prompt: str = PROMPT, steps: int = 4) -> torch.Tensor:
     """Trajectories through the stage-two sampler (DDIM or the flow SDE) with fixed per-sample seeds."""
@@ -59,11 +63,11 @@ def test_zero_lora_samples_exactly_the_stage_one_model(any_stage_one, tmp_path, 
 
     personalized = load_pipeline(read_stage(any_stage_one).base_model)
     personalized.load_lora_weights(any_stage_one / "model")  # stage one as plain diffusers loads it
-    reference = final_latents(personalized, personalized.unet, seeds)
+    reference = final_latents(personalized, denoiser_of(personalized), seeds)
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
 
     base = load_pipeline(read_stage(any_stage_one).base_model)
-    assert (final_latents(base, base.unet, seeds) - ours).abs().max() > 1e-2, "personalization is off"
+    assert (final_latents(base, denoiser_of(base), seeds) - ours).abs().max() > 1e-2, "personalization is off"
 
 
 def test_first_inner_epoch_ratio_is_one_and_only_lora_changes(any_stage_one, tmp_path):
@@ -75,7 +79,7 @@ def test_first_inner_epoch_ratio_is_one_and_only_lora_changes(any_stage_one, tmp
             _, log_prob = trainer.step_log_prob(samples, rows, torch.full_like(rows, step))
         torch.testing.assert_close(log_prob, samples.log_probs[:, step], rtol=0, atol=1e-5)
 
-    unet = trainer.pipe.unet
+    unet = trainer.denoiser
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     frozen = {name: {k: v.clone() for k, v in getattr(trainer.pipe, name).state_dict().items()}
               for name in ("vae", "text_encoder")}
@@ -139,7 +143,7 @@ def brightness_gain(stage_one: Path, stage_two: Path, seeds: list[int]) -> torch
     scores = []
     for folder in (stage_one, stage_two):
         pipe = load_stage_pipeline(read_stage(folder))
-        scores.append(decode(pipe.vae, final_latents(pipe, pipe.unet, seeds)).mean(dim=(1, 2, 3)))
+        scores.append(decode(pipe.vae, final_latents(pipe, denoiser_of(pipe), seeds)).mean(dim=(1, 2, 3)))
     return scores[1] - scores[0]
 
 
@@ -189,9 +193,8 @@ def test_output_loads_on_top_of_stage_one_with_diffusers(any_stage_one, tmp_path
     config = align_config("align.num_epochs=2", "align.grid_every=2", "align.learning_rate=1e-2")
     out = align(config, any_stage_one, tmp_path / "out").parent
     lora = load_file(str(out / "model" / "pytorch_lora_weights.safetensors"))
-    assert lora and all(k.startswith("unet.") and "lora" in k for k in lora)
-
     pipe = load_pipeline(read_stage(any_stage_one).base_model)
+    assert lora and all(k.startswith(f"{family_of(pipe).denoiser}.") and "lora" in k for k in lora)
     pipe.load_lora_weights(any_stage_one / "model", adapter_name="personalize")
     pipe.load_lora_weights(out / "model", adapter_name="align")
     pipe.set_adapters(["personalize", "align"])
