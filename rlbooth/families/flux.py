@@ -66,7 +66,7 @@ class Flux(FlowMatchingFamily):
         """The velocity of (B, C, H, W) latents, unpacked; `timesteps` on the scheduler's scale
         (sigma * 1000), which FLUX's transformer takes divided by 1000."""
         guidance = None
-        if transformer.config.guidance_embeds:
+        if getattr(transformer, "module", transformer).config.guidance_embeds:  # under DDP, the wrapped model's
             if "guidance" not in cond.added:
                 raise ValueError("this FLUX transformer is guidance-distilled: add the scale with family.with_guidance")
             guidance = cond.added["guidance"]
