@@ -46,7 +46,7 @@ from rlbooth.families.base import square_geometry
 from rlbooth.prompts import Prompt, PromptSampler, default_prompt_set, read_prompt_file
 from rlbooth.rewards import CompositeReward
 from rlbooth.rewards.composite import check_composite
-from rlbooth.sampling import draw_grid
+from rlbooth.sampling import draw_grid, fixed_resolution
 from rlbooth.stages import ALIGN_ADAPTER, StageOutput, check_output_dir, load_stage_pipeline, publish, read_stage
 
 logger = logging.getLogger(__name__)
@@ -418,7 +418,8 @@ class DDPOTrainer:
             dtype = weight_dtype(acc)
             grid = draw_grid(self.pipe, [self.subject.prompt(t) for t in self.cfg.grid_prompts], self.cfg.grid_seeds,
                              self.cfg.num_steps, self.cfg.guidance_scale,
-                             autocast_dtype=None if dtype == torch.float32 else dtype)
+                             autocast_dtype=None if dtype == torch.float32 else dtype,
+                             resolution=fixed_resolution(self.pipe, self.resolution))
             save_image_atomic(grid, self.output_dir / "samples" / f"epoch-{epoch}.png")
             log_grid(acc, "samples", grid, epoch)
         acc.wait_for_everyone()

@@ -28,7 +28,7 @@ from rlbooth.models import TEXT_ENCODER_LORA_TARGETS, add_lora, cache_dir, load_
 from rlbooth.personalize.class_images import generate_class_images
 from rlbooth.personalize.data import DreamBoothData, encode_images
 from rlbooth.personalize.objective import Objective, objective_for
-from rlbooth.sampling import draw_grid
+from rlbooth.sampling import draw_grid, fixed_resolution
 from rlbooth.stages import check_output_dir, publish
 from rlbooth.subject import Subject
 
@@ -268,7 +268,8 @@ class TrainLoop:
         dtype = weight_dtype(acc)
         self.train_mode(False)
         grid = draw_grid(self.pipe, prompts, cfg.validation_seeds, cfg.validation_inference_steps,
-                         cfg.validation_guidance_scale, autocast_dtype=None if dtype == torch.float32 else dtype)
+                         cfg.validation_guidance_scale, autocast_dtype=None if dtype == torch.float32 else dtype,
+                         resolution=fixed_resolution(self.pipe, cfg.resolution))
         self.train_mode(True)
         save_image_atomic(grid, self.output_dir / "samples" / f"step-{step}.png")
         log_grid(acc, "validation", grid, step)

@@ -22,7 +22,7 @@ from rlbooth.families import family_of
 from rlbooth.families.base import square_geometry
 from rlbooth.prompts import read_prompt_file
 from rlbooth.rewards import CompositeReward
-from rlbooth.sampling import draw_grid
+from rlbooth.sampling import draw_grid, fixed_resolution
 from rlbooth.stages import load_stage_pipeline, read_stage
 from tests.align.conftest import align_config
 from rlbooth.config import AlignConfig
@@ -200,7 +200,8 @@ def test_output_loads_on_top_of_stage_one_with_diffusers(any_stage_one, tmp_path
     pipe.set_adapters(["personalize", "align"])
     subject = read_stage(any_stage_one).subject
     a = config.align
-    grid = draw_grid(pipe, [subject.prompt(t) for t in a.grid_prompts], a.grid_seeds, a.num_steps, a.guidance_scale)
+    grid = draw_grid(pipe, [subject.prompt(t) for t in a.grid_prompts], a.grid_seeds, a.num_steps, a.guidance_scale,
+                     resolution=fixed_resolution(pipe, 32))
     in_memory = np.asarray(Image.open(out / "samples" / "epoch-2.png"), dtype=np.int16)
     assert np.abs(np.asarray(grid, dtype=np.int16) - in_memory).max() <= 2
 

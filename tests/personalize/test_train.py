@@ -21,7 +21,7 @@ from rlbooth.personalize.data import encode_images
 from rlbooth.personalize.objective import objective_for
 from rlbooth.personalize.train import personalize
 from rlbooth.stages import METADATA, OutputError
-from rlbooth.sampling import draw_grid
+from rlbooth.sampling import draw_grid, fixed_resolution
 from rlbooth.subject import Subject
 
 
@@ -88,7 +88,9 @@ def test_lora_output_reloads_with_diffusers_and_draws_what_training_drew(tmp_pat
     pipe.load_lora_weights(model_dir)
     p = config.personalize
     grid = draw_grid(pipe, [subject.prompt(t) for t in p.validation_prompts], p.validation_seeds,
-                     p.validation_inference_steps, p.validation_guidance_scale)
+                     p.validation_inference_steps, p.validation_guidance_scale,
+                     resolution=fixed_resolution(pipe, p.resolution))
+    assert grid.size == (32 * len(p.validation_seeds), 32 * len(p.validation_prompts))
     in_memory = np.asarray(Image.open(out / "samples" / "step-6.png"), dtype=np.int16)
     assert np.abs(np.asarray(grid, dtype=np.int16) - in_memory).max() <= 1
 
