@@ -42,10 +42,11 @@ def denoiser_of(pipe) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def final_latents(pipe, denoiser, seeds: list[int], prompt: str = PROMPT, steps: int = 4) -> torch.Tensor:
+def final_latents(pipe, denoiser, seeds: list[int], prompt: str = PROMPT, steps: int = 4, resolution: int = 32
+                  ) -> torch.Tensor:
     """Trajectories through the stage-two sampler (DDIM or the flow SDE) with fixed per-sample seeds."""
     family = family_of(pipe)
-    size = denoiser.config.get("sample_size") or 16  # FLUX has none: the tests' 32 px
+    size = denoiser.config.get("sample_size") or resolution // 2  # FLUX has none: where stage one trained
     policy = policy_for(family, pipe, AlignConfig(), (size, size))
     geometry = square_geometry(size * 2 ** (len(pipe.vae.config.block_out_channels) - 1))
     cond = family.with_geometry(family.encode_prompts(pipe, [prompt] * len(seeds)), geometry)
@@ -143,25 +144,30 @@ def brightness_gain(stage_one: Path, stage_two: Path, seeds: list[int]) -> torch
     scores = []
     for folder in (stage_one, stage_two):
         pipe = load_stage_pipeline(read_stage(folder))
-        scores.append(decode(pipe.vae, final_latents(pipe, denoiser_of(pipe), seeds)).mean(dim=(1, 2, 3)))
+        resolution = read_stage(stage_one).metadata["config"]["personalize"]["resolution"]
+        latents = final_latents(pipe, denoiser_of(pipe), seeds, resolution=resolution)
+        scores.append(decode(pipe.vae, latents).mean(dim=(1, 2, 3)))
     return scores[1] - scores[0]
 
 
 @pytest.mark.parametrize("weight", [1.0, -1.0])
-def test_training_climbs_the_reward_in_its_sign(stage_one_8px, tmp_path, weight):
+def test_training_climbs_the_reward_in_its_sign(any_stage_one_8px, tmp_path, weight):
     """+brightness must brighten, -brightness darken: fails if the update sign or the ratio is wrong.
 
     The score-function gradient's signal-to-noise ratio scales like sqrt(samples / action dims), so on
     a random tiny model the reward only moves reliably with few latent dims and many samples: 8 px
     images (64 latent dims), 256 samples and one small optimizer step per epoch. With these settings
     the brightness moved in the reward's direction in all 8 runs tried (seeds 0-3, both signs); the
-    change is measured on 32 fixed seeds, stage one and stage two drawing from the same noise.
+    change is measured on 32 fixed seeds, stage one and stage two drawing from the same noise. The tiny
+    SD3 and FLUX (flow SDE sampler; 4x4x16 latents) follow the sign with z = +6.5 / -5.9 and +102 / -99;
+    with the PPO surrogate's sign flipped all four flow cases fail (checked once). The tiny SDXL is not
+    run here: README, Tests.
     """
     config = align_config(f"align.reward={{brightness: {weight}}}", "runtime.seed=0", "align.num_epochs=3",
                           "align.sample_batch_size=32", "align.num_batches_per_epoch=8", "align.train_batch_size=64",
                           "align.gradient_accumulation_steps=4", "align.learning_rate=1e-2")
-    out = align(config, stage_one_8px, tmp_path / "out")
-    gain = brightness_gain(stage_one_8px, out.parent, seeds=list(range(100, 132)))
+    out = align(config, any_stage_one_8px, tmp_path / "out")
+    gain = brightness_gain(any_stage_one_8px, out.parent, seeds=list(range(100, 132)))
     z = gain.mean() / (gain.std() / len(gain) ** 0.5)
     assert weight * z > 2, f"brightness change {gain.mean():.2e} (z={z:.1f}) does not follow the reward {weight}"
     history = json.loads((out.parent / "rlbooth.json").read_text())["history"]
