@@ -28,6 +28,10 @@ class ExportError(RlboothError, ValueError):
     """The stage cannot be exported as asked (a full fine-tune, a merge without two LoRAs, a bad format)."""
 
 
+KOHYA_FAMILIES = ("sd", "sdxl")
+"""The families whose kohya names (`lora_unet_*`, `lora_te*_*`) this export writes and its tests check."""
+
+
 def stage_one_of(stage: StageOutput) -> StageOutput:
     return stage if stage.stage == "personalize" else read_stage(stage.metadata["stage_one"], "personalize")
 
@@ -35,6 +39,12 @@ def stage_one_of(stage: StageOutput) -> StageOutput:
 def adapters_to_export(stage: StageOutput, merge: bool) -> list[str]:
     """The adapter names of `stage`'s pipeline that go into the file, checked before anything loads."""
     one = stage_one_of(stage)
+    family = one.metadata.get("family", "sd")
+    if family not in KOHYA_FAMILIES:
+        raise ExportError(f"{stage.folder} is a {family} model: the kohya layout is written for "
+                          f"{' and '.join(KOHYA_FAMILIES)} only (its names for the {family} transformer differ and "
+                          f"are not checked here); use {stage.model_dir / 'pytorch_lora_weights.safetensors'}, "
+                          "diffusers' layout, which the pipeline's load_lora_weights reads")
     one_is_lora = one.metadata["mode"] == "lora"
     if stage.stage == "personalize":
         if not one_is_lora:

@@ -106,3 +106,13 @@ def test_stage_loras_load_with_their_trained_alpha(stages):
     for model in (pipe.unet, pipe.text_encoder):
         scales = {(name, scale) for m in model.modules() if isinstance(m, LoraLayer) for name, scale in m.scaling.items()}
         assert scales == ({("personalize", 2.0), ("align", 0.5)} if model is pipe.unet else {("personalize", 2.0)})
+
+
+def test_flow_model_stages_are_refused_with_the_file_to_use(tmp_path, capsys):
+    from tests.align.conftest import make_stage_one
+
+    one = make_stage_one(tmp_path / "flux", 32, "tiny-flux")
+    assert main(["export", str(one), "-o", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "flux" in err and "pytorch_lora_weights.safetensors" in err and "Traceback" not in err
+    assert not (tmp_path / "x.safetensors").exists()
