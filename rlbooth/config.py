@@ -66,10 +66,11 @@ class ModelConfig:
 
     pretrained: str = "runwayml/stable-diffusion-v1-5"
     """Hub id or local folder of a diffusers pipeline of a supported family; `tiny` for the random offline test
-    model (of `family`), `toyworld` for the toy world's shipped 32 px model (rlbooth.toyworld)."""
+    model (of `family`), `toyworld` / `toyworld-flow` for the toy world's shipped 32 px models (rlbooth.toyworld;
+    UNet / SD3 transformer)."""
     family: Literal["auto", "sd", "sdxl", "sd3", "flux"] = "auto"
     """Model family (rlbooth.families): `sd` (Stable Diffusion 1.x/2.x), `sdxl`, `sd3` (SD3/SD3.5), `flux`
-    (FLUX.1); `auto` reads it from the model's model_index.json (`tiny` and `toyworld`: sd)."""
+    (FLUX.1); `auto` reads it from the model's model_index.json (`tiny` and `toyworld`: sd; `toyworld-flow`: sd3)."""
     vae: str | None = None
     """Hub id or local folder of a VAE that replaces the pipeline's own, e.g. madebyollin/sdxl-vae-fp16-fix
     (SDXL's VAE overflows in fp16)."""
@@ -226,9 +227,10 @@ class AlignConfig:
     num_batches_per_epoch: int = 4
     """Sampling batches per epoch and process: samples per epoch = this x sample_batch_size x processes."""
     num_steps: int = 50
-    """DDIM steps of a trajectory (also of the sample grids)."""
+    """Sampler steps of a trajectory (DDIM, or the flow families' SDE; also of the sample grids)."""
     eta: float = 1.0
-    """DDIM noise scale; must be > 0, the log-prob of a deterministic step is undefined."""
+    """DDIM noise scale (DDPM families; flow families use flow_noise_level); must be > 0, the log-prob of a
+    deterministic step is undefined."""
     guidance_scale: float = 5.0
     """Classifier-free guidance, the same when sampling and when recomputing log-probs."""
     train_batch_size: int = 4

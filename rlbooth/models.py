@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 TOYWORLD = "toyworld"
 """`model.pretrained` value naming the toy world's shipped base model (rlbooth.toyworld)."""
+TOYWORLD_FLOW = "toyworld-flow"
+"""`model.pretrained` value naming the toy world's shipped flow-matching model (SD3 classes)."""
+SHIPPED = {TOYWORLD: "sd", TOYWORLD_FLOW: "sd3"}
+"""The shipped base models and their families."""
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -44,9 +48,11 @@ def model_key(cfg: ModelConfig) -> str:
         family = "sd" if cfg.family == "auto" else cfg.family  # SD keys stay as they were before families
         spec = json.dumps(cfg.tiny.__dict__ | ({} if family == "sd" else {"family": family}), sort_keys=True)
         return "tiny-" + hashlib.sha1(spec.encode()).hexdigest()[:10]
-    if cfg.pretrained == TOYWORLD:  # retrained weights must not reuse the old weights' class images
-        return "toyworld-" + hashlib.sha1((toyworld_folder() / "unet" / "diffusion_pytorch_model.safetensors")
-                                          .read_bytes()).hexdigest()[:10]
+    if cfg.pretrained in SHIPPED:  # retrained weights must not reuse the old weights' class images
+        folder = toyworld_folder(cfg.pretrained)
+        denoiser = next(p for p in (folder / "unet", folder / "transformer") if p.is_dir())
+        return f"{cfg.pretrained}-" + hashlib.sha1((denoiser / "diffusion_pytorch_model.safetensors")
+                                                   .read_bytes()).hexdigest()[:10]
     name = f"{cfg.pretrained}@{cfg.revision or 'main'}"
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_")[-80:]
 
@@ -57,7 +63,9 @@ def resolve_family(cfg: ModelConfig) -> "Family":
 
     if cfg.family != "auto":
         return get_family(cfg.family)
-    if cfg.pretrained in ("tiny", TOYWORLD):
+    if cfg.pretrained in SHIPPED:
+        return get_family(SHIPPED[cfg.pretrained])
+    if cfg.pretrained == "tiny":
         return get_family("sd")
     class_name = _pipeline_class_name(cfg)
     family = family_of_class(class_name)
@@ -92,8 +100,8 @@ def load_pipeline(cfg: ModelConfig, torch_dtype: "torch.dtype | None" = None) ->
     family = resolve_family(cfg)
     if cfg.pretrained == "tiny":
         source = str(tiny_pipeline_folder(cfg.tiny, family))
-    elif cfg.pretrained == TOYWORLD:
-        source = str(toyworld_folder())
+    elif cfg.pretrained in SHIPPED:
+        source = str(toyworld_folder(cfg.pretrained))
     else:
         source = cfg.pretrained
     local = Path(source).exists()
@@ -126,14 +134,17 @@ def load_vae(source: str, torch_dtype: "torch.dtype | None") -> "torch.nn.Module
         ) from err
 
 
-def toyworld_folder() -> Path:
-    """The toy world's pretrained pipeline, shipped inside the package."""
-    from rlbooth.toyworld.model import WEIGHTS
+def toyworld_folder(name: str = TOYWORLD) -> Path:
+    """A toy world pretrained pipeline (`toyworld` or `toyworld-flow`), shipped inside the package."""
+    from rlbooth.toyworld.model import FLOW_WEIGHTS, WEIGHTS
 
-    if not (WEIGHTS / "model_index.json").is_file():
-        raise ModelLoadError(f"model.pretrained={TOYWORLD!r}: the shipped weights are missing from {WEIGHTS}; "
-                             "reinstall rlbooth, or rebuild them with `python -m rlbooth.toyworld.pretrain`")
-    return WEIGHTS
+    folder = FLOW_WEIGHTS if name == TOYWORLD_FLOW else WEIGHTS
+    if not (folder / "model_index.json").is_file():
+        family = "" if name == TOYWORLD else f" --family {SHIPPED[name]}"
+        raise ModelLoadError(f"model.pretrained={name!r}: the shipped weights are missing from {folder}; "
+                             f"reinstall rlbooth, or rebuild them with `python -m rlbooth.toyworld.pretrain"
+                             f"{family} --out {folder}`")
+    return folder
 
 
 def tiny_pipeline_folder(cfg: TinyModelConfig, family: "Family") -> Path:

@@ -23,6 +23,8 @@ def draw(pipe: "DiffusionPipeline", prompts: list[str], seeds: list[int], num_in
 
     `resolution` (square) where the pipeline's default size is not wanted; see `fixed_resolution`.
     """
+    from rlbooth.families import family_of
+
     pipe.set_progress_bar_config(disable=True)
     size = {} if resolution is None else {"height": resolution, "width": resolution}
     device = pipe.device
@@ -31,7 +33,8 @@ def draw(pipe: "DiffusionPipeline", prompts: list[str], seeds: list[int], num_in
         for prompt in prompts:
             generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
             images += pipe([prompt] * len(seeds), num_inference_steps=num_inference_steps,
-                           guidance_scale=guidance_scale, generator=generators, **size).images
+                           guidance_scale=guidance_scale, generator=generators, **size,
+                           **family_of(pipe).call_kwargs(pipe)).images
     return images
 
 

@@ -43,10 +43,6 @@ class StepPolicy(ABC):
              generator: Generators = None) -> tuple[Tensor, Tensor]:
         """Draw (or score the given `prev_sample` of) step(s) `step`; returns x_{t-1} and log p, shape (B,)."""
 
-    def trainable(self, num_steps: int) -> list[int]:
-        """The steps with a log-probability, the only ones training may use."""
-        return list(range(num_steps))
-
 
 class DDIMPolicy(StepPolicy):
     """DDIM with eta > 0 on the model's own noise schedule (DDPO)."""
@@ -73,14 +69,15 @@ class DDIMPolicy(StepPolicy):
 
 
 class FlowSDEPolicy(StepPolicy):
-    """Flow-GRPO's SDE on a flow-matching family's sampling sigmas; the Euler ODE at steps not in `sde_steps`."""
+    """Flow-GRPO's SDE on a flow-matching family's sampling sigmas; the Euler ODE at steps not in `sde_steps`
+    (which the trainer passes as `align.train_steps`, the one list of trained steps)."""
 
     def __init__(self, family: "Family", pipe: Any, latent_size: tuple[int, int], *, noise_level: float,
                  schedule: NoiseSchedule = "flow_grpo", sde_steps: Sequence[int] | None = None) -> None:
         self.family, self.pipe, self.latent_size = family, pipe, latent_size
         self.scheduler = family.flow_scheduler(pipe)
         self.noise_level, self.schedule = noise_level, schedule
-        self.sde_steps = None if sde_steps is None else sorted(sde_steps)
+        self.sde_steps = None if sde_steps is None else frozenset(sde_steps)
 
     def set_timesteps(self, num_steps: int, device: Any = None) -> Tensor:
         self.timesteps = self.family.set_timesteps(self.pipe, self.scheduler, num_steps, self.latent_size,
@@ -89,11 +86,7 @@ class FlowSDEPolicy(StepPolicy):
         # Flow-GRPO's sigma_t divides by 1 - sigma, which is 0 at pure noise: the largest sigma below 1 stands in.
         below_one = self.sigmas[self.sigmas < 1]
         self.sigma_max = float(below_one.max()) if len(below_one) else 0.98
-        self.num_steps = num_steps
         return self.timesteps
-
-    def trainable(self, num_steps: int) -> list[int]:
-        return list(range(num_steps)) if self.sde_steps is None else [i for i in self.sde_steps if i < num_steps]
 
     def _sigmas(self, step: Tensor) -> tuple[Tensor, Tensor]:
         index = torch.as_tensor(step).cpu()
@@ -107,7 +100,7 @@ class FlowSDEPolicy(StepPolicy):
     def step(self, model_output: Tensor, step: Tensor, sample: Tensor, *, prev_sample: Tensor | None = None,
              generator: Generators = None) -> tuple[Tensor, Tensor]:
         index = torch.as_tensor(step)
-        if index.ndim == 0 and int(index) not in self.trainable(self.num_steps):
+        if index.ndim == 0 and self.sde_steps is not None and int(index) not in self.sde_steps:
             sigma, sigma_next = self._sigmas(index)  # the Euler ODE step: no noise, no log-prob
             x = sample.float() + (sigma_next - sigma).to(sample.device) * model_output.float()
             return x.to(sample.dtype), torch.zeros(sample.shape[0], device=sample.device)

@@ -15,22 +15,22 @@ from rlbooth.files import kill_point
 
 def guided_noise(family: Family, unet: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
                  cond: Conditioning, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance in one batched forward; `cond` has 2B rows, unconditional ones first.
-
-    A guidance-distilled family (FLUX.1-dev) runs only the conditional rows, with the scale as an input.
+    """Classifier-free guidance in one batched forward; `cond` is `guidance_inputs`' (2B rows, unconditional
+    ones first). A guidance-distilled family (FLUX.1-dev) has B rows and takes the scale as an input.
     """
     batch = latents.shape[0]
     timesteps = timesteps.expand(batch) if timesteps.ndim == 0 else timesteps
     if not family.classifier_free_guidance:
-        return family.denoise(unet, latents, timesteps, family.with_guidance(cond[batch:], guidance_scale)).float()
+        return family.denoise(unet, latents, timesteps, family.with_guidance(cond, guidance_scale)).float()
     out = family.denoise(unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), cond)
     uncond, guided = out.float().chunk(2)
     return uncond + guidance_scale * (guided - uncond)
 
 
-def cfg_embeds(uncond: Conditioning, cond: Conditioning) -> Conditioning:
-    """Stack per-sample unconditional and conditional inputs as `guided_noise` expects."""
-    return Conditioning.guided(uncond, cond)
+def guidance_inputs(family: Family, uncond: Conditioning, cond: Conditioning) -> Conditioning:
+    """The rows `guided_noise` runs: unconditional then conditional for CFG, the conditional ones alone for a
+    guidance-distilled family (no unconditional batch is built, nor moved, per step)."""
+    return Conditioning.guided(uncond, cond) if family.classifier_free_guidance else cond
 
 
 @dataclass

@@ -36,7 +36,7 @@ from rlbooth.align.merge import merged_lora
 from rlbooth.align.policy import policy_for
 from rlbooth.align.ppo import (PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages,
                               ppo_clip_loss)
-from rlbooth.align.rollout import Rollout, cfg_embeds, decode, guided_noise, sample_rollout
+from rlbooth.align.rollout import Rollout, decode, guidance_inputs, guided_noise, sample_rollout
 from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlbooth.config import AlignConfig, Config, ConfigError
 from rlbooth.images import save_image_atomic
@@ -260,7 +260,7 @@ class DDPOTrainer:
                 torch.Generator(device=acc.device).manual_seed(_seed(self.seed, epoch, int(i) // group, group))
                 for i in index]
             with acc.autocast():
-                rollout = sample_rollout(self.family, denoiser, self.policy, cfg_embeds(self.uncond, cond), generators,
+                rollout = sample_rollout(self.family, denoiser, self.policy, guidance_inputs(self.family, self.uncond, cond), generators,
                                          self.latent_shape, num_steps=cfg.num_steps,
                                          guidance_scale=cfg.guidance_scale, start_generators=starts)
             images = decode(self.pipe.vae, rollout.final)
@@ -337,7 +337,7 @@ class DDPOTrainer:
         x_t = samples.latents[rows, step]
         t = samples.timesteps[step]
         with self.acc.autocast():
-            noise = guided_noise(self.family, self.unet, x_t, t, cfg_embeds(self.uncond, samples.embeds[rows]),
+            noise = guided_noise(self.family, self.unet, x_t, t, guidance_inputs(self.family, self.uncond, samples.embeds[rows]),
                                  self.cfg.guidance_scale)
         _, log_prob = self.policy.step(noise, step, x_t, prev_sample=samples.latents[rows, step + 1])
         return noise, log_prob
@@ -367,7 +367,7 @@ class DDPOTrainer:
         with torch.no_grad(), self.acc.autocast():
             unet.disable_adapters()
             try:
-                ref_noise = guided_noise(self.family, unet, x_t, t, cfg_embeds(self.uncond, samples.embeds[rows]),
+                ref_noise = guided_noise(self.family, unet, x_t, t, guidance_inputs(self.family, self.uncond, samples.embeds[rows]),
                                          self.cfg.guidance_scale)
             finally:
                 unet.enable_adapters()

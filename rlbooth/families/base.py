@@ -123,6 +123,10 @@ class Family(ABC):
     def text_encoder_modules(self, pipe: Any) -> list[torch.nn.Module]:
         return [getattr(pipe, name) for name in self.text_encoders]
 
+    def call_kwargs(self, pipe: Any) -> dict[str, Any]:
+        """Arguments the pipeline's `__call__` needs to condition as `encode_prompts` does."""
+        return {}
+
     @property
     def lora_text_encoders(self) -> tuple[str, ...]:
         """The text encoders that `personalize.train_text_encoder` trains and the LoRA files carry."""

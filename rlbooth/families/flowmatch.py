@@ -23,6 +23,10 @@ class FlowMatchingFamily(Family):
     flow_matching = True
     max_sequence_length: int
     """T5 tokens per prompt, the pipeline's `max_sequence_length` default."""
+    t5_tokenizer: str
+    """Pipeline attribute of the T5 tokenizer."""
+    t5_encoder: str
+    """Pipeline attribute of the T5 encoder."""
 
     def ddim_scheduler(self, pipe: Any) -> Any:
         raise NotImplementedError(
@@ -61,13 +65,24 @@ class FlowMatchingFamily(Family):
             scheduler.set_timesteps(sigmas=sigmas, device=device, **kwargs)
         return scheduler.timesteps
 
-    def t5_ids(self, tokenizer: Any, prompts: list[str]) -> torch.Tensor:
-        """T5 ids padded to `max_sequence_length` as the pipeline pads them; zeros without a T5 (the pipeline
+    def t5_length(self, pipe: Any) -> int:
+        """T5 positions per prompt: the pipeline's default, or fewer where the T5 tokenizer's
+        `model_max_length` says the model was trained with fewer (the toy world's flow model: 0)."""
+        tokenizer = getattr(pipe, self.t5_tokenizer, None)
+        return self.max_sequence_length if tokenizer is None else min(self.max_sequence_length,
+                                                                      tokenizer.model_max_length)
+
+    def call_kwargs(self, pipe: Any) -> dict[str, Any]:
+        return {"max_sequence_length": self.t5_length(pipe)}
+
+    def t5_ids(self, pipe: Any, prompts: list[str]) -> torch.Tensor:
+        """T5 ids padded to `t5_length` as the pipeline pads them; zeros without a T5 encoder (the pipeline
         then feeds zero embeddings of that length)."""
-        if tokenizer is None:
-            return torch.zeros(len(prompts), self.max_sequence_length, dtype=torch.long)
-        return tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
-                         add_special_tokens=True, return_tensors="pt").input_ids
+        length = self.t5_length(pipe)
+        if getattr(pipe, self.t5_encoder, None) is None:
+            return torch.zeros(len(prompts), length, dtype=torch.long)
+        return getattr(pipe, self.t5_tokenizer)(prompts, padding="max_length", max_length=length, truncation=True,
+                                                add_special_tokens=True, return_tensors="pt").input_ids
 
 
 def linear_sigmas(num_steps: int) -> list[float]:

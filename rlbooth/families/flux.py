@@ -46,10 +46,11 @@ class Flux(FlowMatchingFamily):
     tokenizers = ("tokenizer", "tokenizer_2")
     lora_text_encoders = ("text_encoder",)  # FLUX's LoRA loader carries CLIP's, never T5's
     max_sequence_length = 512
+    t5_tokenizer, t5_encoder = "tokenizer_2", "text_encoder_2"
     classifier_free_guidance = False
 
     def tokenize(self, pipe: Any, prompts: list[str]) -> list[torch.Tensor]:
-        return [tokenize(pipe.tokenizer, prompts), self.t5_ids(pipe.tokenizer_2, prompts)]
+        return [tokenize(pipe.tokenizer, prompts), self.t5_ids(pipe, prompts)]
 
     def encode(self, text_encoders: list[torch.nn.Module], ids: list[torch.Tensor]) -> Conditioning:
         (clip, t5), (clip_ids, t5_ids) = text_encoders, ids

@@ -49,10 +49,20 @@ class StableDiffusion3(FlowMatchingFamily):
     tokenizers = ("tokenizer", "tokenizer_2", "tokenizer_3")
     lora_text_encoders = ("text_encoder", "text_encoder_2")  # what SD3's LoRA loader carries; never T5
     max_sequence_length = 256
+    t5_tokenizer, t5_encoder = "tokenizer_3", "text_encoder_3"
+
+    def load(self, source: str, **kwargs: Any) -> "StableDiffusion3Pipeline":
+        """A folder saved without T5 (`model_index.json` says null for it) loads with T5 absent, where the
+        pipeline class alone asks for `text_encoder_3=None, tokenizer_3=None`."""
+        index = self.pipeline_class.load_config(source, **{k: v for k, v in kwargs.items() if k == "revision"})
+        for name in ("text_encoder_3", "tokenizer_3"):
+            if (index.get(name) or [None])[0] is None:
+                kwargs.setdefault(name, None)
+        return super().load(source, **kwargs)
 
     def tokenize(self, pipe: Any, prompts: list[str]) -> list[torch.Tensor]:
         return [tokenize(pipe.tokenizer, prompts), tokenize(pipe.tokenizer_2, prompts),
-                self.t5_ids(pipe.tokenizer_3, prompts)]
+                self.t5_ids(pipe, prompts)]
 
     def text_encoder_modules(self, pipe: Any) -> list[torch.nn.Module]:
         t5, clip = pipe.text_encoder_3, pipe.text_encoder

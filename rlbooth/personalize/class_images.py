@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
+from rlbooth.families import family_of
 from rlbooth.images import is_readable_image, save_image_atomic
 
 if TYPE_CHECKING:
@@ -63,7 +64,8 @@ def generate_class_images(
             chunk = todo[start:start + batch_size]
             generators = [torch.Generator(device=pipe.device).manual_seed(seed + i) for i in chunk]
             images = pipe([prompt] * len(chunk), num_inference_steps=num_inference_steps,
-                          guidance_scale=guidance_scale, generator=generators).images
+                          guidance_scale=guidance_scale, generator=generators,
+                          **family_of(pipe).call_kwargs(pipe)).images
             for index, image in zip(chunk, images):
                 save_image_atomic(image, class_image_path(folder, index))
             bar.update(len(chunk))

@@ -1,9 +1,10 @@
-"""The toy world's base pipeline: the same diffusers classes and folder layout as Stable Diffusion 1.5.
+"""The toy world's two base pipelines, in the diffusers classes and folder layouts of real models.
 
-A 32 px AutoencoderKL (16 x 16 x 4 latents), a small UNet2DConditionModel, a two-layer CLIP text
-encoder and a CLIPTokenizer whose merges make each word of the world one token. The trained weights
-ship in `rlbooth/toyworld/weights/` (see `python -m rlbooth.toyworld.pretrain`); configs name them
-with `model.pretrained: toyworld`.
+`toyworld` (Stable Diffusion 1.5's layout): a 32 px AutoencoderKL (16 x 16 x 4 latents), a small
+UNet2DConditionModel, a two-layer CLIP text encoder and a CLIPTokenizer whose merges make each word of
+the world one token. `toyworld-flow` (SD3's layout): the same VAE and tokenizer, an SD3Transformer2DModel
+on the flow-matching objective, two CLIP encoders with projections and no T5. The trained weights ship
+in `rlbooth/toyworld/weights/` and `weights-flow/` (see `python -m rlbooth.toyworld.pretrain`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from rlbooth.resources import data_dir
 from rlbooth.toyworld.world import SIZE, WORDS
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Tokenizer
 
 WEIGHTS = data_dir("rlbooth.toyworld") / "weights"
 """The shipped pipeline folder (`StableDiffusionPipeline.from_pretrained(WEIGHTS)` loads it)."""
+FLOW_WEIGHTS = data_dir("rlbooth.toyworld") / "weights-flow"
+"""The shipped flow-matching pipeline (`StableDiffusion3Pipeline.from_pretrained(FLOW_WEIGHTS)`; draw with
+`max_sequence_length=0`, the T5 positions it was trained without)."""
 IDENTIFIERS = ("sks",)
 """Rare words in the vocabulary that no caption uses, as `sks` is for Stable Diffusion."""
 MAX_TOKENS = 16
@@ -104,3 +108,41 @@ def noise_scheduler_config() -> dict:
     """Stable Diffusion's schedule, so the DDIM/DDPO code sees the numbers it sees there."""
     return dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                 num_train_timesteps=1000)
+
+
+FLOW_WIDTH = 128
+"""Width of the flow transformer's two streams (four joint-attention layers, heads of 16)."""
+
+
+def build_transformer() -> "SD3Transformer2DModel":
+    """SD3.5's block (RMS q/k norm) at toy size: 2 x 2 patches of the 16 x 16 latents, 64 image tokens."""
+    from diffusers import SD3Transformer2DModel
+
+    patch = 2
+    return SD3Transformer2DModel(
+        sample_size=SIZE // 2, patch_size=patch, in_channels=4, out_channels=4, num_layers=4,
+        attention_head_dim=16, num_attention_heads=FLOW_WIDTH // 16, caption_projection_dim=FLOW_WIDTH,
+        joint_attention_dim=2 * TEXT_WIDTH, pooled_projection_dim=2 * TEXT_WIDTH,
+        pos_embed_max_size=SIZE // 2 // patch, qk_norm="rms_norm")
+
+
+def build_projected_text_encoder(tokenizer: "CLIPTokenizer") -> "CLIPTextModelWithProjection":
+    """SD3's CLIP-L / CLIP-G role: the UNet world's encoder plus the projection that gives the pooled input."""
+    from transformers import CLIPTextModelWithProjection
+
+    config = build_text_encoder(tokenizer).config
+    config.projection_dim = TEXT_WIDTH
+    return CLIPTextModelWithProjection(config)
+
+
+def no_t5_tokenizer() -> "T5Tokenizer":
+    """The flow pipeline has no T5; its `tokenizer_3` says so with `model_max_length=0`, the number of T5
+    positions the transformer was trained with (rlbooth reads it, as SD3's pipeline would pad to 256)."""
+    from rlbooth.families.tiny_flow import tiny_t5_tokenizer
+
+    return tiny_t5_tokenizer(model_max_length=0)
+
+
+def flow_scheduler_config() -> dict:
+    """No shift: 64 image tokens need none of the extra noise SD3's shift 3 gives its 4096 at 1024 px."""
+    return dict(num_train_timesteps=1000, shift=1.0)

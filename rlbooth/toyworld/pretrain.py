@@ -1,13 +1,16 @@
-"""Pretrain the toy world's base pipeline on a CPU: `python -m rlbooth.toyworld.pretrain --out DIR`.
+"""Pretrain a toy world base pipeline on a CPU: `python -m rlbooth.toyworld.pretrain [--family sd3] --out DIR`.
 
 Two phases, each on freshly rendered images (the world is infinite, so nothing overfits):
 1. the VAE, on world images and on random chequered textures (so it can draw a subject no
    caption shows, as SD's VAE draws things its captions never named);
-2. the UNet and the text encoder together, epsilon prediction on Stable Diffusion's noise
-   schedule, 10% empty captions for classifier-free guidance, EMA weights kept and saved.
+2. the denoiser and the text encoders together, 10% empty captions for classifier-free guidance,
+   EMA weights kept and saved. `--family sd` (the default, `weights/`): a UNet on epsilon prediction and
+   Stable Diffusion's noise schedule. `--family sd3` (`weights-flow/`): an SD3 transformer on the
+   flow-matching velocity with SD3's logit-normal timesteps; it reuses the shipped VAE (phase 1 skipped)
+   and starts both CLIP encoders from the shipped one, so the two models see the same latents.
 Then it draws the held-out compositions (colour x shape x scene combinations no caption showed)
 and prints how often the background shows the asked scene: the figure the shipped weights are
-judged by. The defaults reproduce `rlbooth/toyworld/weights/` (about 35 minutes on 2 cores).
+judged by. The defaults reproduce the shipped folders (about 35 and 20 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PretrainConfig:
+    family: str = "sd"
+    """`sd` (UNet, DDPM) or `sd3` (flow-matching transformer on the shipped VAE)."""
     seed: int = 0
     """Seed of the renderer, the initial weights and the noise."""
     vae_steps: int = 1200
@@ -45,11 +50,11 @@ class PretrainConfig:
     vae_kl_weight: float = 1e-6
     """Weight of the VAE's KL term (small, as in Stable Diffusion's VAE)."""
     steps: int = 3000
-    """UNet + text encoder optimizer steps."""
+    """Denoiser + text encoder optimizer steps."""
     batch_size: int = 48
-    """Images per UNet step."""
+    """Images per denoiser step."""
     learning_rate: float = 1e-3
-    """Peak AdamW learning rate of the UNet and text encoder (cosine decay after 200 warm-up steps)."""
+    """Peak AdamW learning rate of the denoiser and text encoders (cosine decay after 200 warm-up steps)."""
     empty_caption_ratio: float = 0.1
     """Share of captions replaced by the empty prompt, for classifier-free guidance."""
     ema_decay: float = 0.999
@@ -109,32 +114,73 @@ def train_vae(cfg: PretrainConfig, rng: random.Random) -> "model.AutoencoderKL":
     return vae
 
 
-def train_denoiser(cfg: PretrainConfig, vae, rng: random.Random):
-    from diffusers import DDPMScheduler
+class _Objective:
+    """What differs between the two denoisers' pretraining: the models, the conditioning, the loss."""
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self.tokenizer = model.toy_tokenizer()
+        if family == "sd3":
+            self.denoiser = model.build_transformer()
+            self.encoders = [_from_shipped(model.build_projected_text_encoder(self.tokenizer)) for _ in range(2)]
+        else:
+            from diffusers import DDPMScheduler
+
+            self.denoiser, self.encoders = model.build_unet(), [model.build_text_encoder(self.tokenizer)]
+            self.noise_scheduler = DDPMScheduler(**model.noise_scheduler_config())
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.denoiser.parameters(), *(p for e in self.encoders for p in e.parameters())]
+
+    def loss(self, latents: torch.Tensor, texts: list[str], generator: torch.Generator) -> torch.Tensor:
+        ids = tokenize(self.tokenizer, texts)
+        noise = torch.randn(latents.shape, generator=generator)
+        if self.family == "sd3":  # velocity target on SD3's logit-normal sigmas (no shift: see the scheduler)
+            from rlbooth.families import get_family
+            from rlbooth.families.sd3 import AbsentT5
+
+            sigmas = torch.sigmoid(torch.randn(len(texts), generator=generator)).view(-1, 1, 1, 1)
+            cond = get_family("sd3").encode([*self.encoders, AbsentT5(2 * model.TEXT_WIDTH)],
+                                            [ids, ids, torch.zeros(len(texts), 0, dtype=torch.long)])
+            noisy = (1 - sigmas) * latents + sigmas * noise
+            prediction = self.denoiser(hidden_states=noisy, timestep=sigmas.flatten() * 1000,
+                                       encoder_hidden_states=cond.hidden,
+                                       pooled_projections=cond.added["pooled_projections"]).sample
+            return torch.nn.functional.mse_loss(prediction, noise - latents)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(texts),),
+                                  generator=generator)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = self.denoiser(noisy, timesteps, self.encoders[0](ids)[0]).sample
+        return torch.nn.functional.mse_loss(prediction, noise)
+
+
+def _from_shipped(encoder):
+    """A projected CLIP encoder whose text model starts as the shipped UNet world's (the projection is new)."""
+    from transformers import CLIPTextModel
+
+    shipped = CLIPTextModel.from_pretrained(model.WEIGHTS / "text_encoder")
+    encoder.text_model.load_state_dict(shipped.state_dict())  # transformers 5: CLIPTextModel is the text model
+    return encoder
+
+
+def train_denoiser(cfg: PretrainConfig, vae, rng: random.Random) -> _Objective:
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
-    tokenizer = model.toy_tokenizer()
-    unet, text_encoder = model.build_unet(), model.build_text_encoder(tokenizer)
-    params = [*unet.parameters(), *text_encoder.parameters()]
+    objective = _Objective(cfg.family)
+    params = objective.parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-4)
     schedule = get_cosine_schedule_with_warmup(optimizer, 200, cfg.steps)
     ema = EMAModel(params, decay=cfg.ema_decay)
-    noise_scheduler = DDPMScheduler(**model.noise_scheduler_config())
     generator = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(range(cfg.steps), desc="unet")
+    bar = tqdm(range(cfg.steps), desc=objective.denoiser.__class__.__name__)
     for _ in bar:
         captions = [world.sample_caption(rng) for _ in range(cfg.batch_size)]
         with torch.no_grad():
             latents = vae.encode(to_tensor([world.render_caption(c, rng) for c in captions])).latent_dist
             latents = latents.sample(generator) * vae.config.scaling_factor
         texts = ["" if rng.random() < cfg.empty_caption_ratio else c.text() for c in captions]
-        ids = tokenize(tokenizer, texts)
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(texts),), generator=generator)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise)
+        loss = objective.loss(latents, texts, generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -143,30 +189,50 @@ def train_denoiser(cfg: PretrainConfig, vae, rng: random.Random):
         ema.step(params)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to(params)
-    return unet.eval(), text_encoder.eval(), tokenizer
+    objective.denoiser.eval()
+    for encoder in objective.encoders:
+        encoder.eval()
+    return objective
 
 
-def assemble(vae, unet, text_encoder, tokenizer):
-    """The toy world's base model is of the SD family: the same classes and folder layout as SD 1.5."""
-    from diffusers import DDIMScheduler
+def shipped_vae() -> "model.AutoencoderKL":
+    """The UNet world's VAE with SD3's `shift_factor` (0: its latents are centred already)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model.WEIGHTS / "vae")
+    vae.register_to_config(shift_factor=0.0)
+    return vae.eval().requires_grad_(False)
+
+
+def assemble(vae, trained: _Objective):
+    """A pipeline of the family's own classes and folder layout (SD 1.5's, or SD3's without T5)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     from rlbooth.families import get_family
 
+    family = get_family(trained.family)
+    if trained.family == "sd3":
+        (clip_l, clip_g), tokenizer = trained.encoders, trained.tokenizer
+        return family.pipeline_class(
+            transformer=trained.denoiser, scheduler=FlowMatchEulerDiscreteScheduler(**model.flow_scheduler_config()),
+            vae=vae, text_encoder=clip_l, tokenizer=tokenizer, text_encoder_2=clip_g, tokenizer_2=tokenizer,
+            text_encoder_3=None, tokenizer_3=model.no_t5_tokenizer())
     scheduler = DDIMScheduler(**model.noise_scheduler_config(), set_alpha_to_one=False, steps_offset=1)
-    return get_family("sd").pipeline_class(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
+    return family.pipeline_class(vae=vae, text_encoder=trained.encoders[0], tokenizer=trained.tokenizer,
+                                 unet=trained.denoiser, scheduler=scheduler, safety_checker=None,
+                                 feature_extractor=None, requires_safety_checker=False)
 
 
 @torch.no_grad()
 def heldout_scores(pipe, cfg: PretrainConfig) -> dict[str, float]:
     """Scene accuracy and alignment reward of the base model on the held-out compositions."""
+    from rlbooth.families import family_of
     from rlbooth.toyworld.rewards import ToyAlignment, scene_accuracy
 
     prompts = [c.text() for c in world.heldout_captions() for _ in range(cfg.eval_images_per_caption)]
     generator = torch.Generator().manual_seed(cfg.seed)
     images = pipe(prompts, num_inference_steps=cfg.eval_steps, guidance_scale=cfg.eval_guidance_scale,
-                  generator=generator, output_type="pt").images
+                  generator=generator, output_type="pt", **family_of(pipe).call_kwargs(pipe)).images
     return {"heldout_scene_accuracy": scene_accuracy(images, prompts).mean().item(),
             "heldout_alignment": ToyAlignment()(images, prompts, [{}] * len(prompts)).mean().item(),
             "heldout_images": len(prompts)}
@@ -186,9 +252,8 @@ def save(pipe, out: Path, record: dict) -> None:
 def pretrain(cfg: PretrainConfig, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    vae = train_vae(cfg, rng)
-    unet, text_encoder, tokenizer = train_denoiser(cfg, vae, rng)
-    pipe = assemble(vae, unet, text_encoder, tokenizer)
+    vae = shipped_vae() if cfg.family == "sd3" else train_vae(cfg, rng)
+    pipe = assemble(vae, train_denoiser(cfg, vae, rng))
     pipe.set_progress_bar_config(disable=True)
     record = {"config": asdict(cfg), **heldout_scores(pipe, cfg)}
     save(pipe, out, record)
@@ -197,7 +262,8 @@ def pretrain(cfg: PretrainConfig, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=model.WEIGHTS, help="pipeline folder to write")
+    parser.add_argument("--out", type=Path, required=True,
+                        help=f"pipeline folder to write (the shipped ones: {model.WEIGHTS}, {model.FLOW_WEIGHTS})")
     for name, default in asdict(PretrainConfig()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from rlbooth.accel import make_accelerator
 from rlbooth.align import train as train_module
 from rlbooth.align.policy import policy_for
-from rlbooth.align.rollout import cfg_embeds, decode, sample_rollout
+from rlbooth.align.rollout import decode, guidance_inputs, sample_rollout
 from rlbooth.align.train import DDPOTrainer, align
 from rlbooth.stages import OutputError
 from rlbooth.models import load_pipeline
@@ -52,7 +52,7 @@ def final_latents(pipe, denoiser, seeds: list[int], prompt: str = PROMPT, steps:
     cond = family.with_geometry(family.encode_prompts(pipe, [prompt] * len(seeds)), geometry)
     uncond = family.with_geometry(family.unconditional(pipe), geometry)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    return sample_rollout(family, denoiser, policy, cfg_embeds(uncond, cond), gens,
+    return sample_rollout(family, denoiser, policy, guidance_inputs(family, uncond, cond), gens,
                           (pipe.vae.config.latent_channels, size, size), num_steps=steps, guidance_scale=5.0).final
 
 

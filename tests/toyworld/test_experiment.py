@@ -6,7 +6,8 @@ every model scored with the same noise on held-out prompts (stage two's scenes i
 trained on), on unseen scenes and on stage two's own prompts. Stage one must learn the subject and, as
 DreamBooth does, lose part of the prompt's scene; stage two must win the scene back on the held-out
 prompts and its own, drawn from noise it never trained on, and keep the subject. What it does to unseen
-scenes depends on the seed (README, the toy world), so that is scored, not asserted.
+scenes depends on the seed (README, the toy world), so that is scored, not asserted. It runs on both base
+models: the UNet world (`toy`, DDPO) and the flow-matching one (`toy-flow`, Flow-GRPO on the SD3-class model).
 """
 
 from __future__ import annotations
@@ -24,16 +25,18 @@ SHORT = ["runtime.report_to=none", "personalize.validation_steps=0", "align.grid
 RUN = "stage two (identifier-only, seed 0)"
 
 
-@pytest.fixture(scope="module")
-def experiment(tmp_path_factory: pytest.TempPathFactory) -> tuple[Results, object]:
-    out = tmp_path_factory.mktemp("toyworld-experiment")
-    results = run_experiment(load_config("toy", SHORT), Subject.from_yaml(EXAMPLE_SUBJECT), out,
+@pytest.fixture(scope="module", params=["toy", "toy-flow"])
+def experiment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+               ) -> tuple[Results, object, str]:
+    """The UNet world (`toy`) and the flow-matching one (`toy-flow`: Flow-GRPO on the SD3-class model)."""
+    out = tmp_path_factory.mktemp(f"{request.param}-experiment")
+    results = run_experiment(load_config(request.param, SHORT), Subject.from_yaml(EXAMPLE_SUBJECT), out,
                              {"identifier-only": ARMS["identifier-only"]}, seeds=list(range(32)))
-    return results, out
+    return results, out, request.param
 
 
 def test_stage_one_learns_the_subject(experiment) -> None:
-    results, _ = experiment
+    results, _, _ = experiment
     base, one = results.scores["heldout"]["base"], results.scores["heldout"]["stage one"]
     assert base.identity < 0.05  # the base model has never drawn it
     assert one.identity > base.identity + 0.2, results.table()
@@ -41,7 +44,7 @@ def test_stage_one_learns_the_subject(experiment) -> None:
 
 @pytest.mark.parametrize("prompt_set", ["heldout", "train"])
 def test_stage_one_overfits_to_the_photos_scenes(experiment, prompt_set: str) -> None:
-    results, _ = experiment
+    results, _, _ = experiment
     base, one = results.scores[prompt_set]["base"], results.scores[prompt_set]["stage one"]
     assert base.scene_accuracy > 0.8  # the base model draws the asked scene for a plain square
     assert one.alignment < base.alignment - 0.15, results.table()
@@ -50,21 +53,21 @@ def test_stage_one_overfits_to_the_photos_scenes(experiment, prompt_set: str) ->
 @pytest.mark.parametrize("prompt_set", ["heldout", "train"])
 def test_stage_two_wins_the_scene_back_and_keeps_the_subject(experiment, prompt_set: str) -> None:
     """Fails if stage two is switched off (no gain) or its update sign is flipped (the scene is lost further)."""
-    results, _ = experiment
+    results, _, _ = experiment
     one, two = results.scores[prompt_set]["stage one"], results.scores[prompt_set][RUN]
     assert two.alignment > one.alignment + 0.1, results.table()
     assert two.identity > one.identity - 0.1, results.table()
 
 
 def test_training_alignment_climbs(experiment) -> None:
-    results, _ = experiment
+    results, _, _ = experiment
     alignment = [h["reward/toy_alignment"] for h in results.curves[RUN]]
     assert sum(alignment[-2:]) / 2 > sum(alignment[:2]) / 2 + 0.05, alignment
 
 
 def test_rerun_reuses_finished_stages_and_writes_the_tables(experiment, capsys: pytest.CaptureFixture) -> None:
-    results, out = experiment
-    main(["--out", str(out), "--arms", "identifier-only", "--seeds", "32", "--train-seeds", "0",
+    results, out, preset = experiment
+    main(["--out", str(out), "--config", preset, "--arms", "identifier-only", "--seeds", "32", "--train-seeds", "0",
           *(a for s in SHORT for a in ("--set", s))])
     written = json.loads((out / "results.json").read_text())
     heldout = results.scores["heldout"]
