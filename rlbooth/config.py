@@ -95,6 +95,9 @@ class RuntimeConfig:
     Biases (`pip install wandb`, then `wandb login`; its local files also go under `<output>/logs`), or nowhere."""
     allow_tf32: bool = True
     """Allow TF32 matmuls on Ampere or newer GPUs."""
+    optimizer_impl: Literal["auto", "for-loop", "foreach", "fused"] = "auto"
+    """torch's AdamW implementation in both stages: `auto` is torch's choice (foreach on CUDA, the for-loop on a
+    CPU); `foreach` batches the tensors' updates; `fused` is one kernel per step (CUDA, or CPU). Same update."""
 
 
 @dataclass

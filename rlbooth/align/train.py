@@ -41,6 +41,7 @@ from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from rlbooth.config import AlignConfig, Config, ConfigError
 from rlbooth.images import save_image_atomic
 from rlbooth.models import add_lora, save_lora
+from rlbooth.optim import adamw
 from rlbooth.families import Conditioning, family_of
 from rlbooth.families.base import square_geometry
 from rlbooth.prompts import Prompt, PromptSampler, default_prompt_set, read_prompt_file
@@ -153,7 +154,8 @@ class DDPOTrainer:
         denoiser = getattr(self.pipe, self.family.denoiser)  # the UNet, or the transformer of a flow model
         self._freeze_and_add_lora(denoiser, weight_dtype(accelerator))
         params = [p for p in denoiser.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.cfg.learning_rate, weight_decay=self.cfg.adam_weight_decay)
+        optimizer = adamw(params, config.runtime.optimizer_impl, lr=self.cfg.learning_rate,
+                          weight_decay=self.cfg.adam_weight_decay)
         lr_scheduler = get_scheduler("constant", optimizer=optimizer)
         # `unet` names the prepared denoiser whatever its kind, as diffusers' training scripts do.
         self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)

@@ -25,6 +25,7 @@ from rlbooth.config import Config, PersonalizeConfig
 from rlbooth.families import Conditioning, Family, family_of
 from rlbooth.images import check_images, list_images, save_image_atomic
 from rlbooth.models import TEXT_ENCODER_LORA_TARGETS, add_lora, cache_dir, load_pipeline, model_key, save_lora
+from rlbooth.optim import OptimizerImpl, adamw
 from rlbooth.personalize.class_images import generate_class_images
 from rlbooth.personalize.data import DreamBoothData, encode_images
 from rlbooth.personalize.objective import Objective, objective_for
@@ -60,7 +61,7 @@ def personalize(config: Config, subject: Subject, output_dir: str | Path, resume
     prompts = PromptInputs.build(pipe, family, cfg.train_text_encoder, instance_prompt,
                                  class_prompt if class_paths else None)
 
-    optimizer = make_optimizer(params, cfg)
+    optimizer = make_optimizer(params, cfg, config.runtime.optimizer_impl)
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
@@ -175,7 +176,8 @@ class PromptInputs:
         return self.family.encode(text_encoders, [ids.repeat_interleave(batch_size, dim=0) for ids in self.ids])
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: PersonalizeConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], cfg: PersonalizeConfig, impl: OptimizerImpl = "auto"
+                   ) -> torch.optim.Optimizer:
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     if cfg.use_8bit_adam:
@@ -184,7 +186,7 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: PersonalizeConfig) -> 
         except ImportError:
             raise ImportError("personalize.use_8bit_adam needs bitsandbytes: pip install 'rlbooth[8bit]'") from None
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    return adamw(params, impl, **kwargs)
 
 
 class TrainLoop:

@@ -146,3 +146,19 @@ def test_compiled_denoiser_samples_what_the_eager_one_samples(stage_one, tmp_pat
                 p.mul_(2)
     trainer.compiled = compiled_module
     assert (trainer.sample_epoch(0).latents - compiled.latents).abs().max() > 1e-3
+
+
+def test_fused_adamw_trains_the_lora_the_for_loop_trains(stage_one, tmp_path):
+    """runtime.optimizer_impl reaches stage two's optimizer and leaves two epochs' LoRA as it was."""
+    config = lambda impl: align_config("align.learning_rate=1e-2", "align.checkpointing_epochs=100",
+                                       f"runtime.optimizer_impl={impl}")
+    trainers = {impl: make_trainer(config(impl), stage_one, tmp_path / impl) for impl in ("fused", "for-loop")}
+    assert trainers["fused"].optimizer.optimizer.defaults["fused"] is True
+    for trainer in trainers.values():
+        for epoch in range(2):
+            trainer.run_epoch(epoch)
+    lora = lambda t: {k: v for k, v in t.pipe.unet.state_dict().items() if "lora" in k}
+    fused, plain = lora(trainers["fused"]), lora(trainers["for-loop"])
+    assert any(v.abs().max() > 1e-4 for k, v in fused.items() if "lora_B" in k)
+    for key, value in fused.items():
+        torch.testing.assert_close(value, plain[key], rtol=0, atol=1e-5, msg=key)

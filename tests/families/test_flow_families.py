@@ -69,6 +69,39 @@ def test_sd3_conditioning_equals_the_pipelines_encode_prompt(sd3, sd3_without_t5
     torch.testing.assert_close(uncond.added["pooled_projections"].expand_as(negative_pooled), negative_pooled)
 
 
+def test_sd3_t5_length_follows_the_t5_tokenizer_and_equals_the_pipelines_at_that_length(sd3_without_t5):
+    """The toy world's flow model says `model_max_length=0` on its T5 tokenizer: no T5 positions, in rlbooth
+    and in the pipeline called with `call_kwargs` (SD3's pipeline alone would pad 256 zero tokens)."""
+    from rlbooth.toyworld.model import no_t5_tokenizer
+
+    pipe = StableDiffusion3Pipeline(**{**sd3_without_t5.components, "tokenizer_3": no_t5_tokenizer()})
+    family = family_of(pipe)
+    assert family.t5_length(sd3_without_t5) == 256 and family.t5_length(pipe) == 0
+    ours = family.encode_prompts(pipe, PROMPTS)
+    embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu", do_classifier_free_guidance=False,
+                                              **family.call_kwargs(pipe))
+    assert ours.hidden.shape[1] == 77
+    torch.testing.assert_close(ours.hidden, embeds, rtol=0, atol=0)
+    torch.testing.assert_close(ours.added["pooled_projections"], pooled, rtol=0, atol=0)
+
+
+def test_sd3_folder_saved_without_t5_loads_through_the_family(sd3_without_t5, tmp_path):
+    sd3_without_t5.save_pretrained(tmp_path)
+    loaded = get_family("sd3").load(str(tmp_path))
+    assert loaded.text_encoder_3 is None and loaded.tokenizer_3 is None
+    with pytest.raises(ValueError):  # what the family spares its callers
+        StableDiffusion3Pipeline.from_pretrained(tmp_path)
+
+
+def test_guidance_inputs_build_no_unconditional_rows_for_a_guidance_distilled_family(sd3, flux):
+    from rlbooth.align.rollout import guidance_inputs
+
+    for pipe, rows in ((sd3, 2 * len(PROMPTS)), (flux, len(PROMPTS))):
+        family = family_of(pipe)
+        cond = family.encode_prompts(pipe, PROMPTS)
+        assert len(guidance_inputs(family, family.unconditional(pipe), cond)) == rows
+
+
 def test_sd3_absent_t5_moves_and_casts_like_an_encoder(sd3_without_t5):
     t5 = family_of(sd3_without_t5).text_encoder_modules(sd3_without_t5)[2]
     t5.to(torch.float16).requires_grad_(False)
