@@ -51,7 +51,10 @@ def test_wheel_holds_the_data_under_rlbooth(wheel):
     for name in ("rlbooth/presets/tiny.yaml", "rlbooth/presets/toy.yaml", "rlbooth/prompt_sets/live.txt",
                  "rlbooth/prompt_sets/heldout-object.txt", "rlbooth/dreambench/subjects.tsv",
                  "rlbooth/dreambench/prompts-live.txt", "rlbooth/dreambench/evaluate.py",
-                 "rlbooth/toyworld/weights/unet/diffusion_pytorch_model.safetensors"):
+                 "rlbooth/toyworld/weights/unet/diffusion_pytorch_model.safetensors",
+                 "rlbooth/presets/toy-flow.yaml",
+                 "rlbooth/toyworld/weights-flow/transformer/diffusion_pytorch_model.safetensors",
+                 "rlbooth/toyworld/weights-flow/tokenizer_3/tokenizer_config.json"):
         assert name in names, name
 
 

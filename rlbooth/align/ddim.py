@@ -18,7 +18,8 @@ _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def _alphas(scheduler: DDIMScheduler, timestep: Tensor) -> tuple[Tensor, Tensor]:
-    """Look up alpha-bar on the schedule's own device (CPU), like diffusers does."""
+    """Look up alpha-bar on the device the schedule is on (DDIMPolicy puts it beside the timesteps, so that on
+    CUDA no step copies a timestep to the host and waits for the GPU)."""
     alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
     t = timestep.to(alphas_cumprod.device)
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps

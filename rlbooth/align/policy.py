@@ -53,6 +53,7 @@ class DDIMPolicy(StepPolicy):
 
     def set_timesteps(self, num_steps: int, device: Any = None) -> Tensor:
         self.scheduler.set_timesteps(num_steps, device=device)
+        self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.scheduler.timesteps.device)
         self.timesteps = self.scheduler.timesteps
         return self.timesteps
 
