@@ -38,9 +38,9 @@ def stage_one_8px(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_stage_one(tmp_path_factory.mktemp("stage-one-8px"), 8)
 
 
-@pytest.fixture(scope="session", params=["tiny", "tiny-sd3", "tiny-flux"])
+@pytest.fixture(scope="session", params=["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
 def any_stage_one_8px(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """8 px stage ones of the families whose tiny model moves brightness clearly (not the tiny SDXL: README)."""
+    """8 px stage ones of every family, for the sign test."""
     if request.param == "tiny":
         return request.getfixturevalue("stage_one_8px")
     return make_stage_one(tmp_path_factory.mktemp(f"stage-one-8px-{request.param}"), 8, request.param)
