@@ -48,7 +48,7 @@ def time_run(config, stage_one: Path, epochs: int, work: Path) -> dict[str, floa
     """Seconds of sampling and of training over `epochs` epochs after a warm-up, in this process."""
     stage = read_stage(stage_one, "personalize")
     cfg = config.align
-    accelerator = make_accelerator(config.runtime, work, cfg.gradient_accumulation_steps * cfg.num_train_timesteps)
+    accelerator = make_accelerator(config.runtime, work, cfg.passes_per_optimizer_step)
     with CompositeReward(cfg.reward, executor_workers=reward_workers(cfg, accelerator.device)) as reward:
         trainer = DDPOTrainer(config, accelerator, stage, read_prompt_file(default_prompt_set(stage.subject)),
                               reward, work)

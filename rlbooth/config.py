@@ -314,6 +314,11 @@ class AlignConfig:
     runtime.mixed_precision=no, since a LoRA delta added to half-precision weights is rounded away."""
     compile_denoiser: bool = False
     """torch.compile the UNet used for sampling (training stays eager); the first epoch pays the compile."""
+    timesteps_per_pass: int = 1
+    """Trained timesteps of each trajectory that share one forward and backward pass: k stacks k of them into a
+    pass of k x train_batch_size rows. An optimizer step sums the same terms either way (it covers every trained
+    timestep of gradient_accumulation_steps batches), so only speed and activation memory (k times) change;
+    1 is ddpo-pytorch's and TRL's loop. Must divide the trained timesteps per trajectory."""
     flow_noise_level: float = 0.7
     """Flow-matching families (sd3, flux): the noise level a of Flow-GRPO's SDE sampler, whose steps are Gaussian
     with std sigma_t sqrt(-dt); sigma_t = a sqrt(s / (1 - s)) at sigma s (`flow_grpo`) or a (`constant`)."""
@@ -326,7 +331,7 @@ class AlignConfig:
     def __post_init__(self) -> None:
         for name in ("num_epochs", "sample_batch_size", "num_batches_per_epoch", "num_steps", "train_batch_size",
                      "gradient_accumulation_steps", "num_inner_epochs", "stat_buffer_size", "stat_min_count",
-                     "samples_per_noise", "lora_rank", "checkpointing_epochs"):
+                     "samples_per_noise", "lora_rank", "checkpointing_epochs", "timesteps_per_pass"):
             _check(getattr(self, name) > 0, f"align.{name}", "must be positive")
         for name in ("learning_rate", "max_grad_norm", "adv_clip_max", "guidance_scale"):
             _check(getattr(self, name) > 0, f"align.{name}", "must be positive")
@@ -363,6 +368,9 @@ class AlignConfig:
         _check(batches % self.gradient_accumulation_steps == 0, "align.gradient_accumulation_steps",
                f"must divide the training batches per epoch and process ({batches}), "
                f"got {self.gradient_accumulation_steps}")
+        _check(self.num_train_timesteps % self.timesteps_per_pass == 0, "align.timesteps_per_pass",
+               f"must divide the trained timesteps per trajectory ({self.num_train_timesteps}: align.num_steps, "
+               f"timestep_window and timestep_fraction), got {self.timesteps_per_pass}")
 
     @property
     def train_steps(self) -> list[int]:
@@ -374,6 +382,11 @@ class AlignConfig:
     def num_train_timesteps(self) -> int:
         """Steps trained per trajectory."""
         return max(1, int(len(self.train_steps) * self.timestep_fraction))
+
+    @property
+    def passes_per_optimizer_step(self) -> int:
+        """Backward passes accumulated into one optimizer step."""
+        return self.gradient_accumulation_steps * self.num_train_timesteps // self.timesteps_per_pass
 
 
 @dataclass

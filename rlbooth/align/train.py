@@ -96,7 +96,7 @@ def align(config: Config, stage_one_dir: str | Path, output_dir: str | Path, res
     output_dir = Path(output_dir)
     stage_one, templates = preflight(config, Path(stage_one_dir), output_dir, resume)
     cfg = config.align
-    accelerator = make_accelerator(config.runtime, output_dir, cfg.gradient_accumulation_steps * cfg.num_train_timesteps)
+    accelerator = make_accelerator(config.runtime, output_dir, cfg.passes_per_optimizer_step)
     context = {"device": str(accelerator.device), "dtype": str(weight_dtype(accelerator)).removeprefix("torch."),
                "subject": stage_one.subject}
     with CompositeReward(cfg.reward, cfg.reward_options, executor_workers=reward_workers(cfg, accelerator.device),
@@ -213,10 +213,10 @@ class DDPOTrainer:
         samples = cfg.sample_batch_size * cfg.num_batches_per_epoch * acc.num_processes
         batches = cfg.sample_batch_size * cfg.num_batches_per_epoch // cfg.train_batch_size
         logger.info("stage two: %d samples/epoch (%d processes x %d batches x %d), %d optimizer steps/epoch "
-                    "(%d trained timesteps of %d per sample), %d epochs", samples, acc.num_processes,
+                    "(%d trained timesteps of %d per sample, %d per pass), %d epochs", samples, acc.num_processes,
                     cfg.num_batches_per_epoch, cfg.sample_batch_size,
                     batches // cfg.gradient_accumulation_steps * cfg.num_inner_epochs,
-                    cfg.num_train_timesteps, cfg.num_steps, cfg.num_epochs)
+                    cfg.num_train_timesteps, cfg.num_steps, cfg.timesteps_per_pass, cfg.num_epochs)
 
     # ------------------------------------------------------------------ sampling
 
@@ -326,10 +326,12 @@ class DDPOTrainer:
             batches = range(0, n, cfg.train_batch_size)
             for start in tqdm(batches, desc=f"epoch {epoch} training", leave=False,
                               disable=not acc.is_local_main_process):
-                rows = order[start:start + cfg.train_batch_size]
-                for j in range(cfg.num_train_timesteps):
-                    step = steps[start:start + cfg.train_batch_size, j]
-                    for key, value in self.train_step(samples, rows, step, advantages[rows]).items():
+                rows, k = order[start:start + cfg.train_batch_size], cfg.timesteps_per_pass
+                for j in range(0, cfg.num_train_timesteps, k):
+                    # k timesteps of each trajectory in one pass (align.timesteps_per_pass): row-major (rows, k)
+                    step = steps[start:start + cfg.train_batch_size, j:j + k].reshape(-1)
+                    pass_rows = rows.repeat_interleave(k)
+                    for key, value in self.train_step(samples, pass_rows, step, advantages[pass_rows]).items():
                         stats.setdefault(key, []).append(value)
         return epoch_means(stats)
 

@@ -57,6 +57,58 @@ def test_training_stats_reach_the_host_once_per_epoch_and_equal_the_per_step_mea
         assert value == float(np.mean([r[key].item() for r in returned])), key
 
 
+def optimizer_gradients(trainer: DDPOTrainer, monkeypatch) -> list[list[torch.Tensor]]:
+    """The (clipped) gradients each optimizer step of the trainer applies, recorded as the step is taken."""
+    seen: list[list[torch.Tensor]] = []
+    inner = trainer.optimizer.optimizer
+    step = inner.step
+    monkeypatch.setattr(inner, "step", lambda *a, **k: seen.append([p.grad.clone() for p in trainer.params])
+                        or step(*a, **k))
+    return seen
+
+
+@pytest.mark.parametrize("stage", ["stage_one", "stage_one_flux"])
+def test_timesteps_per_pass_takes_the_same_optimizer_steps_with_fewer_passes(stage, request, tmp_path, monkeypatch):
+    """Two epochs with every timestep in its own pass, two per pass, and all four in one: the same optimizer
+    steps (gradients after clipping, which is not scale-free, so a wrongly scaled loss shows), the same LoRA
+    and logged means, within float rounding of the changed batch shapes."""
+    stage_one = request.getfixturevalue(stage)
+    runs = {}
+    for k in (1, 2, 4):
+        config = align_config("align.learning_rate=1e-2", "align.checkpointing_epochs=100", "align.kl_coef=0.1",
+                              "align.max_grad_norm=1e-3", f"align.timesteps_per_pass={k}")
+        trainer = make_trainer(config, stage_one, tmp_path / str(k))
+        grads = optimizer_gradients(trainer, monkeypatch)
+        passes = []
+        train_step = trainer.train_step
+        monkeypatch.setattr(trainer, "train_step", lambda *args: passes.append(len(args[1])) or train_step(*args))
+        for epoch in range(2):
+            trainer.run_epoch(epoch)
+        lora = {n: p.detach().clone() for n, p in trainer.pipe.unet.named_parameters() if p.requires_grad} \
+            if stage == "stage_one" else {i: p.detach().clone() for i, p in enumerate(trainer.params)}
+        runs[k] = grads, passes, lora, trainer.history
+    one_grads, one_passes, one_lora, one_history = runs[1]
+    assert len(one_grads) == 2 * 8 // 4  # 2 epochs x 2 training batches, each an optimizer step
+    assert max(g.abs().max() for g in one_grads[-1]) > 0
+    for k, (grads, passes, lora, history) in runs.items():
+        assert passes == [4 * k] * (len(one_passes) // k), k  # k timesteps x 4 trajectories per pass
+        assert len(grads) == len(one_grads), k
+        for step, (got, want) in enumerate(zip(grads, one_grads)):
+            scale = max(w.abs().max() for w in want)  # rounding is relative to the step's largest entries
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=0, atol=1e-4 * scale, msg=lambda m: f"k={k}, step {step}: {m}")
+        for name, value in lora.items():
+            torch.testing.assert_close(value, one_lora[name], rtol=0, atol=1e-4, msg=lambda m: f"k={k}: {name} {m}")
+        for got, want in zip(history, one_history):
+            for key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (k, key)
+
+
+def test_timesteps_per_pass_must_divide_the_trained_timesteps():
+    with pytest.raises(ConfigError, match="align.timesteps_per_pass"):
+        align_config("align.timesteps_per_pass=3")
+
+
 def sample_with(trainer: DDPOTrainer, merge: bool, epoch: int = 0):
     trainer.merge_lora = merge
     return trainer.sample_epoch(epoch)

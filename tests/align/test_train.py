@@ -32,7 +32,7 @@ PROMPT = "a sks triangular toy playing soccer"
 
 def make_trainer(config, stage_one: Path, out: Path) -> DDPOTrainer:
     stage = read_stage(stage_one, "personalize")
-    accelerator = make_accelerator(config.runtime, out, config.align.num_train_timesteps)
+    accelerator = make_accelerator(config.runtime, out, config.align.passes_per_optimizer_step)
     return DDPOTrainer(config, accelerator, stage, read_prompt_file("object"),
                        CompositeReward(config.align.reward), out)
 
