@@ -96,8 +96,9 @@ class RuntimeConfig:
     allow_tf32: bool = True
     """Allow TF32 matmuls on Ampere or newer GPUs."""
     optimizer_impl: Literal["auto", "for-loop", "foreach", "fused"] = "auto"
-    """torch's AdamW implementation in both stages: `auto` is torch's choice (foreach on CUDA, the for-loop on a
-    CPU); `foreach` batches the tensors' updates; `fused` is one kernel per step (CUDA, or CPU). Same update."""
+    """torch's AdamW implementation in both stages: `auto` is `fused` for float parameters on a CPU or CUDA device
+    (else torch's choice); `foreach` batches the tensors' updates; `fused` is one kernel per step (CUDA or CPU);
+    `for-loop` is torch's CPU default. Same update."""
 
 
 @dataclass

@@ -14,8 +14,22 @@ import torch
 OptimizerImpl = Literal["auto", "for-loop", "foreach", "fused"]
 IMPL_FLAGS: dict[str, dict[str, bool]] = {"auto": {}, "for-loop": {"foreach": False}, "foreach": {"foreach": True},
                                           "fused": {"fused": True}}
-"""torch.optim.AdamW's flags per `runtime.optimizer_impl`."""
+"""torch.optim.AdamW's flags per `runtime.optimizer_impl` (`auto`: see `auto_flags`)."""
+FUSED_DEVICES = ("cpu", "cuda")
+"""Devices whose fused AdamW kernel torch has had since 2.4."""
+
+
+def auto_flags(params: list[torch.nn.Parameter]) -> dict[str, bool]:
+    """Fused for floating-point parameters on a CPU or CUDA device, else torch's own choice.
+
+    Measured on the stage-one LoRA of the tiny UNet (64 tensors, 2-core CPU): a step takes 0.7 ms fused,
+    2.0 ms foreach and 2.9 ms with torch's CPU default, the for-loop, about 5% of a stage-one step.
+    """
+    fused = bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    return {"fused": True} if fused else {}
 
 
 def adamw(params: Iterable[torch.nn.Parameter], impl: OptimizerImpl = "auto", **kwargs: Any) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, **kwargs, **IMPL_FLAGS[impl])
+    params = list(params)
+    flags = auto_flags(params) if impl == "auto" else IMPL_FLAGS[impl]
+    return torch.optim.AdamW(params, **kwargs, **flags)

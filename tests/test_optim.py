@@ -36,8 +36,25 @@ def test_stage_one_builds_the_implementation_asked_for(impl: str) -> None:
     optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(2))], PersonalizeConfig(), impl)
     torch_default = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]).defaults
     flags = ("foreach", "fused")
-    want = {k: IMPL_FLAGS[impl].get(k, torch_default[k]) for k in flags}  # `auto`: torch's own choice
+    asked = {"fused": True} if impl == "auto" else IMPL_FLAGS[impl]  # `auto` on CPU float parameters: fused
+    want = {k: asked.get(k, torch_default[k]) for k in flags}
     assert {k: optimizer.defaults[k] for k in flags} == want
+
+
+@pytest.mark.parametrize("device, dtype, fused", [("cpu", torch.float32, True), ("cuda", torch.bfloat16, True),
+                                                  ("meta", torch.float32, False), ("cpu", torch.int64, False)])
+def test_auto_is_fused_only_where_torch_has_the_kernel(device: str, dtype: torch.dtype, fused: bool) -> None:
+    from rlbooth.optim import auto_flags
+
+    class Stand:  # a parameter's device and dtype, without needing the device
+        def __init__(self) -> None:
+            self.device = torch.device(device)
+
+        def is_floating_point(self) -> bool:
+            return dtype.is_floating_point
+
+    assert auto_flags([Stand(), Stand()]) == ({"fused": True} if fused else {})
+    assert auto_flags([]) == {}
 
 
 def test_unknown_implementation_is_refused_with_the_field_name() -> None:
