@@ -315,6 +315,9 @@ class AlignConfig:
     runtime.mixed_precision=no, since a LoRA delta added to half-precision weights is rounded away."""
     compile_denoiser: bool = False
     """torch.compile the UNet used for sampling (training stays eager); the first epoch pays the compile."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """torch.compile's mode for align.compile_denoiser. `reduce-overhead` replays the fixed-shape sampling step
+    as a CUDA graph (on a GPU; elsewhere it is `default`); `max-autotune` also searches kernel configurations."""
     timesteps_per_pass: int = 1
     """Trained timesteps of each trajectory that share one forward and backward pass: k stacks k of them into a
     pass of k x train_batch_size rows. An optimizer step sums the same terms either way (it covers every trained

@@ -162,7 +162,7 @@ class DDPOTrainer:
         self.denoiser, self.params = denoiser, params
         self.merge_lora = merges_lora(config)
         # Compiled once; the module's weights are read at each call, so training's updates reach it.
-        self.compiled = torch.compile(denoiser) if self.cfg.compile_denoiser else None
+        self.compiled = torch.compile(denoiser, mode=self.cfg.compile_mode) if self.cfg.compile_denoiser else None
         self.sampler = PromptSampler(templates, self.subject, self.cfg.identifier_ratio, self.seed)
         self.tracker = PerPromptStatTracker(self.cfg.stat_buffer_size, self.cfg.stat_min_count)
         self.history: list[dict[str, float]] = []

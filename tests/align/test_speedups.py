@@ -200,6 +200,17 @@ def test_compiled_denoiser_samples_what_the_eager_one_samples(stage_one, tmp_pat
     assert (trainer.sample_epoch(0).latents - compiled.latents).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compile_mode_reaches_torch_compile_of_the_sampling_denoiser_only(stage_one, tmp_path, monkeypatch, mode):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: calls.append((module, kwargs)) or module)
+    trainer = make_trainer(align_config("align.compile_denoiser=true", f"align.compile_mode={mode}"), stage_one,
+                           tmp_path)
+    assert calls == [(trainer.pipe.unet, {"mode": mode})]
+    with pytest.raises(ConfigError, match="align.compile_mode"):
+        align_config("align.compile_mode=fast")
+
+
 def test_fused_adamw_trains_the_lora_the_for_loop_trains(stage_one, tmp_path):
     """runtime.optimizer_impl reaches stage two's optimizer and leaves two epochs' LoRA as it was."""
     config = lambda impl: align_config("align.learning_rate=1e-2", "align.checkpointing_epochs=100",
