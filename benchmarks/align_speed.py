@@ -5,7 +5,8 @@
 A tiny stage-one model is trained first (or pass --stage-one DIR). Each run is a fresh process that
 times `--epochs` epochs after one warm-up epoch (sampling + decode + reward, then training); runs
 alternate between the two thread settings and the medians are printed, with trajectories/s, trained
-timesteps/s and peak memory. Issue 20's check: with more threads an epoch must not take longer
+timesteps/s and peak memory; with `--flops`, model FLOPs per trajectory and the FLOP/s achieved, and with
+`--peak-tflops` (the device's peak at the run's precision) MFU. Issue 20's check: with more threads an epoch must not take longer
 (before the fix, the reward worker thread made 2 threads 2.3x slower than 1 on a 2-core machine).
 `--single` times one run in this process.
 """
@@ -44,8 +45,22 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_run(config, stage_one: Path, epochs: int, work: Path) -> dict[str, float]:
-    """Seconds of sampling and of training over `epochs` epochs after a warm-up, in this process."""
+def epoch_flops(trainer: DDPOTrainer, epoch: int) -> int:
+    """Model FLOPs of one epoch (denoiser and VAE, sampling and training, forward and backward), counted by
+    torch's FlopCounterMode with attention on the math kernel, whose matmuls it counts on every device."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        samples = trainer.sample_epoch(epoch)
+        trainer.train_epoch(epoch, samples, trainer.advantages(epoch, samples))
+    return counter.get_total_flops()
+
+
+def time_run(config, stage_one: Path, epochs: int, work: Path, count_flops: bool = False) -> dict[str, float]:
+    """Seconds of sampling and of training over `epochs` epochs after a warm-up, in this process; with
+    `count_flops`, then the model FLOPs of one more epoch (after the memory peaks are read: its math
+    attention kernel holds whole attention matrices)."""
     stage = read_stage(stage_one, "personalize")
     cfg = config.align
     accelerator = make_accelerator(config.runtime, work, cfg.passes_per_optimizer_step)
@@ -66,14 +81,19 @@ def time_run(config, stage_one: Path, epochs: int, work: Path) -> dict[str, floa
             if epoch > 0:
                 sample_s += t1 - t0
                 train_s += time.perf_counter() - t1
-    n = cfg.sample_batch_size * cfg.num_batches_per_epoch * epochs
-    return {
-        "threads": torch.get_num_threads(), "epoch_s": (sample_s + train_s) / epochs,
-        "trajectories_per_s": n / sample_s,
-        "trained_timesteps_per_s": n * cfg.num_train_timesteps * cfg.num_inner_epochs / train_s,
-        "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+        n = cfg.sample_batch_size * cfg.num_batches_per_epoch * epochs
+        figures = {
+            "threads": torch.get_num_threads(), "epoch_s": (sample_s + train_s) / epochs,
+            "trajectories_per_s": n / sample_s,
+            "trained_timesteps_per_s": n * cfg.num_train_timesteps * cfg.num_inner_epochs / train_s,
+            "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        if count_flops:
+            flops = epoch_flops(trainer, epochs + 1)
+            figures["tflop_per_trajectory"] = flops * epochs / n / 1e12
+            figures["achieved_tflops"] = flops / figures["epoch_s"] / 1e12
+    return figures
 
 
 def child_run(args: argparse.Namespace, stage_one: Path, single_thread: bool) -> dict[str, float]:
@@ -84,6 +104,8 @@ def child_run(args: argparse.Namespace, stage_one: Path, single_thread: bool) ->
         env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, __file__, "--single", "--config", args.config, "--epochs", str(args.epochs),
                "--stage-one", str(stage_one), *(f"--set={item}" for item in args.overrides)]
+    if getattr(args, "peak_tflops", None) is not None or getattr(args, "flops", False):
+        command.append("--flops")
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -96,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage-one", type=Path, default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--single", action="store_true", help="one run in this process; prints its figures as JSON")
+    parser.add_argument("--flops", action="store_true", help="count model FLOPs in one more, untimed epoch")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak dense TFLOP/s at the run's precision, to print MFU (implies --flops)")
     args = parser.parse_args(argv)
     config = load_config(args.config, [*FIXED, *args.overrides])
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
             stage_one = Path(tmp) / "stage-one"
             personalize(config, Subject.from_yaml(REPO / "examples" / "tiny" / "subject.yaml"), stage_one)
         if args.single:
-            print(json.dumps(time_run(config, stage_one, args.epochs, Path(tmp) / "align")))
+            print(json.dumps(time_run(config, stage_one, args.epochs, Path(tmp) / "align",
+                                      count_flops=args.flops or args.peak_tflops is not None)))
             return
         runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
         for _ in range(args.repeats):
@@ -122,6 +148,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{median['trajectories_per_s'][one]:.2f}, trained timesteps/s "
               f"{median['trained_timesteps_per_s'][one]:.2f}, peak RSS {median['peak_rss_mib'][one]:.0f} MiB"
               + (f", peak CUDA {median['peak_cuda_mib'][one]:.0f} MiB" if torch.cuda.is_available() else ""))
+    if "achieved_tflops" in median:
+        achieved = median["achieved_tflops"][False]
+        print(f"model FLOPs: {median['tflop_per_trajectory'][False] * 1e3:.3f} GFLOP per trajectory (sampling and "
+              f"training), {achieved * 1e3:.2f} GFLOP/s achieved with the default threads"
+              + (f"; MFU {achieved / args.peak_tflops:.1%} of {args.peak_tflops} TFLOP/s" if args.peak_tflops else
+                 "; pass --peak-tflops for MFU"))
     ratio = median["epoch_s"][False] / median["epoch_s"][True]
     verdict = "ok" if ratio <= 1.05 else "SLOWER with more threads (an idle machine is needed to judge)"
     print(f"default / 1 thread epoch time: {ratio:.2f}x: {verdict}")
