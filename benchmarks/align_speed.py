@@ -6,8 +6,9 @@ A tiny stage-one model is trained first (or pass --stage-one DIR). Each run is a
 times `--epochs` epochs after one warm-up epoch (sampling + decode + reward, then training); runs
 alternate between the two thread settings and the medians are printed, with trajectories/s, trained
 timesteps/s and peak memory; with `--flops`, model FLOPs per trajectory and the FLOP/s achieved, and with
-`--peak-tflops` (the device's peak at the run's precision) MFU. Issue 20's check: with more threads an epoch must not take longer
-(before the fix, the reward worker thread made 2 threads 2.3x slower than 1 on a 2-core machine).
+`--peak-tflops` (the device's peak at the run's precision) MFU. Issue 20's check: with more threads an
+epoch must not take longer (before the fix, the reward worker thread made 2 threads 2.3x slower than 1
+on a 2-core machine).
 `--single` times one run in this process.
 """
 
