@@ -261,10 +261,11 @@ class DDPOTrainer:
             starts = None if group == 1 else [
                 torch.Generator(device=acc.device).manual_seed(_seed(self.seed, epoch, int(i) // group, group))
                 for i in index]
+            inputs = guidance_inputs(self.family, self.uncond, cond)
             with acc.autocast():
-                rollout = sample_rollout(self.family, denoiser, self.policy, guidance_inputs(self.family, self.uncond, cond), generators,
-                                         self.latent_shape, num_steps=cfg.num_steps,
-                                         guidance_scale=cfg.guidance_scale, start_generators=starts)
+                rollout = sample_rollout(self.family, denoiser, self.policy, inputs, generators, self.latent_shape,
+                                         num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
+                                         start_generators=starts)
             images = decode(self.pipe.vae, rollout.final)
             futures.append(self.reward.submit(images, [p.text for p in prompts], self.metadata(prompts)))
             rollouts.append(rollout)
@@ -340,9 +341,9 @@ class DDPOTrainer:
         """Guided noise and log-prob of stored steps `step` of trajectories `rows` under the current weights."""
         x_t = samples.latents[rows, step]
         t = samples.timesteps[step]
+        inputs = guidance_inputs(self.family, self.uncond, samples.embeds[rows])
         with self.acc.autocast():
-            noise = guided_noise(self.family, self.unet, x_t, t, guidance_inputs(self.family, self.uncond, samples.embeds[rows]),
-                                 self.cfg.guidance_scale)
+            noise = guided_noise(self.family, self.unet, x_t, t, inputs, self.cfg.guidance_scale)
         _, log_prob = self.policy.step(noise, step, x_t, prev_sample=samples.latents[rows, step + 1])
         return noise, log_prob
 
@@ -368,11 +369,11 @@ class DDPOTrainer:
         """KL of this step's Gaussian to stage one's: the same forward with the adapter switched off."""
         x_t, t = samples.latents[rows, step], samples.timesteps[step]
         unet = self.acc.unwrap_model(self.unet)
+        inputs = guidance_inputs(self.family, self.uncond, samples.embeds[rows])
         with torch.no_grad(), self.acc.autocast():
             unet.disable_adapters()
             try:
-                ref_noise = guided_noise(self.family, unet, x_t, t, guidance_inputs(self.family, self.uncond, samples.embeds[rows]),
-                                         self.cfg.guidance_scale)
+                ref_noise = guided_noise(self.family, unet, x_t, t, inputs, self.cfg.guidance_scale)
             finally:
                 unet.enable_adapters()
         mean, std = self.policy.mean_std(noise, step, x_t)
