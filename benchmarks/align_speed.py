@@ -105,7 +105,7 @@ def child_run(args: argparse.Namespace, stage_one: Path, single_thread: bool) ->
         env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, __file__, "--single", "--config", args.config, "--epochs", str(args.epochs),
                "--stage-one", str(stage_one), *(f"--set={item}" for item in args.overrides)]
-    if getattr(args, "peak_tflops", None) is not None or getattr(args, "flops", False):
+    if getattr(args, "flops", False):
         command.append("--flops")
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak dense TFLOP/s at the run's precision, to print MFU (implies --flops)")
     args = parser.parse_args(argv)
+    args.flops = args.flops or args.peak_tflops is not None
     config = load_config(args.config, [*FIXED, *args.overrides])
     with tempfile.TemporaryDirectory() as tmp:
         stage_one = args.stage_one
@@ -130,8 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             stage_one = Path(tmp) / "stage-one"
             personalize(config, Subject.from_yaml(REPO / "examples" / "tiny" / "subject.yaml"), stage_one)
         if args.single:
-            print(json.dumps(time_run(config, stage_one, args.epochs, Path(tmp) / "align",
-                                      count_flops=args.flops or args.peak_tflops is not None)))
+            print(json.dumps(time_run(config, stage_one, args.epochs, Path(tmp) / "align", count_flops=args.flops)))
             return
         runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
         for _ in range(args.repeats):

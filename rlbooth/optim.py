@@ -12,9 +12,9 @@ from typing import Any, Literal
 import torch
 
 OptimizerImpl = Literal["auto", "for-loop", "foreach", "fused"]
-IMPL_FLAGS: dict[str, dict[str, bool]] = {"auto": {}, "for-loop": {"foreach": False}, "foreach": {"foreach": True},
+IMPL_FLAGS: dict[str, dict[str, bool]] = {"for-loop": {"foreach": False}, "foreach": {"foreach": True},
                                           "fused": {"fused": True}}
-"""torch.optim.AdamW's flags per `runtime.optimizer_impl` (`auto`: see `auto_flags`)."""
+"""torch.optim.AdamW's flags per explicit `runtime.optimizer_impl`; `auto` depends on the parameters (`auto_flags`)."""
 FUSED_DEVICES = ("cpu", "cuda")
 """Devices whose fused AdamW kernel torch has had since 2.4."""
 

@@ -31,7 +31,7 @@ def test_every_implementation_takes_the_for_loops_step(impl: str) -> None:
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("impl", sorted(IMPL_FLAGS))
+@pytest.mark.parametrize("impl", ["auto", *sorted(IMPL_FLAGS)])
 def test_stage_one_builds_the_implementation_asked_for(impl: str) -> None:
     optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(2))], PersonalizeConfig(), impl)
     torch_default = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]).defaults

@@ -324,15 +324,15 @@ class DDPOTrainer:
             steps = torch.stack([pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(
                 _seed(self.seed, epoch, inner, int(samples.indices[i]))))[:cfg.num_train_timesteps]] for i in order])
             order, steps = order.to(acc.device), steps.to(acc.device)  # one copy each, not one per step
-            batches = range(0, n, cfg.train_batch_size)
+            batches, k = range(0, n, cfg.train_batch_size), cfg.timesteps_per_pass
             for start in tqdm(batches, desc=f"epoch {epoch} training", leave=False,
                               disable=not acc.is_local_main_process):
-                rows, k = order[start:start + cfg.train_batch_size], cfg.timesteps_per_pass
+                # k timesteps of each trajectory in one pass (align.timesteps_per_pass): rows (trajectory, k)
+                rows = order[start:start + cfg.train_batch_size].repeat_interleave(k)
+                rows_advantages = advantages[rows]
                 for j in range(0, cfg.num_train_timesteps, k):
-                    # k timesteps of each trajectory in one pass (align.timesteps_per_pass): row-major (rows, k)
                     step = steps[start:start + cfg.train_batch_size, j:j + k].reshape(-1)
-                    pass_rows = rows.repeat_interleave(k)
-                    for key, value in self.train_step(samples, pass_rows, step, advantages[pass_rows]).items():
+                    for key, value in self.train_step(samples, rows, step, rows_advantages).items():
                         stats.setdefault(key, []).append(value)
         return epoch_means(stats)
 
