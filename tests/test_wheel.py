@@ -1,6 +1,6 @@
 """The built wheel works on its own: installed into a fresh virtual environment, run outside the checkout.
 
-The system site may hold an editable rlbooth whose finder maps to a source tree, so the test checks that
+The running site may hold an editable rlbooth whose finder maps to a source tree, so the test checks that
 the rlbooth it runs is the one the wheel installed into the new environment.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -58,14 +59,26 @@ def test_wheel_holds_the_data_under_rlbooth(wheel):
         assert name in names, name
 
 
+def parent_site_dirs() -> list[str]:
+    """The running interpreter's site folders (a venv's, a conda env's or the system's), where torch and the
+    other dependencies are: a venv made with --system-site-packages would see the *base* interpreter's site
+    instead, which inside a virtual environment has none of them."""
+    dirs = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir()]
+
+
 def test_wheel_runs_both_stages_outside_the_source_tree(wheel, tmp_path):
     venv = tmp_path / "venv"
-    # No pip of its own: the system's pip (and torch, diffusers, ...) come from the system site.
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], tmp_path, os.environ.copy())
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path, os.environ.copy())
     bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")
     python = bin_dir / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env["PYTHONWARNINGS"] = "ignore"
+    purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                   tmp_path, env).stdout.strip()
+    # Plain path lines, after the venv's own site: the dependencies and pip come from the running interpreter's
+    # site, but its .pth hooks (an editable rlbooth's finder among them) do not run in the new environment.
+    (Path(purelib) / "parent-site.pth").write_text("\n".join(parent_site_dirs()) + "\n")
     _run([str(python), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], tmp_path, env)
 
     work = tmp_path / "elsewhere"
