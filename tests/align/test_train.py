@@ -201,6 +201,32 @@ def test_one_update_ascends_the_surrogate_on_its_samples(any_stage_one, tmp_path
     assert surrogate() > before
 
 
+def test_kl_term_pulls_the_lora_towards_stage_one(stage_one, tmp_path):
+    """With zero advantages only the KL term acts: from a perturbed LoRA, an epoch lowers the KL to stage one.
+
+    Fails with the KL's sign flipped in the loss (tests/mutations.py, kl-sign).
+    """
+    config = align_config("align.sample_batch_size=4", "align.num_batches_per_epoch=1", "align.train_batch_size=4",
+                          "align.kl_coef=1.0", "align.learning_rate=1e-3")
+    trainer = make_trainer(config, stage_one, tmp_path)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in trainer.params:
+            p.add_(0.05 * torch.randn_like(p))
+    samples = trainer.sample_epoch(0)
+    rows = torch.arange(len(samples.indices))
+
+    def kl_to_stage_one() -> float:
+        with torch.no_grad():
+            return sum(trainer.kl_to_stage_one(trainer.step_log_prob(samples, rows, step)[0], samples, rows, step)
+                       .sum().item() for step in (torch.full_like(rows, j) for j in range(samples.log_probs.shape[1])))
+
+    before = kl_to_stage_one()
+    logs = trainer.train_epoch(0, samples, torch.zeros(len(rows)))
+    assert logs["kl_stage_one"] > 0
+    assert kl_to_stage_one() < 0.9 * before
+
+
 def test_output_loads_on_top_of_stage_one_with_diffusers(any_stage_one, tmp_path):
     """The last grid is drawn in memory (fused stage one + adapter); plain diffusers must draw the same."""
     config = align_config("align.num_epochs=2", "align.grid_every=2", "align.learning_rate=1e-2")

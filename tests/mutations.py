@@ -1,0 +1,200 @@
+"""Mutation check: each named mistake, made in a scratch copy of the package, must make its guards fail.
+
+    python -m tests.mutations                 # every quick mutation; prints a Markdown table
+    python -m tests.mutations --slow          # also those guarded by slow tests (toy worlds, sign tests)
+    python -m tests.mutations ppo-surrogate-sign ddim-variance   # just these
+    python -m tests.mutations --list
+
+A mutation is one exact text replacement in one file. Its text must occur exactly once in the source,
+so a refactor that moves the code makes the mutation fail loudly ("stale") instead of testing nothing.
+The guards first run on the unmutated copy (a guard that already fails proves nothing), then once per
+mutation; "caught" means pytest reported failed tests. Exit status 1 if any mutation is missed or stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+COPIED = ["rlbooth", "tests", "examples", "configs", "prompts", "dreambench", "pyproject.toml"]
+DATA_PACKAGES = {"presets": "configs", "prompt_sets": "prompts", "dreambench": "dreambench"}
+"""setup.py's mapping of the data folders into the package, rebuilt in the scratch copy."""
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    """Path relative to the repository."""
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    """pytest node ids (or files) that must fail under the mutation."""
+    slow: bool = False
+    """The guards take minutes (toy worlds, sign tests): run only with --slow."""
+
+
+SIGN_TEST = "tests/align/test_train.py::test_training_climbs_the_reward_in_its_sign"
+
+MUTATIONS: list[Mutation] = [
+    Mutation("ppo-surrogate-sign", "rlbooth/align/ppo.py",
+             "loss = torch.mean(torch.maximum(unclipped, clipped))",
+             "loss = -torch.mean(torch.maximum(unclipped, clipped))",
+             ("tests/align/test_ppo.py", "tests/align/test_train.py::test_one_update_ascends_the_surrogate_on_its_samples")),
+    Mutation("ppo-ratio-inverted", "rlbooth/align/ppo.py",
+             "log_ratio = log_prob - old_log_prob", "log_ratio = old_log_prob - log_prob",
+             ("tests/align/test_ppo.py",)),
+    Mutation("ppo-clip-min-for-max", "rlbooth/align/ppo.py",
+             "torch.maximum(unclipped, clipped)", "torch.minimum(unclipped, clipped)",
+             ("tests/align/test_ppo.py",)),
+    Mutation("advantage-clipping-off", "rlbooth/align/ppo.py",
+             "return np.clip(advantages, -max_abs, max_abs)", "return advantages",
+             ("tests/align/test_ppo.py::test_batch_and_clip_advantages", "tests/align/test_advantage_clipping.py")),
+    Mutation("group-advantage-batch-mean", "rlbooth/align/ppo.py",
+             "residuals = rewards - (np.bincount(inverse, weights=rewards) / counts)[inverse]",
+             "residuals = rewards - rewards.mean()",
+             ("tests/align/test_ppo.py",)),
+    Mutation("tracker-batch-stats-forever", "rlbooth/align/ppo.py",
+             "reference = np.asarray(buffer) if len(buffer) >= self.min_count else rewards",
+             "reference = rewards",
+             ("tests/align/test_ppo.py",)),
+    Mutation("ddim-variance", "rlbooth/align/ddim.py",
+             "variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)",
+             "variance = (1 - alpha_t) / (1 - alpha_prev) * (1 - alpha_t / alpha_prev)",
+             ("tests/align/test_ddim.py",)),
+    Mutation("ddim-log-prob-summed", "rlbooth/align/ddim.py",
+             "return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))",
+             "return log_prob.sum(dim=tuple(range(1, log_prob.ndim)))",
+             ("tests/align/test_ddim.py", "tests/align/test_flow.py")),
+    Mutation("ddim-log-prob-gradient-through-sample", "rlbooth/align/ddim.py",
+             "diff = sample.detach().to(torch.float32) - mean", "diff = sample.to(torch.float32) - mean",
+             ("tests/align/test_ddim.py",)),
+    Mutation("sde-mean-correction-sign", "rlbooth/align/flow.py",
+             "mean = x + (v + std_t**2 / (2 * s) * (x + (1 - s) * v)) * dt",
+             "mean = x + (v - std_t**2 / (2 * s) * (x + (1 - s) * v)) * dt",
+             ("tests/align/test_flow.py",)),
+    Mutation("sde-std-without-dt", "rlbooth/align/flow.py",
+             "return mean, std_t * (-dt).sqrt()", "return mean, std_t",
+             ("tests/align/test_flow.py",)),
+    Mutation("kl-sign", "rlbooth/align/train.py",
+             "loss = loss + cfg.kl_coef * kl", "loss = loss - cfg.kl_coef * kl",
+             ("tests/align/test_train.py::test_kl_term_pulls_the_lora_towards_stage_one",)),
+    Mutation("prior-preservation-halves-swapped", "rlbooth/personalize/loss.py",
+             "pred_inst, pred_prior = model_pred.chunk(2)", "pred_prior, pred_inst = model_pred.chunk(2)",
+             ("tests/personalize/test_loss.py",)),
+    Mutation("min-snr-on-both-halves", "rlbooth/personalize/loss.py",
+             "prior = _mse(pred_prior, target_prior, None)",
+             "prior = _mse(pred_prior, target_prior, weights.chunk(2)[1] if weights is not None else None)",
+             ("tests/personalize/test_loss.py",)),
+    Mutation("identity-reference-unnormalized", "rlbooth/rewards/identity.py",
+             "return torch.nn.functional.normalize(_normalize_rows(embeddings).mean(dim=0), dim=0)",
+             "return _normalize_rows(embeddings).mean(dim=0)",
+             ("tests/rewards/test_identity.py",)),
+    Mutation("identity-embeddings-unnormalized", "rlbooth/rewards/identity.py",
+             "return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)",
+             "return features",
+             ("tests/rewards/test_identity.py", "tests/rewards/test_identity_dlib.py")),
+    # The toy worlds' guards: stage two's gain must vanish with the update's sign flipped (README, the toy world).
+    Mutation("ppo-surrogate-sign-toy-worlds", "rlbooth/align/ppo.py",
+             "loss = torch.mean(torch.maximum(unclipped, clipped))",
+             "loss = -torch.mean(torch.maximum(unclipped, clipped))",
+             ("tests/toyworld/test_experiment.py",), slow=True),
+    Mutation("ppo-surrogate-sign-all-families", "rlbooth/align/ppo.py",
+             "loss = torch.mean(torch.maximum(unclipped, clipped))",
+             "loss = -torch.mean(torch.maximum(unclipped, clipped))",
+             (SIGN_TEST,), slow=True),
+]
+
+
+def scratch_copy(root: Path) -> Path:
+    """The sources with the data folders mapped into the package as setup.py installs them; no bytecode."""
+    for name in COPIED:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif source.exists():
+            shutil.copy2(source, root / name)
+    for package, folder in DATA_PACKAGES.items():
+        if not (root / "rlbooth" / package).exists():
+            shutil.copytree(REPO / folder, root / "rlbooth" / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, float, str]:
+    """pytest's exit status on the scratch copy (its rlbooth first on the path, for subprocesses too)."""
+    env = os.environ | {"PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        code, tail = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
+    except subprocess.TimeoutExpired:
+        code, tail = -1, f"timed out after {timeout:.0f} s"
+    return code, time.perf_counter() - start, tail
+
+
+def check(mutation: Mutation, root: Path, timeout: float) -> tuple[str, float, str]:
+    path = root / mutation.file
+    original = path.read_text()
+    count = original.count(mutation.old)
+    if count != 1:
+        return f"stale ({count} matches)", 0.0, f"{mutation.file}: the mutated text occurs {count} times"
+    path.write_text(original.replace(mutation.old, mutation.new))
+    try:
+        code, seconds, tail = run_tests(root, mutation.tests, timeout)
+    finally:
+        path.write_text(original)
+    verdict = {0: "MISSED", 1: "caught"}.get(code, f"error (pytest exit {code})")
+    return verdict, seconds, tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.mutations", description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all quick ones)")
+    parser.add_argument("--slow", action="store_true", help="include the mutations guarded by slow tests")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--no-baseline", action="store_true", help="skip running the guards unmutated first")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per pytest run")
+    args = parser.parse_args(argv)
+    known = {m.name: m for m in MUTATIONS}
+    if unknown := [n for n in args.names if n not in known]:
+        parser.error(f"unknown mutation(s) {unknown}; --list shows them")
+    chosen = [known[n] for n in args.names] if args.names else [m for m in MUTATIONS if args.slow or not m.slow]
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.name:40s} {m.file}{'  (slow)' if m.slow else ''}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="rlbooth-mutations-") as tmp:
+        root = scratch_copy(Path(tmp))
+        if not args.no_baseline:
+            guards = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+            code, seconds, tail = run_tests(root, guards, args.timeout)
+            print(f"baseline: the guards {'pass' if code == 0 else 'FAIL'} unmutated ({seconds:.0f} s)", flush=True)
+            if code != 0:
+                print(tail)
+                return 1
+        rows, bad = [], []
+        for m in chosen:
+            verdict, seconds, tail = check(m, root, args.timeout)
+            rows.append(f"| {m.name} | `{m.file}` | {', '.join(f'`{t}`' for t in m.tests)} | {verdict} | {seconds:.0f} |")
+            print(f"{m.name}: {verdict} ({seconds:.0f} s)", flush=True)
+            if verdict != "caught":
+                bad.append(m.name)
+                print(tail)
+    print("\n| mutation | file | guards | result | seconds |\n| --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+    if bad:
+        print(f"\nnot caught: {', '.join(bad)}")
+    return int(bool(bad))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
