@@ -102,6 +102,16 @@ MUTATIONS: list[Mutation] = [
              "return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)",
              "return features",
              ("tests/rewards/test_identity.py", "tests/rewards/test_identity_dlib.py")),
+    # README, identity on real photos: skipping the alignment, or pixels as the embedding, fails (checked by hand once).
+    Mutation("dlib-face-unaligned", "rlbooth/rewards/dlib_faces.py",
+             "return np.asarray(dlib.get_face_chip(rgb, shape, size=CHIP_SIZE, padding=CHIP_PADDING))",
+             "return np.asarray(dlib.resize_image(np.ascontiguousarray(rgb[max(y1, 0):y2, max(x1, 0):x2]), "
+             "CHIP_SIZE, CHIP_SIZE))",
+             ("tests/rewards/test_identity_dlib.py",)),
+    Mutation("dlib-pixels-as-embedding", "rlbooth/rewards/dlib_faces.py",
+             "descriptors = self.recognizer.compute_face_descriptor(chips)",
+             "descriptors = [chip[::10, ::10].astype(np.float64).ravel() for chip in chips]",
+             ("tests/rewards/test_identity_dlib.py",)),
     # The toy worlds' guards: stage two's gain must vanish with the update's sign flipped (README, the toy world).
     Mutation("ppo-surrogate-sign-toy-worlds", "rlbooth/align/ppo.py",
              "loss = torch.mean(torch.maximum(unclipped, clipped))",
@@ -130,7 +140,7 @@ def scratch_copy(root: Path) -> Path:
 
 def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, float, str]:
     """pytest's exit status on the scratch copy (its rlbooth first on the path, for subprocesses too)."""
-    env = os.environ | {"PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
+    env = os.environ | {"PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1", "COLUMNS": "300"}
     start = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
@@ -154,6 +164,15 @@ def check(mutation: Mutation, root: Path, timeout: float) -> tuple[str, float, s
         path.write_text(original)
     verdict = {0: "MISSED", 1: "caught"}.get(code, f"error (pytest exit {code})")
     return verdict, seconds, tail
+
+
+def failure(tail: str) -> str:
+    """pytest's one-line summary of the first failure (-ra), so the table shows it was caught for its reason."""
+    lines = [line for line in tail.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    if not lines:
+        return ""
+    test, _, message = lines[0].partition(" - ")
+    return f"{test.rsplit('::', 1)[-1]}: {message}"[:120].replace("|", "/")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,12 +203,14 @@ def main(argv: list[str] | None = None) -> int:
         rows, bad = [], []
         for m in chosen:
             verdict, seconds, tail = check(m, root, args.timeout)
-            rows.append(f"| {m.name} | `{m.file}` | {', '.join(f'`{t}`' for t in m.tests)} | {verdict} | {seconds:.0f} |")
-            print(f"{m.name}: {verdict} ({seconds:.0f} s)", flush=True)
+            why = failure(tail)
+            rows.append(f"| {m.name} | `{m.file}` | {', '.join(f'`{t}`' for t in m.tests)} | {verdict} | {why} "
+                        f"| {seconds:.0f} |")
+            print(f"{m.name}: {verdict} ({seconds:.0f} s) {why}", flush=True)
             if verdict != "caught":
                 bad.append(m.name)
                 print(tail)
-    print("\n| mutation | file | guards | result | seconds |\n| --- | --- | --- | --- | --- |")
+    print("\n| mutation | file | guards | result | first failure | seconds |\n| --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
     if bad:
         print(f"\nnot caught: {', '.join(bad)}")
