@@ -93,6 +93,7 @@ CHAINS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chain", [
     "quick", pytest.param("sweep", marks=pytest.mark.skipif(not os.environ.get("RLBOOTH_KILL_SWEEP"),
                                                             reason="the longer sweep: set RLBOOTH_KILL_SWEEP=1"))])

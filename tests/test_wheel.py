@@ -67,6 +67,7 @@ def parent_site_dirs() -> list[str]:
     return [d for d in dict.fromkeys(dirs) if Path(d).is_dir()]
 
 
+@pytest.mark.slow
 def test_wheel_runs_both_stages_outside_the_source_tree(wheel, tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path, os.environ.copy())

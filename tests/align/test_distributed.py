@@ -10,6 +10,7 @@ import subprocess
 import sys
 import warnings
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -49,6 +50,7 @@ def run_two_processes(stage_one, output) -> subprocess.CompletedProcess:
         return run()
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(any_stage_one, tmp_path):
     """One process draws and trains the same 4 samples per epoch in two batches of 2 (gradients accumulated
     over both), two processes one batch of 2 each (gradients averaged): the same forwards, shapes included,

@@ -154,6 +154,7 @@ SIGN_TEST_SETTINGS = {"sdxl": ("3e-3", 128)}
 """(learning rate, evaluation seeds) of the sign test where the defaults (1e-2, 32) do not fit the tiny model."""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weight", [1.0, -1.0])
 def test_training_climbs_the_reward_in_its_sign(any_stage_one_8px, tmp_path, weight):
     """+brightness must brighten, -brightness darken: fails if the update sign or the ratio is wrong.

@@ -23,6 +23,7 @@ from rlbooth.toyworld.experiment import ARMS, EXAMPLE_SUBJECT, Results, main, ru
 SHORT = ["runtime.report_to=none", "personalize.validation_steps=0", "align.grid_every=0", "align.num_epochs=8",
          "report.num_inference_steps=10"]
 RUN = "stage two (identifier-only, seed 0)"
+pytestmark = pytest.mark.slow  # two toy-world experiments: minutes each
 
 
 @pytest.fixture(scope="module", params=["toy", "toy-flow"])
