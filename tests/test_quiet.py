@@ -3,7 +3,10 @@
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_loading_a_pipeline_prints_no_torchvision_note():
     code = ("import rlbooth, transformers; from diffusers import StableDiffusionPipeline; "
             "transformers.CLIPImageProcessor; "

@@ -67,6 +67,7 @@ def optimizer_gradients(trainer: DDPOTrainer, monkeypatch) -> list[list[torch.Te
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["stage_one", "stage_one_flux"])
 def test_timesteps_per_pass_takes_the_same_optimizer_steps_with_fewer_passes(stage, request, tmp_path, monkeypatch):
     """Two epochs with every timestep in its own pass, two per pass, and all four in one: the same optimizer
@@ -134,6 +135,7 @@ def test_merged_lora_samples_what_the_adapter_samples_and_restores_the_weights_e
     assert not any(layer.merged for layer in adapter_layers(trainer.pipe.unet, ALIGN_ADAPTER))
 
 
+@pytest.mark.slow
 def test_merged_sampling_over_epochs_keeps_frozen_weights_bit_equal_and_matches_unmerged_training(stage_one,
                                                                                                   tmp_path):
     """Three epochs each way (the LoRA is non-zero from the second epoch's sampling on).

@@ -250,6 +250,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(any_stage_one, tmp_path, monkeypatch):
     overrides = ("align.num_epochs=4", "align.checkpointing_epochs=2", "align.checkpoints_total_limit=null",
                  "align.learning_rate=1e-2", "align.stat_min_count=1")

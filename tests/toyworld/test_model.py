@@ -41,6 +41,7 @@ def test_shipped_flow_weights_load_with_from_pretrained_and_are_small() -> None:
     assert model_key(ModelConfig(pretrained="toyworld-flow")) != model_key(ModelConfig(pretrained="toyworld"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["toyworld", "toyworld-flow"])
 def test_shipped_model_draws_heldout_compositions(name: str) -> None:
     """The base model puts the asked scene behind objects in colour x shape x scene combinations it never saw."""
