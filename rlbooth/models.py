@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rlbooth.config import LORA_INITS, ModelConfig, TinyModelConfig
 from rlbooth.errors import RlboothError
 from rlbooth.families.tiny import tiny_tokenizer  # noqa: F401  (the tiny pipelines' tokenizer, for tests)
+from rlbooth.stages import LORA_WEIGHTS
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +34,7 @@ TOYWORLD_FLOW = "toyworld-flow"
 """`model.pretrained` value naming the toy world's shipped flow-matching model (SD3 classes)."""
 SHIPPED = {TOYWORLD: "sd", TOYWORLD_FLOW: "sd3"}
 """The shipped base models and their families."""
+logger = logging.getLogger(__name__)
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -187,13 +192,16 @@ def add_lora(model: "torch.nn.Module", rank: int, alpha: float | None, target_mo
 
 
 def lora_layers(model: "torch.nn.Module | None", adapter_name: str = "default") -> "dict | None":
-    """An adapter's weights named as diffusers' `save_lora_weights` expects them."""
+    """An adapter's weights under peft's names (`<module>.lora_A.weight`), which `load_lora_weights` reads.
+
+    Not diffusers' older names: `convert_state_dict_to_diffusers` renames only the attention projections,
+    and a file mixing both layouts loses every renamed module on load (see `legacy_lora_layout`).
+    """
     if model is None:
         return None
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    return get_peft_model_state_dict(model, adapter_name=adapter_name)
 
 
 def save_lora(folder: Path, family: "Family", models: "dict[str, torch.nn.Module]",
@@ -205,3 +213,75 @@ def save_lora(folder: Path, family: "Family", models: "dict[str, torch.nn.Module
     """
     family.save_lora(folder, {name: lora_layers(model, adapter_name) for name, model in models.items()},
                      {name: model.peft_config[adapter_name].to_dict() for name, model in models.items()})
+
+
+LEGACY_LORA_NAMES = {".lora.down.": ".lora_A.", ".lora.up.": ".lora_B.",
+                     ".lora_linear_layer.down.": ".lora_A.", ".lora_linear_layer.up.": ".lora_B."}
+"""diffusers' older LoRA names, which rlbooth wrote for the attention projections only (before issue 34)."""
+
+
+def legacy_lora_layout(keys: Iterable[str]) -> bool:
+    """Whether a LoRA file mixes diffusers' older names with peft's (`lora_A`/`lora_B`).
+
+    diffusers' loader then renames nothing and drops every module under the older names (with wide
+    `lora_target_modules`: all attention LoRAs), so such a file is read through `readable_lora`.
+    """
+    keys = list(keys)
+    return (any(old in key for key in keys for old in LEGACY_LORA_NAMES)
+            and any(".lora_A." in key or ".lora_B." in key for key in keys))
+
+
+@contextmanager
+def readable_lora(model_dir: Path) -> Iterator[Path]:
+    """The folder to give `load_lora_weights`: `model_dir`, or for a mixed-layout file (see
+    `legacy_lora_layout`) a temporary copy with every key under peft's names and the file's metadata kept."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = model_dir / LORA_WEIGHTS
+    with safe_open(str(path), "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+    if not legacy_lora_layout(keys):
+        yield model_dir
+        return
+    logger.warning("%s names its attention LoRAs in diffusers' older layout next to peft's; it is read under "
+                   "peft's names. To convert the file for other tools: %s", path, CONVERT_HINT.format(path=path))
+    with tempfile.TemporaryDirectory(prefix="rlbooth-lora-") as tmp:
+        save_file(peft_named(load_file(str(path))), str(Path(tmp) / LORA_WEIGHTS), metadata=metadata)
+        yield Path(tmp)
+
+
+def peft_named(state_dict: "dict[str, torch.Tensor]") -> "dict[str, torch.Tensor]":
+    """Every key of a LoRA state dict under peft's names."""
+    renamed = {}
+    for key, value in state_dict.items():
+        for old, new in LEGACY_LORA_NAMES.items():
+            key = key.replace(old, new)
+        renamed[key] = value
+    return renamed
+
+
+CONVERT_HINT = "python -m rlbooth.models {path}"
+"""How a user rewrites a mixed-layout LoRA file in place (`main` below)."""
+
+
+def main(argv: "list[str] | None" = None) -> None:
+    """`python -m rlbooth.models <pytorch_lora_weights.safetensors>`: rewrite a mixed-layout file under peft's names."""
+    import sys
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from rlbooth.files import replacing
+
+    for name in (sys.argv[1:] if argv is None else argv):
+        path = Path(name)
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+        with replacing(path) as tmp:
+            save_file(peft_named(load_file(str(path))), str(tmp), metadata=metadata)
+        print(f"{path}: every LoRA key now under peft's names")
+
+
+if __name__ == "__main__":
+    main()

@@ -110,15 +110,23 @@ def load_stage_pipeline(stage: StageOutput, fuse: bool = False) -> "DiffusionPip
         pipe = load_pipeline(ModelConfig(pretrained=str(one.model_dir)))
     else:
         pipe = load_pipeline(one.base_model)
-        pipe.load_lora_weights(one.model_dir, adapter_name=PERSONALIZE_ADAPTER)
+        load_lora(pipe, one.model_dir, PERSONALIZE_ADAPTER)
         if fuse:
             pipe.fuse_lora(components=family_of(pipe).lora_components, adapter_names=[PERSONALIZE_ADAPTER])
             pipe.unload_lora_weights()
     if stage.stage == "align":
-        pipe.load_lora_weights(stage.model_dir, adapter_name=ALIGN_ADAPTER)
+        load_lora(pipe, stage.model_dir, ALIGN_ADAPTER)
         names = [ALIGN_ADAPTER] + ([PERSONALIZE_ADAPTER] if one.metadata["mode"] == "lora" and not fuse else [])
         pipe.set_adapters(names)
     return pipe
+
+
+def load_lora(pipe: "DiffusionPipeline", model_dir: Path, adapter_name: str) -> None:
+    """`pipe.load_lora_weights`, reading a file of the older mixed layout under peft's names."""
+    from rlbooth.models import readable_lora
+
+    with readable_lora(model_dir) as source:
+        pipe.load_lora_weights(source, adapter_name=adapter_name)
 
 
 def is_finished(stage_dir: Path) -> bool:
