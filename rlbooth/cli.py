@@ -131,11 +131,15 @@ def subject_from_args(args: argparse.Namespace):
 
 def cmd_personalize(args: argparse.Namespace) -> None:
     from rlbooth.config import load_config
+    from rlbooth.lock import output_lock
     from rlbooth.personalize.train import personalize
+    from rlbooth.stages import claim_output, stage_request
 
     config = load_config(args.config, args.overrides)
     subject = subject_from_args(args)
-    model_dir = personalize(config, subject, args.output, resume=args.resume)
+    with output_lock(args.output):
+        claim_output(args.output, "personalize", stage_request("personalize", config, subject))
+        model_dir = personalize(config, subject, args.output, resume=args.resume)
     print(f"stage one finished: {model_dir}")
     if args.push_to_hub:
         _push(args.output, args.push_to_hub, args.private)
@@ -144,9 +148,14 @@ def cmd_personalize(args: argparse.Namespace) -> None:
 def cmd_align(args: argparse.Namespace) -> None:
     from rlbooth.align.train import align
     from rlbooth.config import load_config
+    from rlbooth.lock import output_lock
+    from rlbooth.stages import claim_output, read_stage, stage_request
 
     config = load_config(args.config, args.overrides)
-    model_dir = align(config, args.stage_one, args.output, resume=args.resume)
+    subject = read_stage(args.stage_one, "personalize").subject
+    with output_lock(args.output):
+        claim_output(args.output, "align", stage_request("align", config, subject, args.stage_one))
+        model_dir = align(config, args.stage_one, args.output, resume=args.resume)
     print(f"stage two finished: {model_dir}")
     if args.push_to_hub:
         _push(args.output, args.push_to_hub, args.private)
