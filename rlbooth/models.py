@@ -62,6 +62,13 @@ def model_key(cfg: ModelConfig) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_")[-80:]
 
 
+def public_name(source: str) -> str:
+    """`model.pretrained` as files meant for others may show it: a hub id as it is, a local folder by its name
+    only (never the absolute path of someone's disk)."""
+    path = Path(source).expanduser()
+    return path.name if path.is_absolute() or path.exists() else source
+
+
 def resolve_family(cfg: ModelConfig) -> "Family":
     """`model.family`, or the family of the pipeline class that the model's `model_index.json` names."""
     from rlbooth.families import FAMILIES, family_of_class, get_family
