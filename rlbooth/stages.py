@@ -127,8 +127,9 @@ def load_stage_pipeline(stage: StageOutput, fuse: bool = False) -> "DiffusionPip
 def load_lora(pipe: "DiffusionPipeline", model_dir: Path, adapter_name: str) -> None:
     """`pipe.load_lora_weights`, reading a file of the older mixed layout under peft's names."""
     from rlbooth.models import readable_lora
+    from rlbooth.quiet import NO_TEXT_ENCODER_LORA, without_note
 
-    with readable_lora(model_dir) as source:
+    with readable_lora(model_dir) as source, without_note(*NO_TEXT_ENCODER_LORA):
         pipe.load_lora_weights(source, adapter_name=adapter_name)
 
 
