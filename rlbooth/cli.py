@@ -131,12 +131,14 @@ def subject_from_args(args: argparse.Namespace):
 
 def cmd_personalize(args: argparse.Namespace) -> None:
     from rlbooth.config import load_config
+    from rlbooth.hub_upload import check_repo_id
     from rlbooth.lock import output_lock
     from rlbooth.personalize.train import personalize
     from rlbooth.stages import claim_output, stage_request
 
     config = load_config(args.config, args.overrides)
     subject = subject_from_args(args)
+    check_repo_id(args.push_to_hub)
     with output_lock(args.output):
         claim_output(args.output, "personalize", stage_request("personalize", config, subject))
         model_dir = personalize(config, subject, args.output, resume=args.resume)
@@ -148,11 +150,17 @@ def cmd_personalize(args: argparse.Namespace) -> None:
 def cmd_align(args: argparse.Namespace) -> None:
     from rlbooth.align.train import align
     from rlbooth.config import load_config
+    from rlbooth.families import get_family
+    from rlbooth.hub_upload import check_repo_id
     from rlbooth.lock import output_lock
+    from rlbooth.models import check_family_switches
     from rlbooth.stages import claim_output, read_stage, stage_request
 
     config = load_config(args.config, args.overrides)
-    subject = read_stage(args.stage_one, "personalize").subject
+    one = read_stage(args.stage_one, "personalize")
+    check_family_switches(config, get_family(one.metadata.get("family", "sd")))
+    check_repo_id(args.push_to_hub)
+    subject = one.subject
     with output_lock(args.output):
         claim_output(args.output, "align", stage_request("align", config, subject, args.stage_one))
         model_dir = align(config, args.stage_one, args.output, resume=args.resume)

@@ -120,8 +120,9 @@ def export_lora(stage_dir: str | Path, output: str | Path, fmt: str = "kohya", m
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
     output = Path(output)
-    if output.suffix != ".safetensors":
-        raise ExportError(f"{output}: the kohya format is a single .safetensors file; name it so")
+    if output.suffix != ".safetensors" or output.is_dir():
+        raise ExportError(f"{output}: the kohya format is a single .safetensors file; name it so"
+                          + (" (a folder of that name is in the way)" if output.is_dir() else ""))
     stage = read_stage(stage_dir)
     adapters = adapters_to_export(stage, merge)
     pipe = load_stage_pipeline(stage)

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rlbooth.config import LORA_INITS, ModelConfig, TinyModelConfig
+from rlbooth.config import LORA_INITS, Config, ConfigError, ModelConfig, TinyModelConfig
 from rlbooth.errors import RlboothError
 from rlbooth.families.tiny import tiny_tokenizer  # noqa: F401  (the tiny pipelines' tokenizer, for tests)
 from rlbooth.stages import LORA_WEIGHTS
@@ -105,6 +105,85 @@ def _pipeline_class_name(cfg: ModelConfig) -> str:
             f"({type(err).__name__}: {err}). Pass a diffusers pipeline folder (`hf download {cfg.pretrained} "
             "--local-dir /path/to/model`, then `--set model.pretrained=/path/to/model`), or set model.family"
         ) from err
+
+
+def check_model(config: Config) -> "Family":
+    """`model.*` and the family's switches checked before any weights load: a local folder that is missing,
+    of another family than `model.family`, lacking a component, or a VAE folder that holds no AutoencoderKL."""
+    cfg = config.model
+    for key, source in (("model.pretrained", cfg.pretrained), ("model.vae", cfg.vae)):
+        if source and _looks_local(source) and not Path(source).expanduser().exists():
+            raise ModelLoadError(f"{key}={source!r}: no such folder (a hub id is `owner/name`); give the folder "
+                                 "of a downloaded diffusers model")
+    family = resolve_family(cfg)
+    folder = Path(cfg.pretrained).expanduser()
+    if cfg.pretrained not in (*SHIPPED, "tiny") and folder.is_dir():
+        _check_pipeline_folder(folder, family, cfg.family)
+    if cfg.vae and Path(cfg.vae).expanduser().is_dir():
+        _check_vae_folder(Path(cfg.vae).expanduser())
+    check_family_switches(config, family)
+    return family
+
+
+def _looks_local(source: str) -> bool:
+    """A path rather than a hub id (`owner/name`, exactly one slash, no leading `.`, `~` or `/`)."""
+    return source.startswith((".", "~", "/", "\\")) or source.count("/") > 1 or (len(source) > 1 and source[1] == ":")
+
+
+def _check_pipeline_folder(folder: Path, family: "Family", asked: str) -> None:
+    from rlbooth.families import family_of_class
+    from rlbooth.files import read_json
+
+    hint = "give the folder that `hf download <id> --local-dir <folder>` wrote"
+    index = read_json(folder / "model_index.json", "model.pretrained's pipeline index", hint, ModelLoadError)
+    class_name = index.get("_class_name") if isinstance(index, dict) else None
+    if class_name != family.pipeline_class_name:
+        own = family_of_class(str(class_name))
+        raise ModelLoadError(f"model.family={asked!r} needs a {family.pipeline_class_name}, but model.pretrained="
+                             f"{str(folder)!r} is a {class_name} (its model_index.json); set model.family="
+                             f"{own.name if own else 'auto'!r}" + ("" if own else " or use a supported model"))
+    needed = [family.denoiser, "vae", "scheduler", *family.text_encoders, *family.tokenizers]
+    missing = [name for name in needed if isinstance(index.get(name), list) and index[name][0] is not None
+               and not (folder / name).is_dir()]
+    if missing or not (folder / family.denoiser / "config.json").is_file():
+        raise ModelLoadError(f"model.pretrained={str(folder)!r}: the pipeline folder lacks "
+                             f"{missing or [family.denoiser + '/config.json']}: it is incomplete; {hint}")
+
+
+def _check_vae_folder(folder: Path) -> None:
+    from rlbooth.files import read_json
+
+    if (folder / "model_index.json").is_file() and (folder / "vae").is_dir():
+        raise ModelLoadError(f"model.vae={str(folder)!r} is a whole pipeline; pass its VAE: {folder / 'vae'}")
+    config = read_json(folder / "config.json", "model.vae's config", "give a folder holding an AutoencoderKL "
+                       "(config.json and its weights)", ModelLoadError)
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    if class_name != "AutoencoderKL":
+        raise ModelLoadError(f"model.vae={str(folder)!r} holds a {class_name}, not an AutoencoderKL (the VAE "
+                             "class of every supported family)")
+
+
+FLOW_SWITCHES = ("personalize.timestep_density", "personalize.logit_mean", "personalize.logit_std",
+                 "personalize.mode_scale", "personalize.flow_loss_weighting", "align.flow_noise_level",
+                 "align.flow_noise_schedule", "align.ode_outside_window")
+"""Fields read only by the flow-matching families (sd3, flux)."""
+GUIDANCE_INPUT_SWITCHES = ("personalize.training_guidance",)
+"""Fields read only by a guidance-distilled family (FLUX.1-dev's guidance input)."""
+
+
+def check_family_switches(config: Config, family: "Family") -> None:
+    """A switch set away from its default for a family that never reads it is an error, not a silent no-op."""
+    default = Config()
+    ignored = [*([] if family.flow_matching else FLOW_SWITCHES),
+               *([] if not family.classifier_free_guidance else GUIDANCE_INPUT_SWITCHES)]
+    for key in ignored:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value != getattr(getattr(default, section), name):
+            raise ConfigError(f"{key}={value!r} has no effect on the {family.name} family (model.pretrained="
+                              f"{config.model.pretrained!r}): it is read only by "
+                              f"{'flow-matching families (sd3, flux)' if key in FLOW_SWITCHES else 'flux'}; "
+                              "remove it, or set model.family")
 
 
 def load_pipeline(cfg: ModelConfig, torch_dtype: "torch.dtype | None" = None) -> "DiffusionPipeline":

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 def run(config: Config, subject: Subject, run_dir: Path) -> Path:
     """Both stages and the report; returns the report's index.html."""
     from rlbooth.images import check_images
+    from rlbooth.models import check_model
     from rlbooth.rewards.composite import check_composite
 
     # Everything checkable is checked before the first stage spends compute.
@@ -39,6 +40,7 @@ def run(config: Config, subject: Subject, run_dir: Path) -> Path:
     check_images(subject.images, config.personalize.resolution)
     read_prompt_file(config.align.prompt_file or default_prompt_set(subject))
     read_prompt_file(config.report.prompt_file or heldout_prompt_set(subject))
+    check_model(config)
 
     one, two = run_dir / "personalize", run_dir / "align"
     with ExitStack() as locks:

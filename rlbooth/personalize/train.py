@@ -24,7 +24,8 @@ from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from rlbooth.config import Config, PersonalizeConfig
 from rlbooth.families import Conditioning, Family, family_of
 from rlbooth.images import check_images, list_images, save_image_atomic
-from rlbooth.models import TEXT_ENCODER_LORA_TARGETS, add_lora, cache_dir, load_pipeline, model_key, save_lora
+from rlbooth.models import (TEXT_ENCODER_LORA_TARGETS, add_lora, cache_dir, check_model, load_pipeline, model_key,
+                            save_lora)
 from rlbooth.optim import OptimizerImpl, adamw
 from rlbooth.personalize.class_images import generate_class_images
 from rlbooth.personalize.data import DreamBoothData, encode_images
@@ -100,6 +101,7 @@ def preflight(config: Config, subject: Subject, output_dir: Path, resume: bool) 
         existing = [p for p in Path(config.personalize.class_data_dir).iterdir() if not p.name.startswith(".")]
         if existing:
             check_images(Path(config.personalize.class_data_dir), 0)
+    check_model(config)
     return paths
 
 
