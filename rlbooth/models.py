@@ -278,16 +278,21 @@ def add_lora(model: "torch.nn.Module", rank: int, alpha: float | None, target_mo
 
 
 def lora_layers(model: "torch.nn.Module | None", adapter_name: str = "default") -> "dict | None":
-    """An adapter's weights under peft's names (`<module>.lora_A.weight`), which `load_lora_weights` reads.
+    """An adapter's weights named as diffusers' `save_lora_weights` expects them, every module alike.
 
-    Not diffusers' older names: `convert_state_dict_to_diffusers` renames only the attention projections,
-    and a file mixing both layouts loses every renamed module on load (see `legacy_lora_layout`).
+    `convert_state_dict_to_diffusers` renames only the attention projections (`to_q.lora.down`); the rest
+    (convs, feed-forward, time embedding) kept peft's `lora_A`/`lora_B`, and diffusers' loader, seeing
+    both layouts, dropped every renamed module (see `legacy_lora_layout`). So the rest is renamed the same
+    way: with the default targets the file is what it always was.
     """
     if model is None:
         return None
+    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(model, adapter_name=adapter_name)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    return {key.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): value
+            for key, value in layers.items()}
 
 
 def save_lora(folder: Path, family: "Family", models: "dict[str, torch.nn.Module]",
@@ -303,7 +308,7 @@ def save_lora(folder: Path, family: "Family", models: "dict[str, torch.nn.Module
 
 LEGACY_LORA_NAMES = {".lora.down.": ".lora_A.", ".lora.up.": ".lora_B.",
                      ".lora_linear_layer.down.": ".lora_A.", ".lora_linear_layer.up.": ".lora_B."}
-"""diffusers' older LoRA names, which rlbooth wrote for the attention projections only (before issue 34)."""
+"""diffusers' older LoRA names -> peft's; before issue 34 rlbooth wrote them for the attention projections only."""
 
 
 def legacy_lora_layout(keys: Iterable[str]) -> bool:

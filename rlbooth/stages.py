@@ -8,6 +8,7 @@ a LoRA over stage one's model.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -227,6 +228,6 @@ def claim_output(folder: Path, stage: str, request: dict[str, Any]) -> None:
         raise OutputError(f"{folder} holds a {what} ({stage}) made with another config or subject, so it cannot "
                           f"be reused: {shown}{more}. Pass the config that made it, or choose another --output "
                           "for this one")
-    if stage == "report" or not is_finished(folder):
+    if (stage == "report" or not is_finished(folder)) and os.environ.get("RANK", "0") == "0":  # one writer
         folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(folder / REQUEST, json.dumps(request, indent=1))

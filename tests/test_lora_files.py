@@ -127,3 +127,16 @@ def test_conversion_command_rewrites_the_older_layout(legacy_file):
     assert lora_modules(fresh.unet) == lora_modules(pipe.unet)
     with readable_lora(folder) as source:
         assert source == folder  # a file in peft's layout is read as it is
+
+
+def test_default_targets_write_the_file_they_always_wrote():
+    """With the attention projections only, every key keeps the name rlbooth wrote before wide targets worked."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from rlbooth.models import lora_layers
+
+    unet = get_family("sd").build_tiny(TinyModelConfig()).unet
+    add_lora(unet, 4, None, ["to_k", "to_q", "to_v", "to_out.0"])
+    before = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    assert list(lora_layers(unet)) == list(before) and all(".lora.down." in k or ".lora.up." in k for k in before)
