@@ -8,7 +8,7 @@ Layout of the run folder (default `runs/<subject name>`):
 A stage whose output is finished is skipped; one that left checkpoints is resumed. So rerunning
 the same command after a crash continues where it stopped. Either happens only for the config and subject
 that made the folder (`rlbooth.stages.claim_output`); another gets an error naming the keys that differ.
-The run folder and both stage folders are locked for the run (rlbooth.lock).
+The run folder and both stage folders are locked while the run writes them (rlbooth.lock).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def run(config: Config, subject: Subject, run_dir: Path) -> Path:
 
     one, two = run_dir / "personalize", run_dir / "align"
     with ExitStack() as locks:
-        for folder in (run_dir, one, two):
+        for folder in (run_dir, two):  # stage one locks its own folder (rlbooth.personalize.train)
             locks.enter_context(output_lock(folder))
         for stage, folder in (("personalize", one), ("align", two), ("report", run_dir / "report")):
             claim_output(folder, stage, stage_request(stage, config, subject, None if stage == "personalize" else one))
