@@ -6,20 +6,6 @@ modules that need them, so `rlbooth --help` answers at once.
 
 __version__ = "0.1.0"
 
+from rlbooth.quiet import drop_unactionable_notes  # noqa: E402  (logging only: cheap)
 
-def _drop_torchvision_fallback_notes() -> None:
-    """Silence transformers' note that an image processor falls back to PIL without torchvision.
-
-    rlbooth leaves torchvision out on purpose (README, dependencies) and wants the PIL processors; transformers 5
-    printed the note on every command that loads a pipeline. Only that note is dropped; its other warnings stay.
-    """
-    import logging
-
-    class _Filter(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "requires torchvision (not installed); falling back" not in record.getMessage()
-
-    logging.getLogger("transformers.utils.import_utils").addFilter(_Filter())
-
-
-_drop_torchvision_fallback_notes()
+drop_unactionable_notes()

@@ -131,22 +131,35 @@ def subject_from_args(args: argparse.Namespace):
 
 def cmd_personalize(args: argparse.Namespace) -> None:
     from rlbooth.config import load_config
+    from rlbooth.hub_upload import check_repo_id
     from rlbooth.personalize.train import personalize
 
     config = load_config(args.config, args.overrides)
     subject = subject_from_args(args)
-    model_dir = personalize(config, subject, args.output, resume=args.resume)
+    check_repo_id(args.push_to_hub)
+    model_dir = personalize(config, subject, args.output, resume=args.resume)  # locks and claims the folder
     print(f"stage one finished: {model_dir}")
     if args.push_to_hub:
         _push(args.output, args.push_to_hub, args.private)
 
 
 def cmd_align(args: argparse.Namespace) -> None:
-    from rlbooth.align.train import align
+    from rlbooth.align.train import align, preflight
     from rlbooth.config import load_config
+    from rlbooth.families import get_family
+    from rlbooth.hub_upload import check_repo_id
+    from rlbooth.lock import output_lock
+    from rlbooth.models import check_family_switches
+    from rlbooth.stages import claim_output, stage_request
 
     config = load_config(args.config, args.overrides)
-    model_dir = align(config, args.stage_one, args.output, resume=args.resume)
+    one, _ = preflight(config, args.stage_one, args.output, args.resume)  # before the folder is locked (made)
+    check_family_switches(config, get_family(one.metadata.get("family", "sd")))
+    check_repo_id(args.push_to_hub)
+    subject = one.subject
+    with output_lock(args.output):
+        claim_output(args.output, "align", stage_request("align", config, subject, args.stage_one))
+        model_dir = align(config, args.stage_one, args.output, resume=args.resume)
     print(f"stage two finished: {model_dir}")
     if args.push_to_hub:
         _push(args.output, args.push_to_hub, args.private)

@@ -64,7 +64,7 @@ class TinyModelConfig:
 class ModelConfig:
     """Where the base text-to-image pipeline comes from."""
 
-    pretrained: str = "runwayml/stable-diffusion-v1-5"
+    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """Hub id or local folder of a diffusers pipeline of a supported family; `tiny` for the random offline test
     model (of `family`), `toyworld` / `toyworld-flow` for the toy world's shipped 32 px models (rlbooth.toyworld;
     UNet / SD3 transformer)."""

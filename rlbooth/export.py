@@ -11,14 +11,19 @@ both are on (stage two trained on top of stage one at full strength).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rlbooth.errors import RlboothError
+from rlbooth.models import public_name
 from rlbooth.stages import ALIGN_ADAPTER, PERSONALIZE_ADAPTER, StageOutput, load_stage_pipeline, read_stage
 
 if TYPE_CHECKING:
     import torch
+    from diffusers import DiffusionPipeline
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("kohya",)
 Factors = dict[str, "tuple[torch.Tensor, torch.Tensor]"]  # module name -> (down (r, in), up (out, r) x scale)
@@ -115,8 +120,9 @@ def export_lora(stage_dir: str | Path, output: str | Path, fmt: str = "kohya", m
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
     output = Path(output)
-    if output.suffix != ".safetensors":
-        raise ExportError(f"{output}: the kohya format is a single .safetensors file; name it so")
+    if output.suffix != ".safetensors" or output.is_dir():
+        raise ExportError(f"{output}: the kohya format is a single .safetensors file; name it so"
+                          + (" (a folder of that name is in the way)" if output.is_dir() else ""))
     stage = read_stage(stage_dir)
     adapters = adapters_to_export(stage, merge)
     pipe = load_stage_pipeline(stage)
@@ -125,8 +131,44 @@ def export_lora(stage_dir: str | Path, output: str | Path, fmt: str = "kohya", m
         parts = [lora_factors(getattr(pipe, component), adapter) for adapter in adapters]
         if any(parts):
             components[component] = merge_factors(parts)
-    metadata = {"ss_network_module": "networks.lora", "rlbooth_stage": stage.stage,
-                "rlbooth_adapters": ",".join(adapters), "rlbooth_base_model": stage_one_of(stage).base_model.pretrained}
+    warn_ignored_modules(family_of(pipe).name, components.get("unet", {}))
+    metadata = kohya_metadata(pipe, components) | {
+        "rlbooth_stage": stage.stage, "rlbooth_adapters": ",".join(adapters),
+        "rlbooth_base_model": public_name(stage_one_of(stage).base_model.pretrained)}
     with replacing(output) as tmp:
         save_file(kohya_state_dict(components), str(tmp), metadata=metadata)
     return output
+
+
+def kohya_metadata(pipe: "DiffusionPipeline", components: dict[str, Factors]) -> dict[str, str]:
+    """The fields sd-scripts writes and the clients read: AUTOMATIC1111 lists a file under the loaded checkpoint's
+    base only if `ss_base_model_version` (`sdxl_*`) or `ss_v2` says it is that base (no field: SD 1). The rank is
+    the largest module's (a merge sums ranks); alpha equals it, as every module's alpha equals its rank."""
+    from rlbooth.families import family_of
+
+    family = family_of(pipe).name
+    v2 = family == "sd" and pipe.unet.config.cross_attention_dim == 1024  # SD 2.x: OpenCLIP ViT-H, 1024 wide
+    rank = max(down.shape[0] for factors in components.values() for down, _ in factors.values())
+    return {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
+            "ss_base_model_version": "sdxl_base_v1-0" if family == "sdxl" else "sd_v2" if v2 else "sd_v1",
+            "ss_v2": str(v2)}
+
+
+CLIENT_IGNORED = {"sd-scripts": ("conv_in", "conv_out", "time_embedding.", "add_embedding."),
+                  "diffusers' load_lora_weights (kohya layout)": ("add_embedding.",)}
+"""UNet modules (diffusers names) that a named client drops from a kohya file without a word (diffusers reads
+SDXL's `add_embedding` only from rlbooth's own `model/` layout)."""
+A1111_SDXL_IGNORED = "up_blocks.0.upsamplers.0.conv"
+"""SDXL's first upsampler conv: AUTOMATIC1111's SDXL key map has no entry for it."""
+
+
+def warn_ignored_modules(family: str, unet: Factors) -> None:
+    """Warn when the file carries trained modules that a named client ignores on load (the file is still
+    written, for the clients that read them)."""
+    for client, prefixes in CLIENT_IGNORED.items():
+        dropped = sorted(name for name in unet if name.startswith(prefixes))
+        if dropped:
+            logger.warning("%s ignores %d trained module(s) of this file: %s", client, len(dropped),
+                           ", ".join(dropped[:4]) + (" ..." if len(dropped) > 4 else ""))
+    if family == "sdxl" and A1111_SDXL_IGNORED in unet:
+        logger.warning("AUTOMATIC1111 ignores the trained module %s of this SDXL file", A1111_SDXL_IGNORED)

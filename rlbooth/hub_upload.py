@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,22 @@ def hub_api() -> Any:
     return HfApi()
 
 
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+"""A Hub model repository id, `owner/name` (letters, digits, `-`, `_`, `.`; no `--` or `..`)."""
+
+
+def check_repo_id(repo_id: str | None) -> None:
+    """A push target that cannot be a Hub repository is refused before any training (None: no push)."""
+    if repo_id is None:
+        return
+    if not REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id or repo_id.endswith((".", "-")):
+        raise HubUploadError(f"push target {repo_id!r} is not a Hub model repository id: give `owner/name`, e.g. "
+                             "me/my-dog (letters, digits, '-', '_', '.'; no '--' or '..'; not a path or URL)")
+
+
 def push_stage(stage_dir: str | Path, repo_id: str, private: bool = False) -> str:
     """Create `repo_id` if needed and upload the stage's model folder to it; returns the commit URL."""
+    check_repo_id(repo_id)
     stage = read_stage(stage_dir)
     if not (stage.model_dir / CARD).is_file():
         raise HubUploadError(f"{stage.model_dir} has no {CARD}: it was written by an older rlbooth; "

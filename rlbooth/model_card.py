@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from rlbooth.models import public_name
+
 CARD = "README.md"
 SAMPLE = "sample.png"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -39,7 +41,7 @@ def card_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
         card["base_model"] = one["base_model"]  # the Hub takes only a repo id here
     family = one.get("family", "sd")
     card |= {
-        "rlbooth_base_model": one["base_model"],  # also a local folder, or `tiny` / `toyworld`
+        "rlbooth_base_model": public_name(one["base_model"]),  # a local folder by its name, or `tiny` / `toyworld`
         "rlbooth_family": family,
         "library_name": "diffusers",
         "pipeline_tag": "text-to-image",

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rlbooth.config import LORA_INITS, ModelConfig, TinyModelConfig
+from rlbooth.config import LORA_INITS, Config, ConfigError, ModelConfig, TinyModelConfig
 from rlbooth.errors import RlboothError
 from rlbooth.families.tiny import tiny_tokenizer  # noqa: F401  (the tiny pipelines' tokenizer, for tests)
+from rlbooth.stages import LORA_WEIGHTS
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +34,7 @@ TOYWORLD_FLOW = "toyworld-flow"
 """`model.pretrained` value naming the toy world's shipped flow-matching model (SD3 classes)."""
 SHIPPED = {TOYWORLD: "sd", TOYWORLD_FLOW: "sd3"}
 """The shipped base models and their families."""
+logger = logging.getLogger(__name__)
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -55,6 +60,13 @@ def model_key(cfg: ModelConfig) -> str:
                                                    .read_bytes()).hexdigest()[:10]
     name = f"{cfg.pretrained}@{cfg.revision or 'main'}"
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_")[-80:]
+
+
+def public_name(source: str) -> str:
+    """`model.pretrained` as files meant for others may show it: a hub id as it is, a local folder by its name
+    only (never the absolute path of someone's disk)."""
+    path = Path(source).expanduser()
+    return path.name if path.is_absolute() or path.exists() else source
 
 
 def resolve_family(cfg: ModelConfig) -> "Family":
@@ -93,6 +105,85 @@ def _pipeline_class_name(cfg: ModelConfig) -> str:
             f"({type(err).__name__}: {err}). Pass a diffusers pipeline folder (`hf download {cfg.pretrained} "
             "--local-dir /path/to/model`, then `--set model.pretrained=/path/to/model`), or set model.family"
         ) from err
+
+
+def check_model(config: Config) -> "Family":
+    """`model.*` and the family's switches checked before any weights load: a local folder that is missing,
+    of another family than `model.family`, lacking a component, or a VAE folder that holds no AutoencoderKL."""
+    cfg = config.model
+    for key, source in (("model.pretrained", cfg.pretrained), ("model.vae", cfg.vae)):
+        if source and _looks_local(source) and not Path(source).expanduser().exists():
+            raise ModelLoadError(f"{key}={source!r}: no such folder (a hub id is `owner/name`); give the folder "
+                                 "of a downloaded diffusers model")
+    family = resolve_family(cfg)
+    folder = Path(cfg.pretrained).expanduser()
+    if cfg.pretrained not in (*SHIPPED, "tiny") and folder.is_dir():
+        _check_pipeline_folder(folder, family, cfg.family)
+    if cfg.vae and Path(cfg.vae).expanduser().is_dir():
+        _check_vae_folder(Path(cfg.vae).expanduser())
+    check_family_switches(config, family)
+    return family
+
+
+def _looks_local(source: str) -> bool:
+    """A path rather than a hub id (`owner/name`, exactly one slash, no leading `.`, `~` or `/`)."""
+    return source.startswith((".", "~", "/", "\\")) or source.count("/") > 1 or (len(source) > 1 and source[1] == ":")
+
+
+def _check_pipeline_folder(folder: Path, family: "Family", asked: str) -> None:
+    from rlbooth.families import family_of_class
+    from rlbooth.files import read_json
+
+    hint = "give the folder that `hf download <id> --local-dir <folder>` wrote"
+    index = read_json(folder / "model_index.json", "model.pretrained's pipeline index", hint, ModelLoadError)
+    class_name = index.get("_class_name") if isinstance(index, dict) else None
+    if class_name != family.pipeline_class_name:
+        own = family_of_class(str(class_name))
+        raise ModelLoadError(f"model.family={asked!r} needs a {family.pipeline_class_name}, but model.pretrained="
+                             f"{str(folder)!r} is a {class_name} (its model_index.json); set model.family="
+                             f"{own.name if own else 'auto'!r}" + ("" if own else " or use a supported model"))
+    needed = [family.denoiser, "vae", "scheduler", *family.text_encoders, *family.tokenizers]
+    missing = [name for name in needed if isinstance(index.get(name), list) and index[name][0] is not None
+               and not (folder / name).is_dir()]
+    if missing or not (folder / family.denoiser / "config.json").is_file():
+        raise ModelLoadError(f"model.pretrained={str(folder)!r}: the pipeline folder lacks "
+                             f"{missing or [family.denoiser + '/config.json']}: it is incomplete; {hint}")
+
+
+def _check_vae_folder(folder: Path) -> None:
+    from rlbooth.files import read_json
+
+    if (folder / "model_index.json").is_file() and (folder / "vae").is_dir():
+        raise ModelLoadError(f"model.vae={str(folder)!r} is a whole pipeline; pass its VAE: {folder / 'vae'}")
+    config = read_json(folder / "config.json", "model.vae's config", "give a folder holding an AutoencoderKL "
+                       "(config.json and its weights)", ModelLoadError)
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    if class_name != "AutoencoderKL":
+        raise ModelLoadError(f"model.vae={str(folder)!r} holds a {class_name}, not an AutoencoderKL (the VAE "
+                             "class of every supported family)")
+
+
+FLOW_SWITCHES = ("personalize.timestep_density", "personalize.logit_mean", "personalize.logit_std",
+                 "personalize.mode_scale", "personalize.flow_loss_weighting", "align.flow_noise_level",
+                 "align.flow_noise_schedule", "align.ode_outside_window")
+"""Fields read only by the flow-matching families (sd3, flux)."""
+GUIDANCE_INPUT_SWITCHES = ("personalize.training_guidance",)
+"""Fields read only by a guidance-distilled family (FLUX.1-dev's guidance input)."""
+
+
+def check_family_switches(config: Config, family: "Family") -> None:
+    """A switch set away from its default for a family that never reads it is an error, not a silent no-op."""
+    default = Config()
+    ignored = [*([] if family.flow_matching else FLOW_SWITCHES),
+               *([] if not family.classifier_free_guidance else GUIDANCE_INPUT_SWITCHES)]
+    for key in ignored:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value != getattr(getattr(default, section), name):
+            raise ConfigError(f"{key}={value!r} has no effect on the {family.name} family (model.pretrained="
+                              f"{config.model.pretrained!r}): it is read only by "
+                              f"{'flow-matching families (sd3, flux)' if key in FLOW_SWITCHES else 'flux'}; "
+                              "remove it, or set model.family")
 
 
 def load_pipeline(cfg: ModelConfig, torch_dtype: "torch.dtype | None" = None) -> "DiffusionPipeline":
@@ -187,13 +278,21 @@ def add_lora(model: "torch.nn.Module", rank: int, alpha: float | None, target_mo
 
 
 def lora_layers(model: "torch.nn.Module | None", adapter_name: str = "default") -> "dict | None":
-    """An adapter's weights named as diffusers' `save_lora_weights` expects them."""
+    """An adapter's weights named as diffusers' `save_lora_weights` expects them, every module alike.
+
+    `convert_state_dict_to_diffusers` renames only the attention projections (`to_q.lora.down`); the rest
+    (convs, feed-forward, time embedding) kept peft's `lora_A`/`lora_B`, and diffusers' loader, seeing
+    both layouts, dropped every renamed module (see `legacy_lora_layout`). So the rest is renamed the same
+    way: with the default targets the file is what it always was.
+    """
     if model is None:
         return None
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    return {key.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): value
+            for key, value in layers.items()}
 
 
 def save_lora(folder: Path, family: "Family", models: "dict[str, torch.nn.Module]",
@@ -205,3 +304,75 @@ def save_lora(folder: Path, family: "Family", models: "dict[str, torch.nn.Module
     """
     family.save_lora(folder, {name: lora_layers(model, adapter_name) for name, model in models.items()},
                      {name: model.peft_config[adapter_name].to_dict() for name, model in models.items()})
+
+
+LEGACY_LORA_NAMES = {".lora.down.": ".lora_A.", ".lora.up.": ".lora_B.",
+                     ".lora_linear_layer.down.": ".lora_A.", ".lora_linear_layer.up.": ".lora_B."}
+"""diffusers' older LoRA names -> peft's; before issue 34 rlbooth wrote them for the attention projections only."""
+
+
+def legacy_lora_layout(keys: Iterable[str]) -> bool:
+    """Whether a LoRA file mixes diffusers' older names with peft's (`lora_A`/`lora_B`).
+
+    diffusers' loader then renames nothing and drops every module under the older names (with wide
+    `lora_target_modules`: all attention LoRAs), so such a file is read through `readable_lora`.
+    """
+    keys = list(keys)
+    return (any(old in key for key in keys for old in LEGACY_LORA_NAMES)
+            and any(".lora_A." in key or ".lora_B." in key for key in keys))
+
+
+@contextmanager
+def readable_lora(model_dir: Path) -> Iterator[Path]:
+    """The folder to give `load_lora_weights`: `model_dir`, or for a mixed-layout file (see
+    `legacy_lora_layout`) a temporary copy with every key under peft's names and the file's metadata kept."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = model_dir / LORA_WEIGHTS
+    with safe_open(str(path), "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+    if not legacy_lora_layout(keys):
+        yield model_dir
+        return
+    logger.warning("%s names its attention LoRAs in diffusers' older layout next to peft's; it is read under "
+                   "peft's names. To convert the file for other tools: %s", path, CONVERT_HINT.format(path=path))
+    with tempfile.TemporaryDirectory(prefix="rlbooth-lora-") as tmp:
+        save_file(peft_named(load_file(str(path))), str(Path(tmp) / LORA_WEIGHTS), metadata=metadata)
+        yield Path(tmp)
+
+
+def peft_named(state_dict: "dict[str, torch.Tensor]") -> "dict[str, torch.Tensor]":
+    """Every key of a LoRA state dict under peft's names."""
+    renamed = {}
+    for key, value in state_dict.items():
+        for old, new in LEGACY_LORA_NAMES.items():
+            key = key.replace(old, new)
+        renamed[key] = value
+    return renamed
+
+
+CONVERT_HINT = "python -m rlbooth.models {path}"
+"""How a user rewrites a mixed-layout LoRA file in place (`main` below)."""
+
+
+def main(argv: "list[str] | None" = None) -> None:
+    """`python -m rlbooth.models <pytorch_lora_weights.safetensors>`: rewrite a mixed-layout file under peft's names."""
+    import sys
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from rlbooth.files import replacing
+
+    for name in (sys.argv[1:] if argv is None else argv):
+        path = Path(name)
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+        with replacing(path) as tmp:
+            save_file(peft_named(load_file(str(path))), str(tmp), metadata=metadata)
+        print(f"{path}: every LoRA key now under peft's names")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,19 +6,23 @@ Layout of the run folder (default `runs/<subject name>`):
     report/        sample sheet, reward curves, index.html (see rlbooth.report)
 
 A stage whose output is finished is skipped; one that left checkpoints is resumed. So rerunning
-the same command after a crash continues where it stopped.
+the same command after a crash continues where it stopped. Either happens only for the config and subject
+that made the folder (`rlbooth.stages.claim_output`); another gets an error naming the keys that differ.
+The run folder and both stage folders are locked while the run writes them (rlbooth.lock).
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 
 from rlbooth.accel import check_runtime
 from rlbooth.checkpoint import latest_checkpoint
 from rlbooth.config import Config
+from rlbooth.lock import output_lock
 from rlbooth.prompts import default_prompt_set, heldout_prompt_set, read_prompt_file
-from rlbooth.stages import is_finished
+from rlbooth.stages import claim_output, is_finished, stage_request
 from rlbooth.subject import Subject
 
 logger = logging.getLogger(__name__)
@@ -26,10 +30,8 @@ logger = logging.getLogger(__name__)
 
 def run(config: Config, subject: Subject, run_dir: Path) -> Path:
     """Both stages and the report; returns the report's index.html."""
-    from rlbooth.align.train import align
     from rlbooth.images import check_images
-    from rlbooth.personalize.train import personalize
-    from rlbooth.report import write_report
+    from rlbooth.models import check_model
     from rlbooth.rewards.composite import check_composite
 
     # Everything checkable is checked before the first stage spends compute.
@@ -38,6 +40,21 @@ def run(config: Config, subject: Subject, run_dir: Path) -> Path:
     check_images(subject.images, config.personalize.resolution)
     read_prompt_file(config.align.prompt_file or default_prompt_set(subject))
     read_prompt_file(config.report.prompt_file or heldout_prompt_set(subject))
+    check_model(config)
+
+    one, two = run_dir / "personalize", run_dir / "align"
+    with ExitStack() as locks:
+        for folder in (run_dir, two):  # stage one locks its own folder (rlbooth.personalize.train)
+            locks.enter_context(output_lock(folder))
+        for stage, folder in (("personalize", one), ("align", two), ("report", run_dir / "report")):
+            claim_output(folder, stage, stage_request(stage, config, subject, None if stage == "personalize" else one))
+        return _run_stages(config, subject, run_dir)
+
+
+def _run_stages(config: Config, subject: Subject, run_dir: Path) -> Path:
+    from rlbooth.align.train import align
+    from rlbooth.personalize.train import personalize
+    from rlbooth.report import write_report
 
     one, two = run_dir / "personalize", run_dir / "align"
     if is_finished(one):

@@ -8,11 +8,12 @@ a LoRA over stage one's model.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from rlbooth.config import ModelConfig, from_dict
+from rlbooth.config import Config, ModelConfig, from_dict
 from rlbooth.errors import RlboothError
 from rlbooth.subject import Subject
 
@@ -23,6 +24,9 @@ METADATA = "rlbooth.json"
 PERSONALIZE_ADAPTER = "personalize"
 ALIGN_ADAPTER = "align"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+REQUEST = "rlbooth-request.json"
+"""What a stage (or the report) was started for, written when it starts: its checkpoints are resumed, and
+its report reused, only for the same request."""
 
 
 class StageError(RlboothError, ValueError):
@@ -110,15 +114,24 @@ def load_stage_pipeline(stage: StageOutput, fuse: bool = False) -> "DiffusionPip
         pipe = load_pipeline(ModelConfig(pretrained=str(one.model_dir)))
     else:
         pipe = load_pipeline(one.base_model)
-        pipe.load_lora_weights(one.model_dir, adapter_name=PERSONALIZE_ADAPTER)
+        load_lora(pipe, one.model_dir, PERSONALIZE_ADAPTER)
         if fuse:
             pipe.fuse_lora(components=family_of(pipe).lora_components, adapter_names=[PERSONALIZE_ADAPTER])
             pipe.unload_lora_weights()
     if stage.stage == "align":
-        pipe.load_lora_weights(stage.model_dir, adapter_name=ALIGN_ADAPTER)
+        load_lora(pipe, stage.model_dir, ALIGN_ADAPTER)
         names = [ALIGN_ADAPTER] + ([PERSONALIZE_ADAPTER] if one.metadata["mode"] == "lora" and not fuse else [])
         pipe.set_adapters(names)
     return pipe
+
+
+def load_lora(pipe: "DiffusionPipeline", model_dir: Path, adapter_name: str) -> None:
+    """`pipe.load_lora_weights`, reading a file of the older mixed layout under peft's names."""
+    from rlbooth.models import readable_lora
+    from rlbooth.quiet import NO_TEXT_ENCODER_LORA, without_note
+
+    with readable_lora(model_dir) as source, without_note(*NO_TEXT_ENCODER_LORA):
+        pipe.load_lora_weights(source, adapter_name=adapter_name)
 
 
 def is_finished(stage_dir: Path) -> bool:
@@ -162,3 +175,59 @@ def publish(output_dir: Path, write_model: "Callable[[Path], None]", metadata: d
     kill_point("publish")
     write_text_atomic(output_dir / METADATA, json.dumps(metadata, indent=2))
     return output_dir / "model"
+
+
+STAGE_FIELDS = {"personalize": ("model", "personalize", "runtime.seed", "runtime.mixed_precision")}
+STAGE_FIELDS["align"] = STAGE_FIELDS["personalize"] + ("align",)
+STAGE_FIELDS["report"] = STAGE_FIELDS["align"] + ("report",)
+"""The config sections and fields that change each stage's result (besides the subject and, for stage two,
+the stage-one folder); a finished stage or its checkpoints are reused only when these match."""
+
+
+def stage_request(stage: str, config: Config, subject: Subject, stage_one: Path | None = None) -> dict[str, Any]:
+    """What decides `stage`'s result, as dotted keys: its `STAGE_FIELDS`, the subject, stage two's stage one."""
+    from rlbooth.accel import flat_hparams
+
+    fields = flat_hparams(config.to_dict())
+    request = {key: value for key, value in fields.items()
+               if any(key == f or key.startswith(f"{f}.") for f in STAGE_FIELDS[stage])}
+    request |= flat_hparams(subject.to_dict(), "subject.")
+    if stage_one is not None:
+        request["stage_one"] = str(stage_one.resolve())
+    return request
+
+
+def made_with(folder: Path, stage: str) -> dict[str, Any] | None:
+    """The request that made what `folder` holds and a rerun would reuse: a finished stage's metadata, or the
+    request of its checkpoints (a stage) or of its index.html (the report); None where nothing is reused."""
+    from rlbooth.accel import flat_hparams
+    from rlbooth.checkpoint import latest_checkpoint
+    from rlbooth.files import read_json
+
+    if stage != "report" and is_finished(folder):
+        metadata = read_json(folder / METADATA, "stage metadata", REDO, StageError)
+        made = flat_hparams(metadata.get("config", {})) | flat_hparams(metadata.get("subject", {}), "subject.")
+        return made | ({"stage_one": metadata["stage_one"]} if "stage_one" in metadata else {})
+    started = (folder / "index.html").is_file() if stage == "report" else latest_checkpoint(folder / "checkpoints")
+    if started and (folder / REQUEST).is_file():
+        return read_json(folder / REQUEST, "run request", f"remove {folder} to start it over", StageError)
+    return None
+
+
+def claim_output(folder: Path, stage: str, request: dict[str, Any]) -> None:
+    """Refuse to reuse a finished stage, checkpoints or a report that another request made (naming the keys that
+    differ); then record `request` as what the folder is written for."""
+    from rlbooth.files import write_text_atomic
+
+    made = made_with(folder, stage)
+    differing = sorted(key for key in request if made is not None and key in made and made[key] != request[key])
+    if differing:
+        shown = "; ".join(f"{key}: {made[key]!r} there, {request[key]!r} now" for key in differing[:6])
+        more = f" and {len(differing) - 6} more" if len(differing) > 6 else ""
+        what = {"report": "report"}.get(stage, "finished stage" if is_finished(folder) else "unfinished stage")
+        raise OutputError(f"{folder} holds a {what} ({stage}) made with another config or subject, so it cannot "
+                          f"be reused: {shown}{more}. Pass the config that made it, or choose another --output "
+                          "for this one")
+    if (stage == "report" or not is_finished(folder)) and os.environ.get("RANK", "0") == "0":  # one writer
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / REQUEST, json.dumps(request, indent=1))

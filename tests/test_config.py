@@ -26,7 +26,7 @@ from rlbooth.config import (
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = sorted(REPO_CONFIGS.glob("*.yaml"))
-SD15_ID = "runwayml/stable-diffusion-v1-5"
+SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 def write(path: Path, text: str) -> Path:

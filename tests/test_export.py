@@ -116,3 +116,64 @@ def test_flow_model_stages_are_refused_with_the_file_to_use(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "flux" in err and "pytorch_lora_weights.safetensors" in err and "Traceback" not in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+WIDE = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+        "time_emb_proj", "conv", "conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"]
+
+
+@pytest.fixture(scope="module")
+def wide_sdxl_stage(tmp_path_factory) -> Path:
+    """A LoRA stage one on SDXL with every kind of UNet module trained, from a base model in a local folder."""
+    from rlbooth.families import get_family
+    from rlbooth.models import tiny_pipeline_folder
+
+    root = tmp_path_factory.mktemp("wide")
+    base = tiny_pipeline_folder(load_config("tiny-sdxl").model.tiny, get_family("sdxl"))
+    subject = Subject(images=draw_subject_photos(root / "photos"), class_noun="toy", description="triangular")
+    config = load_config("tiny-sdxl", QUICK + [
+        f"model.pretrained={base}", "personalize.max_train_steps=4", "personalize.learning_rate=1e-2",
+        f"personalize.lora_target_modules=[{', '.join(WIDE)}]"])
+    personalize(config, subject, root / "one")
+    return root / "one"
+
+
+def test_exported_sdxl_file_is_listed_by_clients_and_carries_no_local_path(wide_sdxl_stage, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="rlbooth.export"):
+        file = export(wide_sdxl_stage, tmp_path / "wide.safetensors")
+    with safe_open(str(file), "pt") as f:
+        metadata, keys = f.metadata(), list(f.keys())
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0" and metadata["ss_v2"] == "False"
+    assert metadata["ss_network_module"] == "networks.lora"
+    assert metadata["ss_network_dim"] == metadata["ss_network_alpha"] == "4"  # tiny preset: lora_rank 4
+    base = read_stage(wide_sdxl_stage).base_model.pretrained
+    assert Path(base).is_absolute() and metadata["rlbooth_base_model"] == Path(base).name
+    assert not [value for value in metadata.values() if "/" in value or str(tmp_path.parent) in value]
+    for module in ("lora_unet_conv_in", "lora_unet_time_embedding_linear_1", "lora_unet_up_blocks_0_upsamplers_0_conv",
+                   "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"):
+        assert f"{module}.lora_down.weight" in keys, module
+    assert "sd-scripts" in caplog.text and "conv_in" in caplog.text and "time_embedding.linear_1" in caplog.text
+    assert "AUTOMATIC1111 ignores the trained module up_blocks.0.upsamplers.0.conv" in caplog.text
+    expected = pixels(sample_stage(read_stage(wide_sdxl_stage), [PROMPT], SEEDS, STEPS, GUIDANCE))
+    assert np.abs(draw_exported(wide_sdxl_stage, file) - expected).max() <= 1  # diffusers reads every module
+    card = (wide_sdxl_stage / "model" / "README.md").read_text()
+    assert str(Path(base).parent) not in card  # the model card names the folder only, too
+
+
+def test_exported_sd_file_says_sd1_and_warns_of_nothing_for_attention_only(stages, tmp_path, caplog):
+    one, _ = stages
+    with caplog.at_level("WARNING", logger="rlbooth.export"):
+        file = export(one, tmp_path / "one.safetensors")
+    with safe_open(str(file), "pt") as f:
+        version = f.metadata()["ss_base_model_version"]
+    assert version == ("sdxl_base_v1-0" if read_stage(one).metadata["family"] == "sdxl" else "sd_v1")
+    assert "ignore" not in caplog.text
+
+
+def test_sdxl_added_embedding_is_named_as_dropped_by_diffusers_kohya_loader(caplog):
+    from rlbooth.export import warn_ignored_modules
+
+    with caplog.at_level("WARNING", logger="rlbooth.export"):
+        warn_ignored_modules("sdxl", {"add_embedding.linear_1": None, "down_blocks.0.resnets.0.conv1": None})
+    assert "diffusers' load_lora_weights (kohya layout) ignores 1 trained module(s) of this file: add_embedding" \
+        in caplog.text

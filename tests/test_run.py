@@ -12,7 +12,7 @@ from PIL import Image
 
 from rlbooth.align import train as align_train
 from rlbooth.cli import main
-from rlbooth.config import load_config
+from rlbooth.config import Config, from_dict, load_config
 from rlbooth.personalize import train as personalize_train
 from rlbooth.run import run
 from rlbooth.subject import Subject
@@ -69,7 +69,8 @@ def test_rerun_skips_finished_stages(finished_run, monkeypatch):
     monkeypatch.setattr(personalize_train, "personalize", must_not_run)
     monkeypatch.setattr(align_train, "align", must_not_run)
     subject = Subject.from_yaml(finished_run.parent / "toy.yaml")
-    assert run(load_config("tiny", QUICK), subject, finished_run) == finished_run / "report" / "index.html"
+    made = json.loads((finished_run / "align" / "rlbooth.json").read_text())["config"]  # the fixture's preset
+    assert run(from_dict(Config, made), subject, finished_run) == finished_run / "report" / "index.html"
 
 
 def test_sample_draws_what_the_report_shows(finished_run, tmp_path):

@@ -24,21 +24,33 @@ from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from rlbooth.config import Config, PersonalizeConfig
 from rlbooth.families import Conditioning, Family, family_of
 from rlbooth.images import check_images, list_images, save_image_atomic
-from rlbooth.models import TEXT_ENCODER_LORA_TARGETS, add_lora, cache_dir, load_pipeline, model_key, save_lora
+from rlbooth.models import (TEXT_ENCODER_LORA_TARGETS, add_lora, cache_dir, check_model, load_pipeline, model_key,
+                            save_lora)
 from rlbooth.optim import OptimizerImpl, adamw
 from rlbooth.personalize.class_images import generate_class_images
 from rlbooth.personalize.data import DreamBoothData, encode_images
 from rlbooth.personalize.objective import Objective, objective_for
 from rlbooth.sampling import draw_grid, fixed_resolution
-from rlbooth.stages import check_output_dir, publish
+from rlbooth.lock import output_lock
+from rlbooth.stages import check_output_dir, claim_output, publish, stage_request
 from rlbooth.subject import Subject
 
 logger = logging.getLogger(__name__)
 
 def personalize(config: Config, subject: Subject, output_dir: str | Path, resume: bool = False) -> Path:
-    """Run stage one into `output_dir` and return the folder of the saved model."""
+    """Run stage one into `output_dir` and return the folder of the saved model.
+
+    The folder is locked for the run (rlbooth.lock), and its checkpoints are resumed only for the config and
+    subject that wrote them (rlbooth.stages.claim_output).
+    """
     output_dir = Path(output_dir)
     instance_paths = preflight(config, subject, output_dir, resume)
+    with output_lock(output_dir):
+        claim_output(output_dir, "personalize", stage_request("personalize", config, subject))
+        return train(config, subject, output_dir, instance_paths, resume)
+
+
+def train(config: Config, subject: Subject, output_dir: Path, instance_paths: list[Path], resume: bool) -> Path:
     cfg = config.personalize
     accelerator = make_accelerator(config.runtime, output_dir, cfg.gradient_accumulation_steps)
     pipe = load_pipeline(config.model)
@@ -100,6 +112,7 @@ def preflight(config: Config, subject: Subject, output_dir: Path, resume: bool) 
         existing = [p for p in Path(config.personalize.class_data_dir).iterdir() if not p.name.startswith(".")]
         if existing:
             check_images(Path(config.personalize.class_data_dir), 0)
+    check_model(config)
     return paths
 
 
