@@ -244,7 +244,7 @@ class AlignConfig:
     num_inner_epochs: int = 1
     """Training passes over each epoch's samples."""
     timestep_fraction: float = 1.0
-    """Fraction of the window's steps trained on, a random subset per sample."""
+    """Fraction of the window's steps trained on, a random subset per sample (align.train_step_selection)."""
     timestep_window: list[float] = field(default_factory=lambda: [0.0, 1.0])
     """[start, end) of the trajectory, as fractions of num_steps from the first (noisiest) step, whose steps
     are trained on. Early steps decide the layout; with few steps the last big jump has a small noise and a
@@ -256,9 +256,9 @@ class AlignConfig:
     per_prompt_stat_tracking: bool = True
     """Normalize rewards per prompt (a buffer each); per batch when false. Unused when samples_per_noise > 1."""
     samples_per_noise: int = 1
-    """Trajectories per initial noise x_T: above 1, groups of this many share a prompt and x_T, differ in
-    their steps, and each advantage is the reward minus its group's mean (the start decides much of the
-    reward but is no action of the policy; see README, the toy world)."""
+    """Trajectories per initial noise x_T: above 1, groups of this many share a prompt and x_T (unless
+    align.group_noise is `independent`), differ in their steps, and each advantage is the reward minus its
+    group's mean (the start decides much of the reward but is no action of the policy; README, the toy world)."""
     stat_buffer_size: int = 16
     """Rewards kept per prompt for its mean and std."""
     stat_min_count: int = 16
@@ -331,6 +331,25 @@ class AlignConfig:
     ode_outside_window: bool = False
     """Flow-matching families: SDE steps only inside align.timestep_window and the deterministic Euler ODE
     elsewhere (MixGRPO); off: every step is an SDE step."""
+    kl_form: Literal["gaussian", "flow_grpo"] = "gaussian"
+    """The KL term that align.kl_coef weights: `gaussian` is the exact KL of each step's Gaussians,
+    dmean^2 / (2 std^2) with std = sigma_t sqrt(-dt); `flow_grpo` (flow-matching families) is Flow-GRPO's code,
+    dmean^2 / (2 sigma_t^2), the exact KL times -dt (20-110x smaller per step on SD3 at 10 steps): Flow-GRPO's
+    beta carries over only with it. The exact KL is the default: it is the KL, on every family."""
+    detach_uncond: bool = False
+    """Classifier-free guidance while training: drop the unconditional branch's gradient (its value stays).
+    Off (DDPO, and the Flow-GRPO train_sd3.py read here): both branches backpropagate, and with one LoRA in
+    both the unconditional gradient enters with weight 1 - guidance_scale."""
+    train_step_selection: Literal["random", "first"] = "random"
+    """Which timestep_fraction of the window's steps are trained: a random subset per sample and inner epoch
+    (`random`, DDPO), or the first floor(steps x fraction) of every trajectory (`first`, Flow-GRPO, whose 0.99
+    at 10 steps leaves out the last, near-deterministic step)."""
+    group_noise: Literal["shared", "independent"] = "shared"
+    """With samples_per_noise > 1: a group's trajectories share the prompt and x_T (`shared`, DanceGRPO's
+    init_same_noise), or only the prompt, each drawing its own x_T (`independent`, Flow-GRPO)."""
+    group_std: Literal["residuals", "rewards"] = "residuals"
+    """With samples_per_noise > 1: the group advantages' divisor, the std of the rewards minus their group's mean
+    (`residuals`), or the std of all the epoch's rewards + 1e-4 (`rewards`, Flow-GRPO's global_std)."""
 
     def __post_init__(self) -> None:
         for name in ("num_epochs", "sample_batch_size", "num_batches_per_epoch", "num_steps", "train_batch_size",
