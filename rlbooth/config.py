@@ -156,9 +156,10 @@ class PersonalizeConfig:
     snr_gamma: float | None = None
     """Min-SNR weighting gamma (5.0 is the paper's) of the instance loss; the prior-preservation loss stays
     unweighted, as in diffusers' DreamBooth script. Off when null."""
-    timestep_density: Literal["logit_normal", "mode", "uniform"] = "logit_normal"
-    """Flow-matching families (sd3, flux): the density training timesteps are drawn from; logit-normal (the
-    default of diffusers' SD3/FLUX scripts) favours the middle of the schedule. DDPM families draw uniformly."""
+    timestep_density: Literal["logit_normal", "mode", "uniform"] | None = None
+    """Flow-matching families (sd3, flux): the density training timesteps are drawn from; logit-normal favours
+    the middle of the schedule. null: the default of the family's diffusers DreamBooth-LoRA script, logit-normal
+    for sd3 and uniform for flux (its `weighting_scheme none`). DDPM families draw uniformly."""
     logit_mean: float = 0.0
     """Mean of the logit-normal timestep density."""
     logit_std: float = 1.0
@@ -167,6 +168,10 @@ class PersonalizeConfig:
     """How far the `mode` timestep density bends towards the middle of the schedule (0: uniform)."""
     flow_loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     """Flow-matching families: weight of each image's squared error by its sigma (diffusers' scripts' options)."""
+    precondition_outputs: bool = False
+    """Flow-matching families: regress x0 with the prediction x_s - s v instead of the velocity eps - x0 (diffusers'
+    SD3 script's `--precondition_outputs`, on there by default and in sd35-lora.yaml): per image the squared error
+    times s^2, so low-noise timesteps count less. Off: the velocity loss, which the toy world measured."""
     training_guidance: float = 3.5
     """Guidance-distilled models (FLUX.1-dev): the guidance input while training (diffusers' FLUX script's
     default); unused by families that guide by classifier-free guidance."""
