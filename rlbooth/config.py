@@ -336,6 +336,12 @@ class AlignConfig:
     ode_outside_window: bool = False
     """Flow-matching families: SDE steps only inside align.timestep_window and the deterministic Euler ODE
     elsewhere (MixGRPO); off: every step is an SDE step."""
+    window_shift_every: int = 0
+    """Slide align.timestep_window over training (MixGRPO's progressive strategy): every this many epochs it moves
+    align.window_stride steps later, and after the last position that still holds all its steps it starts again
+    at its first (MixGRPO's roll_back); 0: the window stays put."""
+    window_stride: int | None = None
+    """Steps the sliding window moves at a time; null: its own length (MixGRPO without prog_overlap)."""
     kl_form: Literal["gaussian", "flow_grpo"] = "gaussian"
     """The KL term that align.kl_coef weights: `gaussian` is the exact KL of each step's Gaussians,
     dmean^2 / (2 std^2) with std = sigma_t sqrt(-dt); `flow_grpo` (flow-matching families) is Flow-GRPO's code,
@@ -373,6 +379,8 @@ class AlignConfig:
         _check(bool(self.train_steps), "align.timestep_window",
                f"{self.timestep_window} holds none of the {self.num_steps} steps (step i sits at i / num_steps)")
         _check(0 <= self.identifier_ratio <= 1, "align.identifier_ratio", "must be in [0, 1]")
+        _check(self.window_shift_every >= 0, "align.window_shift_every", "must not be negative (0: a static window)")
+        _check(self.window_stride is None or self.window_stride > 0, "align.window_stride", "must be positive or null")
         _check(self.kl_coef >= 0, "align.kl_coef", "must not be negative")
         _check(self.lora_init in LORA_INITS, "align.lora_init",
                f"must be one of {list(LORA_INITS)}, got {self.lora_init!r}")

@@ -49,6 +49,9 @@ class StepPolicy(ABC):
         """KL penalty of step(s) `step` to the reference's mean, shape (B,): the exact Gaussian KL."""
         return gaussian_kl(mean, ref_mean, std)
 
+    def use_window(self, steps: Sequence[int]) -> None:
+        """This epoch's trained steps (align.window_shift_every); only a policy with ODE steps outside them cares."""
+
 
 class DDIMPolicy(StepPolicy):
     """DDIM with eta > 0 on the model's own noise schedule (DDPO)."""
@@ -104,6 +107,10 @@ class FlowSDEPolicy(StepPolicy):
         sigma, sigma_next = self._sigmas(step)
         return flow_mean_std(model_output, sample, sigma, sigma_next, noise_level=self.noise_level,
                              schedule=self.schedule, sigma_max=self.sigma_max)
+
+    def use_window(self, steps: Sequence[int]) -> None:
+        if self.sde_steps is not None:
+            self.sde_steps = frozenset(steps)
 
     def kl(self, mean: Tensor, ref_mean: Tensor, std: Tensor, step: Tensor) -> Tensor:
         """The exact Gaussian KL, or Flow-GRPO's term (align.kl_form), which is it times -dt."""

@@ -36,7 +36,7 @@ from rlbooth.align.policy import policy_for
 from rlbooth.align.ppo import (PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages,
                               ppo_clip_loss)
 from rlbooth.align.rollout import Rollout, decode, guidance_inputs, guided_noise, sample_rollout
-from rlbooth.align.steps import trained_steps
+from rlbooth.align.steps import trained_steps, window_steps
 from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlbooth.config import AlignConfig, Config, ConfigError
 from rlbooth.images import save_image_atomic
@@ -320,7 +320,7 @@ class DDPOTrainer:
         for inner in range(cfg.num_inner_epochs):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(
                 _seed(self.seed, epoch, inner, acc.process_index)))
-            steps = trained_steps(cfg, samples.indices[order], lambda i: _seed(self.seed, epoch, inner, i))
+            steps = trained_steps(cfg, epoch, samples.indices[order], lambda i: _seed(self.seed, epoch, inner, i))
             order, steps = order.to(acc.device), steps.to(acc.device)  # one copy each, not one per step
             batches, k = range(0, n, cfg.train_batch_size), cfg.timesteps_per_pass
             for start in tqdm(batches, desc=f"epoch {epoch} training", leave=False,
@@ -383,6 +383,7 @@ class DDPOTrainer:
 
     def run_epoch(self, epoch: int) -> None:
         cfg, acc = self.cfg, self.acc
+        self.policy.use_window(window_steps(cfg, epoch))
         samples = self.sample_epoch(epoch)
         if cfg.reward_standardize:
             self.standardize(samples)

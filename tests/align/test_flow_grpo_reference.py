@@ -93,7 +93,7 @@ def test_flow_grpo_settings_reproduce_its_loss_terms_step_for_step(stage_one_sd3
     expected = flow_grpo_advantages(prompts, samples.rewards.double().numpy(), trainer.cfg.adv_clip_max)
     np.testing.assert_allclose(advantages.numpy(), expected, rtol=1e-5, atol=1e-6)
     # its train_timesteps = range(int(num_steps * timestep_fraction)), every sample
-    steps = trained_steps(trainer.cfg, samples.indices, lambda i: i)
+    steps = trained_steps(trainer.cfg, 0, samples.indices, lambda i: i)
     assert steps.tolist() == [list(range(int(10 * 0.99)))] * n
 
     gen = torch.Generator().manual_seed(0)  # move the zero-init LoRA off stage one, so ratio and KL are not trivial

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from rlbooth.align.flow import flow_grpo_kl, flow_mean_std
-from rlbooth.align.policy import policy_for
+from rlbooth.align.policy import FlowSDEPolicy, policy_for
 from rlbooth.align.ppo import group_advantages
 from rlbooth.align.rollout import guided_noise
-from rlbooth.align.steps import trained_steps
+from rlbooth.align.steps import trained_steps, window_steps
 from rlbooth.config import AlignConfig, ConfigError
+from tests.align.conftest import align_config
 from tests.align.test_flow import SD3_SIGMAS
+from tests.align.test_train import make_trainer
 
 
 @pytest.mark.parametrize("index", [1, 4, 9])
@@ -76,15 +78,15 @@ def test_detach_uncond_drops_the_unconditional_branchs_gradient(detach, grad):
 def test_first_selection_trains_flow_grpos_steps_and_never_the_last():
     """Flow-GRPO: range(int(num_steps * timestep_fraction)) = steps 0-8 of 10, for every sample, in order."""
     cfg = AlignConfig(num_steps=10, timestep_fraction=0.99, train_step_selection="first")
-    steps = trained_steps(cfg, torch.arange(5), lambda i: i)
+    steps = trained_steps(cfg, 0, torch.arange(5), lambda i: i)
     assert steps.tolist() == [[0, 1, 2, 3, 4, 5, 6, 7, 8]] * 5
-    random = trained_steps(AlignConfig(num_steps=10, timestep_fraction=0.99), torch.arange(200), lambda i: i)
+    random = trained_steps(AlignConfig(num_steps=10, timestep_fraction=0.99), 0, torch.arange(200), lambda i: i)
     assert 0.8 < (random == 9).any(dim=1).float().mean() < 0.98  # a random 9 of 10 holds the last step 90% of the time
 
 
 def test_random_selection_is_the_seeded_per_sample_subset():
     cfg = AlignConfig(num_steps=10, timestep_fraction=0.5)
-    steps = trained_steps(cfg, torch.tensor([7, 3]), lambda i: 100 + i)
+    steps = trained_steps(cfg, 0, torch.tensor([7, 3]), lambda i: 100 + i)
     for row, i in zip(steps, (7, 3)):
         assert row.tolist() == torch.randperm(10, generator=torch.Generator().manual_seed(100 + i))[:5].tolist()
 
@@ -98,3 +100,60 @@ def test_group_std_of_all_rewards_is_flow_grpos_global_std():
     # the default divides by the residuals' std, sqrt(2 / 3)
     np.testing.assert_allclose(group_advantages(rewards, groups), np.array([-1, 0, 1, -1, 0, 1]) / (0.816496580927726
                                                                                                    + 1e-6))
+
+
+def mixgrpo_progressive(start: int, group_size: int, iters_per_group: int, max_timesteps: int, stride: int | None,
+                        iterations: int) -> list[list[int]]:
+    """MixGRPO's GRPOTrainingStates, progressive with roll_back, transcribed: each iteration's timesteps."""
+    cur, in_group, windows = start, 0, []
+    for _ in range(iterations):
+        windows.append(list(range(cur, min(cur + group_size, max_timesteps))))
+        in_group += 1
+        if in_group >= iters_per_group:
+            in_group = 0
+            cur += stride or group_size
+        if cur > max_timesteps:
+            cur, in_group = start, 0
+    return windows
+
+
+@pytest.mark.parametrize("window, every, stride, epochs", [([0.0, 0.2], 3, None, 15), ([0.2, 0.5], 2, 1, 12)])
+def test_sliding_window_is_mixgrpos_progressive_schedule(window, every, stride, epochs):
+    """Over the windows that hold all their steps; after them MixGRPO trains a shorter (or empty) window before
+    rolling back, rlbooth starts again at once, so every epoch trains as many steps."""
+    cfg = AlignConfig(num_steps=10, timestep_window=window, window_shift_every=every, window_stride=stride)
+    width = len(cfg.train_steps)
+    expected = mixgrpo_progressive(cfg.train_steps[0], width, every, 10, stride, epochs)
+    assert [window_steps(cfg, epoch) for epoch in range(epochs)] == expected
+    assert window_steps(cfg, epochs) == cfg.train_steps  # rolled back
+    assert AlignConfig(num_steps=10, timestep_window=window).train_steps == window_steps(
+        AlignConfig(num_steps=10, timestep_window=window), 7)  # 0: static
+    steps = trained_steps(cfg, every, torch.arange(3), lambda i: i)
+    assert set(steps.flatten().tolist()) == set(expected[every])
+
+
+def test_the_ode_policy_takes_each_epochs_window():
+    family = SimpleNamespace(flow_scheduler=lambda pipe: None)
+    policy = FlowSDEPolicy(family, None, (4, 4), noise_level=0.7, sde_steps=[0, 1])
+    policy.use_window([4, 5])
+    assert policy.sde_steps == {4, 5}
+    everywhere = FlowSDEPolicy(family, None, (4, 4), noise_level=0.7)
+    everywhere.use_window([4, 5])
+    assert everywhere.sde_steps is None  # SDE at every step, as without align.ode_outside_window
+
+
+def test_each_epoch_samples_with_its_slid_window(stage_one_sd3, tmp_path, monkeypatch):
+    config = align_config("align.ode_outside_window=true", "align.timestep_window=[0.0,0.25]",
+                          "align.window_shift_every=1")  # of 4 steps: step 0, then 1, 2, 3, 0, ...
+    trainer = make_trainer(config, stage_one_sd3, tmp_path)
+    seen = []
+
+    def record(epoch):
+        seen.append(set(trainer.policy.sde_steps))
+        raise StopIteration
+
+    monkeypatch.setattr(trainer, "sample_epoch", record)
+    for epoch in range(5):
+        with pytest.raises(StopIteration):
+            trainer.run_epoch(epoch)
+    assert seen == [{0}, {1}, {2}, {3}, {0}]
