@@ -60,10 +60,11 @@ def group_advantages(rewards: np.ndarray, groups: np.ndarray, std_of: GroupStd =
     """Each reward minus its group's mean, over the batch's std of those differences (`residuals`), or over
     the std of all the batch's rewards plus 1e-4 (`rewards`: Flow-GRPO's `global_std`).
 
-    A group shares its prompt and initial noise x_T. The start is not an action of the policy, yet it
-    decides much of the reward (the layout, the background); a baseline per start takes that variance
-    out of the gradient without biasing it (the mean with the sample itself is the leave-one-out
-    baseline scaled by (K - 1) / K, and the batch's std rescales it anyway).
+    A group shares its prompt and initial noise x_T (unless align.group_noise is `independent`). The start
+    is not an action of the policy, yet it decides much of the reward (the layout, the background); a
+    baseline per start takes that variance out of the gradient without biasing it (the mean with the
+    sample itself is the leave-one-out baseline scaled by (K - 1) / K, and the batch's std rescales it
+    anyway).
     """
     rewards = np.asarray(rewards, dtype=np.float64)
     groups = np.asarray(groups)
