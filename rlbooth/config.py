@@ -156,9 +156,10 @@ class PersonalizeConfig:
     snr_gamma: float | None = None
     """Min-SNR weighting gamma (5.0 is the paper's) of the instance loss; the prior-preservation loss stays
     unweighted, as in diffusers' DreamBooth script. Off when null."""
-    timestep_density: Literal["logit_normal", "mode", "uniform"] = "logit_normal"
-    """Flow-matching families (sd3, flux): the density training timesteps are drawn from; logit-normal (the
-    default of diffusers' SD3/FLUX scripts) favours the middle of the schedule. DDPM families draw uniformly."""
+    timestep_density: Literal["logit_normal", "mode", "uniform"] | None = None
+    """Flow-matching families (sd3, flux): the density training timesteps are drawn from; logit-normal favours
+    the middle of the schedule. null: the default of the family's diffusers DreamBooth-LoRA script, logit-normal
+    for sd3 and uniform for flux (its `weighting_scheme none`). DDPM families draw uniformly."""
     logit_mean: float = 0.0
     """Mean of the logit-normal timestep density."""
     logit_std: float = 1.0
@@ -167,6 +168,10 @@ class PersonalizeConfig:
     """How far the `mode` timestep density bends towards the middle of the schedule (0: uniform)."""
     flow_loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     """Flow-matching families: weight of each image's squared error by its sigma (diffusers' scripts' options)."""
+    precondition_outputs: bool = False
+    """Flow-matching families: regress x0 with the prediction x_s - s v instead of the velocity eps - x0 (diffusers'
+    SD3 script's `--precondition_outputs`, on there by default and in sd35-lora.yaml): per image the squared error
+    times s^2, so low-noise timesteps count less. Off: the velocity loss, which the toy world measured."""
     training_guidance: float = 3.5
     """Guidance-distilled models (FLUX.1-dev): the guidance input while training (diffusers' FLUX script's
     default); unused by families that guide by classifier-free guidance."""
@@ -244,7 +249,7 @@ class AlignConfig:
     num_inner_epochs: int = 1
     """Training passes over each epoch's samples."""
     timestep_fraction: float = 1.0
-    """Fraction of the window's steps trained on, a random subset per sample."""
+    """Fraction of the window's steps trained on, a random subset per sample (align.train_step_selection)."""
     timestep_window: list[float] = field(default_factory=lambda: [0.0, 1.0])
     """[start, end) of the trajectory, as fractions of num_steps from the first (noisiest) step, whose steps
     are trained on. Early steps decide the layout; with few steps the last big jump has a small noise and a
@@ -256,9 +261,9 @@ class AlignConfig:
     per_prompt_stat_tracking: bool = True
     """Normalize rewards per prompt (a buffer each); per batch when false. Unused when samples_per_noise > 1."""
     samples_per_noise: int = 1
-    """Trajectories per initial noise x_T: above 1, groups of this many share a prompt and x_T, differ in
-    their steps, and each advantage is the reward minus its group's mean (the start decides much of the
-    reward but is no action of the policy; see README, the toy world)."""
+    """Trajectories per initial noise x_T: above 1, groups of this many share a prompt and x_T (unless
+    align.group_noise is `independent`), differ in their steps, and each advantage is the reward minus its
+    group's mean (the start decides much of the reward but is no action of the policy; README, the toy world)."""
     stat_buffer_size: int = 16
     """Rewards kept per prompt for its mean and std."""
     stat_min_count: int = 16
@@ -331,6 +336,31 @@ class AlignConfig:
     ode_outside_window: bool = False
     """Flow-matching families: SDE steps only inside align.timestep_window and the deterministic Euler ODE
     elsewhere (MixGRPO); off: every step is an SDE step."""
+    window_shift_every: int = 0
+    """Slide align.timestep_window over training (MixGRPO's progressive strategy): every this many epochs it moves
+    align.window_stride steps later, and after the last position that still holds all its steps it starts again
+    at its first (MixGRPO's roll_back); 0: the window stays put."""
+    window_stride: int | None = None
+    """Steps the sliding window moves at a time; null: its own length (MixGRPO without prog_overlap)."""
+    kl_form: Literal["gaussian", "flow_grpo"] = "gaussian"
+    """The KL term that align.kl_coef weights: `gaussian` is the exact KL of each step's Gaussians,
+    dmean^2 / (2 std^2) with std = sigma_t sqrt(-dt); `flow_grpo` (flow-matching families) is Flow-GRPO's code,
+    dmean^2 / (2 sigma_t^2), the exact KL times -dt (20-110x smaller per step on SD3 at 10 steps): Flow-GRPO's
+    beta carries over only with it. The exact KL is the default: it is the KL, on every family."""
+    detach_uncond: bool = False
+    """Classifier-free guidance while training: drop the unconditional branch's gradient (its value stays).
+    Off (DDPO, and the Flow-GRPO train_sd3.py read here): both branches backpropagate, and with one LoRA in
+    both the unconditional gradient enters with weight 1 - guidance_scale."""
+    train_step_selection: Literal["random", "first"] = "random"
+    """Which timestep_fraction of the window's steps are trained: a random subset per sample and inner epoch
+    (`random`, DDPO), or the first floor(steps x fraction) of every trajectory (`first`, Flow-GRPO, whose 0.99
+    at 10 steps leaves out the last, near-deterministic step)."""
+    group_noise: Literal["shared", "independent"] = "shared"
+    """With samples_per_noise > 1: a group's trajectories share the prompt and x_T (`shared`, DanceGRPO's
+    init_same_noise), or only the prompt, each drawing its own x_T (`independent`, Flow-GRPO)."""
+    group_std: Literal["residuals", "rewards"] = "residuals"
+    """With samples_per_noise > 1: the group advantages' divisor, the std of the rewards minus their group's mean
+    (`residuals`), or the std of all the epoch's rewards + 1e-4 (`rewards`, Flow-GRPO's global_std)."""
 
     def __post_init__(self) -> None:
         for name in ("num_epochs", "sample_batch_size", "num_batches_per_epoch", "num_steps", "train_batch_size",
@@ -349,6 +379,8 @@ class AlignConfig:
         _check(bool(self.train_steps), "align.timestep_window",
                f"{self.timestep_window} holds none of the {self.num_steps} steps (step i sits at i / num_steps)")
         _check(0 <= self.identifier_ratio <= 1, "align.identifier_ratio", "must be in [0, 1]")
+        _check(self.window_shift_every >= 0, "align.window_shift_every", "must not be negative (0: a static window)")
+        _check(self.window_stride is None or self.window_stride > 0, "align.window_stride", "must be positive or null")
         _check(self.kl_coef >= 0, "align.kl_coef", "must not be negative")
         _check(self.lora_init in LORA_INITS, "align.lora_init",
                f"must be one of {list(LORA_INITS)}, got {self.lora_init!r}")

@@ -10,19 +10,21 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
-from rlbooth.align.ddim import ddim_mean_std, ddim_step_with_logprob
-from rlbooth.align.flow import NoiseSchedule, flow_mean_std, flow_step_with_logprob
+from rlbooth.align.ddim import ddim_mean_std, ddim_step_with_logprob, gaussian_kl
+from rlbooth.align.flow import NoiseSchedule, flow_grpo_kl, flow_mean_std, flow_step_with_logprob
+from rlbooth.config import ConfigError
 
 if TYPE_CHECKING:
     from rlbooth.config import AlignConfig
     from rlbooth.families import Family
 
 Generators = torch.Generator | list[torch.Generator] | None
+KLForm = Literal["gaussian", "flow_grpo"]
 
 
 class StepPolicy(ABC):
@@ -42,6 +44,13 @@ class StepPolicy(ABC):
     def step(self, model_output: Tensor, step: Tensor, sample: Tensor, *, prev_sample: Tensor | None = None,
              generator: Generators = None) -> tuple[Tensor, Tensor]:
         """Draw (or score the given `prev_sample` of) step(s) `step`; returns x_{t-1} and log p, shape (B,)."""
+
+    def kl(self, mean: Tensor, ref_mean: Tensor, std: Tensor, step: Tensor) -> Tensor:
+        """KL penalty of step(s) `step` to the reference's mean, shape (B,): the exact Gaussian KL."""
+        return gaussian_kl(mean, ref_mean, std)
+
+    def use_window(self, steps: Sequence[int]) -> None:
+        """This epoch's trained steps (align.window_shift_every); only a policy with ODE steps outside them cares."""
 
 
 class DDIMPolicy(StepPolicy):
@@ -74,10 +83,11 @@ class FlowSDEPolicy(StepPolicy):
     (which the trainer passes as `align.train_steps`, the one list of trained steps)."""
 
     def __init__(self, family: "Family", pipe: Any, latent_size: tuple[int, int], *, noise_level: float,
-                 schedule: NoiseSchedule = "flow_grpo", sde_steps: Sequence[int] | None = None) -> None:
+                 schedule: NoiseSchedule = "flow_grpo", sde_steps: Sequence[int] | None = None,
+                 kl_form: KLForm = "gaussian") -> None:
         self.family, self.pipe, self.latent_size = family, pipe, latent_size
         self.scheduler = family.flow_scheduler(pipe)
-        self.noise_level, self.schedule = noise_level, schedule
+        self.noise_level, self.schedule, self.kl_form = noise_level, schedule, kl_form
         self.sde_steps = None if sde_steps is None else frozenset(sde_steps)
 
     def set_timesteps(self, num_steps: int, device: Any = None) -> Tensor:
@@ -98,6 +108,17 @@ class FlowSDEPolicy(StepPolicy):
         return flow_mean_std(model_output, sample, sigma, sigma_next, noise_level=self.noise_level,
                              schedule=self.schedule, sigma_max=self.sigma_max)
 
+    def use_window(self, steps: Sequence[int]) -> None:
+        if self.sde_steps is not None:
+            self.sde_steps = frozenset(steps)
+
+    def kl(self, mean: Tensor, ref_mean: Tensor, std: Tensor, step: Tensor) -> Tensor:
+        """The exact Gaussian KL, or Flow-GRPO's term (align.kl_form), which is it times -dt."""
+        if self.kl_form == "gaussian":
+            return gaussian_kl(mean, ref_mean, std)
+        sigma, sigma_next = self._sigmas(step)
+        return flow_grpo_kl(mean, ref_mean, std, sigma_next - sigma)
+
     def step(self, model_output: Tensor, step: Tensor, sample: Tensor, *, prev_sample: Tensor | None = None,
              generator: Generators = None) -> tuple[Tensor, Tensor]:
         index = torch.as_tensor(step)
@@ -117,5 +138,8 @@ def policy_for(family: "Family", pipe: Any, cfg: "AlignConfig", latent_size: tup
     if family.flow_matching:
         return FlowSDEPolicy(family, pipe, latent_size, noise_level=cfg.flow_noise_level,
                              schedule=cfg.flow_noise_schedule,
-                             sde_steps=cfg.train_steps if cfg.ode_outside_window else None)
+                             sde_steps=cfg.train_steps if cfg.ode_outside_window else None, kl_form=cfg.kl_form)
+    if cfg.kl_form != "gaussian":
+        raise ConfigError(f"align.kl_form: {cfg.kl_form!r} is a flow-matching form (Flow-GRPO's); DDIM families "
+                          "(sd, sdxl) take `gaussian`")
     return DDIMPolicy(family.ddim_scheduler(pipe), cfg.eta)

@@ -7,12 +7,16 @@ Written here rather than taken from TRL: TRL's last diffusion trainer
 from __future__ import annotations
 
 from collections import deque
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 _STD_EPS = 1e-6
+_FLOW_GRPO_STD_EPS = 1e-4  # Flow-GRPO's stat tracker adds this to its std
+
+GroupStd = Literal["residuals", "rewards"]
 
 
 def ppo_clip_loss(
@@ -52,13 +56,15 @@ def batch_advantages(rewards: np.ndarray) -> np.ndarray:
     return (rewards - rewards.mean()) / (rewards.std() + _STD_EPS)
 
 
-def group_advantages(rewards: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Each reward minus its group's mean, over the batch's std of those differences.
+def group_advantages(rewards: np.ndarray, groups: np.ndarray, std_of: GroupStd = "residuals") -> np.ndarray:
+    """Each reward minus its group's mean, over the batch's std of those differences (`residuals`), or over
+    the std of all the batch's rewards plus 1e-4 (`rewards`: Flow-GRPO's `global_std`).
 
-    A group shares its prompt and initial noise x_T. The start is not an action of the policy, yet it
-    decides much of the reward (the layout, the background); a baseline per start takes that variance
-    out of the gradient without biasing it (the mean with the sample itself is the leave-one-out
-    baseline scaled by (K - 1) / K, and the batch's std rescales it anyway).
+    A group shares its prompt and initial noise x_T (unless align.group_noise is `independent`). The start
+    is not an action of the policy, yet it decides much of the reward (the layout, the background); a
+    baseline per start takes that variance out of the gradient without biasing it (the mean with the
+    sample itself is the leave-one-out baseline scaled by (K - 1) / K, and the batch's std rescales it
+    anyway).
     """
     rewards = np.asarray(rewards, dtype=np.float64)
     groups = np.asarray(groups)
@@ -68,6 +74,10 @@ def group_advantages(rewards: np.ndarray, groups: np.ndarray) -> np.ndarray:
     if (counts < 2).any():
         raise ValueError("every group needs at least 2 samples: a lone sample has no baseline but itself")
     residuals = rewards - (np.bincount(inverse, weights=rewards) / counts)[inverse]
+    if std_of == "rewards":
+        return residuals / (rewards.std() + _FLOW_GRPO_STD_EPS)
+    if std_of != "residuals":
+        raise ValueError(f"std_of must be 'residuals' or 'rewards', got {std_of!r}")
     return residuals / (residuals.std() + _STD_EPS)
 
 

@@ -14,9 +14,12 @@ from rlbooth.files import kill_point
 
 
 def guided_noise(family: Family, unet: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
-                 cond: Conditioning, guidance_scale: float) -> torch.Tensor:
+                 cond: Conditioning, guidance_scale: float, detach_uncond: bool = False) -> torch.Tensor:
     """Classifier-free guidance in one batched forward; `cond` is `guidance_inputs`' (2B rows, unconditional
     ones first). A guidance-distilled family (FLUX.1-dev) has B rows and takes the scale as an input.
+
+    `detach_uncond` keeps the value and drops the unconditional branch's gradient (align.detach_uncond):
+    with one LoRA in both branches that gradient enters with weight 1 - guidance_scale.
     """
     batch = latents.shape[0]
     timesteps = timesteps.expand(batch) if timesteps.ndim == 0 else timesteps
@@ -24,6 +27,7 @@ def guided_noise(family: Family, unet: torch.nn.Module, latents: torch.Tensor, t
         return family.denoise(unet, latents, timesteps, family.with_guidance(cond, guidance_scale)).float()
     out = family.denoise(unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), cond)
     uncond, guided = out.float().chunk(2)
+    uncond = uncond.detach() if detach_uncond else uncond
     return uncond + guidance_scale * (guided - uncond)
 
 

@@ -31,12 +31,12 @@ from tqdm.auto import tqdm
 
 from rlbooth import __version__
 from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, log_grid, make_accelerator, weight_dtype
-from rlbooth.align.ddim import gaussian_kl
 from rlbooth.align.merge import merged_lora
 from rlbooth.align.policy import policy_for
 from rlbooth.align.ppo import (PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages,
                               ppo_clip_loss)
 from rlbooth.align.rollout import Rollout, decode, guidance_inputs, guided_noise, sample_rollout
+from rlbooth.align.steps import trained_steps, window_steps
 from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlbooth.config import AlignConfig, Config, ConfigError
 from rlbooth.images import save_image_atomic
@@ -258,7 +258,7 @@ class DDPOTrainer:
             generators = [torch.Generator(device=acc.device).manual_seed(_seed(self.seed, epoch, int(i)))
                           for i in index]
             group = cfg.samples_per_noise  # a group's members share the generator of x_T
-            starts = None if group == 1 else [
+            starts = None if group == 1 or cfg.group_noise == "independent" else [
                 torch.Generator(device=acc.device).manual_seed(_seed(self.seed, epoch, int(i) // group, group))
                 for i in index]
             inputs = guidance_inputs(self.family, self.uncond, cond)
@@ -299,7 +299,7 @@ class DDPOTrainer:
         indices = acc.gather(samples.indices.to(acc.device)).cpu().numpy()
         order = np.argsort(indices)
         if self.cfg.samples_per_noise > 1:
-            adv = group_advantages(rewards[order], indices[order] // self.cfg.samples_per_noise)
+            adv = group_advantages(rewards[order], indices[order] // self.cfg.samples_per_noise, self.cfg.group_std)
         elif self.cfg.per_prompt_stat_tracking:
             texts = [self.prompt(epoch, int(i)).text for i in indices[order]]
             adv = self.tracker.update(texts, rewards[order])
@@ -315,14 +315,12 @@ class DDPOTrainer:
         """One pass (per inner epoch) over the samples; the statistics reach the host once, at the end."""
         cfg, acc = self.cfg, self.acc
         n = len(samples.indices)
-        pool = torch.tensor(cfg.train_steps)
         stats: dict[str, list[torch.Tensor]] = {}
         self.unet.train()
         for inner in range(cfg.num_inner_epochs):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(
                 _seed(self.seed, epoch, inner, acc.process_index)))
-            steps = torch.stack([pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(
-                _seed(self.seed, epoch, inner, int(samples.indices[i]))))[:cfg.num_train_timesteps]] for i in order])
+            steps = trained_steps(cfg, epoch, samples.indices[order], lambda i: _seed(self.seed, epoch, inner, i))
             order, steps = order.to(acc.device), steps.to(acc.device)  # one copy each, not one per step
             batches, k = range(0, n, cfg.train_batch_size), cfg.timesteps_per_pass
             for start in tqdm(batches, desc=f"epoch {epoch} training", leave=False,
@@ -343,7 +341,8 @@ class DDPOTrainer:
         t = samples.timesteps[step]
         inputs = guidance_inputs(self.family, self.uncond, samples.embeds[rows])
         with self.acc.autocast():
-            noise = guided_noise(self.family, self.unet, x_t, t, inputs, self.cfg.guidance_scale)
+            noise = guided_noise(self.family, self.unet, x_t, t, inputs, self.cfg.guidance_scale,
+                                 self.cfg.detach_uncond)
         _, log_prob = self.policy.step(noise, step, x_t, prev_sample=samples.latents[rows, step + 1])
         return noise, log_prob
 
@@ -378,12 +377,13 @@ class DDPOTrainer:
                 unet.enable_adapters()
         mean, std = self.policy.mean_std(noise, step, x_t)
         ref_mean, _ = self.policy.mean_std(ref_noise, step, x_t)
-        return gaussian_kl(mean, ref_mean, std).mean()
+        return self.policy.kl(mean, ref_mean, std, step).mean()
 
     # ------------------------------------------------------------------ epoch
 
     def run_epoch(self, epoch: int) -> None:
         cfg, acc = self.cfg, self.acc
+        self.policy.use_window(window_steps(cfg, epoch))
         samples = self.sample_epoch(epoch)
         if cfg.reward_standardize:
             self.standardize(samples)

@@ -27,6 +27,9 @@ class FlowMatchingFamily(Family):
     """Pipeline attribute of the T5 tokenizer."""
     t5_encoder: str
     """Pipeline attribute of the T5 encoder."""
+    script_timestep_density: str
+    """Stage one's timestep density by default (personalize.timestep_density null): the default of the family's
+    diffusers DreamBooth-LoRA script."""
 
     def ddim_scheduler(self, pipe: Any) -> Any:
         raise NotImplementedError(

@@ -49,6 +49,7 @@ class StableDiffusion3(FlowMatchingFamily):
     tokenizers = ("tokenizer", "tokenizer_2", "tokenizer_3")
     lora_text_encoders = ("text_encoder", "text_encoder_2")  # what SD3's LoRA loader carries; never T5
     max_sequence_length = 256
+    script_timestep_density = "logit_normal"  # train_dreambooth_lora_sd3.py: --weighting_scheme logit_normal
     t5_tokenizer, t5_encoder = "tokenizer_3", "text_encoder_3"
 
     def load(self, source: str, **kwargs: Any) -> "StableDiffusion3Pipeline":

@@ -80,6 +80,17 @@ def velocity_target(latents: Tensor, noise: Tensor) -> Tensor:
     return noise - latents
 
 
+def prediction_and_target(model_pred: Tensor, latents: Tensor, noise: Tensor, sigmas: Tensor, precondition: bool
+                          ) -> tuple[Tensor, Tensor]:
+    """What the loss compares: the velocity and eps - x0; or, preconditioned (diffusers' SD3 script's
+    `--precondition_outputs`, its default), the x0 prediction x_s - s v and x0, whose squared error is the
+    velocity's times s^2 per image (low-noise steps count less)."""
+    if not precondition:
+        return model_pred, velocity_target(latents, noise)
+    noisy = noisy_latents(latents, noise, sigmas)
+    return noisy - _per_row(sigmas, noisy) * model_pred.to(noisy.dtype), latents
+
+
 def loss_weights(weighting: Weighting, sigmas: Tensor) -> Tensor:
     """Per-row weights of the squared error (float32): `sigma_sqrt` is 1 / s^2; `cosmap` is
     2 / (pi (1 - 2 s + 2 s^2)), the SD3 paper's cosine-map density as a weight; `none` is 1."""
@@ -102,8 +113,8 @@ def flow_loss(model_pred: Tensor, target: Tensor, sigmas: Tensor, *, weighting: 
               with_prior: bool, prior_loss_weight: float) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss on a batch whose first half is instance images and second half class images (when `with_prior`).
 
-    Each half is weighted by its own rows' sigmas. (The scripts multiply the B instance rows by all 2B
-    weights, which only broadcasts at B = 1, and then mixes both halves' weights into each image.)
+    Each half is weighted by its own rows' sigmas, as diffusers' scripts do since #13743 (May 2026: they chunk
+    the weighting with the batch; before, they multiplied the B instance rows by all 2B weights).
     """
     weights = loss_weights(weighting, sigmas)
     if not with_prior:

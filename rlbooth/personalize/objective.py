@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor
 
-from rlbooth.personalize.flow_loss import FlowTrainingGrid, flow_loss, noisy_latents, sample_density, velocity_target
+from rlbooth.personalize.flow_loss import (Density, FlowTrainingGrid, flow_loss, noisy_latents, prediction_and_target,
+                                           sample_density)
 from rlbooth.personalize.loss import dreambooth_loss
 
 if TYPE_CHECKING:
@@ -57,15 +58,17 @@ class DenoisingObjective:
 
 
 class FlowObjective:
-    """Flow matching: grid indices drawn through `timestep_density`, x_s = (1 - s) x0 + s eps, velocity target."""
+    """Flow matching: grid indices drawn through `timestep_density` (null: `density`, the family script's),
+    x_s = (1 - s) x0 + s eps, velocity target (or x0 with `precondition_outputs`)."""
 
-    def __init__(self, scheduler: Any, cfg: "PersonalizeConfig") -> None:
+    def __init__(self, scheduler: Any, cfg: "PersonalizeConfig", density: Density) -> None:
         self.grid = FlowTrainingGrid.of(scheduler)
         self.cfg = cfg
+        self.density = cfg.timestep_density or density
 
     def draw(self, n: int, generator: torch.Generator) -> Tensor:
         cfg = self.cfg
-        u = sample_density(cfg.timestep_density, n, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+        u = sample_density(self.density, n, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
                            mode_scale=cfg.mode_scale, generator=generator)
         return self.grid.indices(u)
 
@@ -76,11 +79,12 @@ class FlowObjective:
     def loss(self, pred: Tensor, latents: Tensor, noise: Tensor, index: Tensor, with_prior: bool
              ) -> tuple[Tensor, dict[str, Tensor]]:
         _, sigmas = self.grid.at(index)
-        return flow_loss(pred, velocity_target(latents, noise), sigmas, weighting=self.cfg.flow_loss_weighting,
+        pred, target = prediction_and_target(pred, latents, noise, sigmas, self.cfg.precondition_outputs)
+        return flow_loss(pred, target, sigmas, weighting=self.cfg.flow_loss_weighting,
                          with_prior=with_prior, prior_loss_weight=self.cfg.prior_loss_weight)
 
 
 def objective_for(family: "Family", pipe: Any, cfg: "PersonalizeConfig") -> Objective:
     if family.flow_matching:
-        return FlowObjective(pipe.scheduler, cfg)
+        return FlowObjective(pipe.scheduler, cfg, family.script_timestep_density)
     return DenoisingObjective(pipe.scheduler.config, cfg)

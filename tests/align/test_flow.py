@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -81,3 +83,36 @@ def test_bad_inputs_are_refused():
         flow_mean_std(x, x, torch.tensor(0.4), torch.tensor(0.5), noise_level=0.7)
     with pytest.raises(ValueError, match="schedule"):
         flow_mean_std(x, x, torch.tensor(0.5), torch.tensor(0.4), noise_level=0.7, schedule="linear")
+
+
+# Sampling sigmas at 10 steps, written out: SD3's static shift 3, and FLUX's dynamic shift at 512 px
+# (image_seq_len 1024, mu 0.63) on FLUX's sigmas linspace(1, 1/10, 10).
+SD3_SIGMAS = [1.0, 0.960129, 0.913349, 0.857692, 0.790368, 0.707278, 0.602151, 0.464876, 0.278049, 0.008929, 0.0]
+FLUX_SIGMAS = [1.0, 0.944129, 0.882497, 0.814164, 0.737974, 0.652489, 0.555899, 0.445888, 0.319451, 0.172612, 0.0]
+
+
+def flow_grpo_sde_step(x, v, prev, sigma, sigma_prev, sigma_max, noise_level):
+    """Flow-GRPO's `sde_step_with_logprob` (its 'sde' type), transcribed in float64 in its own arrangement."""
+    dt = sigma_prev - sigma
+    std_dev_t = math.sqrt(sigma / (1 - (sigma_max if sigma == 1 else sigma))) * noise_level
+    mean = x * (1 + std_dev_t**2 / (2 * sigma) * dt) + v * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    std = std_dev_t * math.sqrt(-dt)
+    log_prob = -((prev - mean) ** 2) / (2 * std**2) - math.log(std) - math.log(math.sqrt(2 * math.pi))
+    return mean, std, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+@pytest.mark.parametrize("sigmas", [SD3_SIGMAS, FLUX_SIGMAS], ids=["sd3-shift3", "flux-dynamic"])
+@pytest.mark.parametrize("index", [0, 4, 8, 9])
+def test_sde_step_is_flow_grpos_at_noise_level_0_7(sigmas, index):
+    """Mean, std and log-prob of a step against the transcription, where the drift's correction term is large."""
+    gen = torch.Generator().manual_seed(index)
+    x, v, prev = (torch.randn(2, 4, 3, 3, generator=gen, dtype=torch.float64) for _ in range(3))
+    sigma, sigma_prev = sigmas[index], sigmas[index + 1]
+    mean, std, log_prob = flow_grpo_sde_step(x, v, prev, sigma, sigma_prev, sigmas[1], 0.7)
+    got_mean, got_std = flow_mean_std(v.float(), x.float(), torch.tensor(sigma), torch.tensor(sigma_prev),
+                                      noise_level=0.7, sigma_max=sigmas[1])
+    _, got_log_prob = flow_step_with_logprob(v.float(), x.float(), torch.tensor(sigma), torch.tensor(sigma_prev),
+                                             noise_level=0.7, sigma_max=sigmas[1], prev_sample=prev.float())
+    torch.testing.assert_close(got_mean.double(), mean, rtol=1e-5, atol=1e-5)
+    assert got_std.flatten()[0].item() == pytest.approx(std, rel=1e-5)
+    torch.testing.assert_close(got_log_prob.double(), log_prob, rtol=1e-4, atol=1e-4)

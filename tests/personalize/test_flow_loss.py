@@ -5,6 +5,8 @@ shift; FLUX's dynamic shift unapplied), and the prior split weights each half by
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,10 +18,14 @@ from rlbooth.personalize.flow_loss import (
     flow_loss,
     loss_weights,
     noisy_latents,
+    prediction_and_target,
     sample_density,
     velocity_target,
 )
+from rlbooth.config import PersonalizeConfig
+from rlbooth.families import FAMILIES
 from rlbooth.personalize.loss import dreambooth_loss
+from rlbooth.personalize.objective import objective_for
 
 SD3_SCHEDULER = FlowMatchEulerDiscreteScheduler(shift=3.0)
 FLUX_SCHEDULER = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
@@ -133,3 +139,28 @@ def test_gradient_of_the_velocity_loss_points_to_the_target():
                         with_prior=False, prior_loss_weight=1.0)
     loss.backward()
     assert (pred.grad.sign() == -(noise - x0).sign()).all()
+
+
+def test_preconditioned_outputs_are_the_sd3_scripts_x0_regression():
+    """diffusers' SD3 script: model_pred * (-sigmas) + noisy_model_input against model_input. x0 = (1, 2),
+    eps = (0.5, -1), s = 0.4: x_s = (0.8, 0.8); v = (0.1, 0.2) gives x0 prediction (0.76, 0.72), squared error
+    (0.0576 + 1.6384) / 2 = 0.848, which is s^2 = 0.16 times the velocity loss ((0.36 + 10.24) / 2 = 5.3)."""
+    x0, eps, v, sigmas = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, -1.0]]), torch.tensor([[0.1, 0.2]]), \
+        torch.tensor([0.4])
+    pred, target = prediction_and_target(v, x0, eps, sigmas, precondition=True)
+    torch.testing.assert_close(pred, torch.tensor([[0.76, 0.72]]))
+    torch.testing.assert_close(target, x0)
+    loss, _ = flow_loss(pred, target, sigmas, with_prior=False, prior_loss_weight=1.0)
+    assert loss.item() == pytest.approx(0.848)
+    velocity, _ = flow_loss(*prediction_and_target(v, x0, eps, sigmas, precondition=False), sigmas,
+                            with_prior=False, prior_loss_weight=1.0)
+    assert velocity.item() == pytest.approx(5.3)
+
+
+@pytest.mark.parametrize("family, density", [("sd3", "logit_normal"), ("flux", "uniform")])
+def test_default_timestep_density_is_the_family_scripts(family, density):
+    """diffusers' SD3 script defaults to --weighting_scheme logit_normal, its FLUX script to none (u uniform)."""
+    pipe = SimpleNamespace(scheduler=SD3_SCHEDULER)
+    assert objective_for(FAMILIES[family], pipe, PersonalizeConfig()).density == density
+    chosen = PersonalizeConfig(timestep_density="mode")
+    assert objective_for(FAMILIES[family], pipe, chosen).density == "mode"
