@@ -398,6 +398,9 @@ class AlignConfig:
         _check(self.nft_decay_type in (0, 1, 2), "align.nft_decay_type", f"must be 0, 1 or 2, got {self.nft_decay_type}")
         _check(self.nft_guidance_scale >= 1, "align.nft_guidance_scale",
                f"must be at least 1 (1: no guidance), got {self.nft_guidance_scale}")
+        _check(not (self.algorithm == "nft" and self.nft_sampler == "ode" and self.samples_per_noise > 1),
+               "align.samples_per_noise", "must be 1 with align.algorithm=nft and nft_sampler=ode: the deterministic "
+               "sampler draws one image per x_T, so a group's advantages would all be 0")
         if self.algorithm == "ppo":
             changed = [f"align.{f.name}" for f in dataclasses.fields(self)
                        if f.name.startswith("nft_") and getattr(self, f.name) != f.default]

@@ -21,6 +21,7 @@ from rlbooth.config import ConfigError
 from rlbooth.families import get_family
 from rlbooth.stages import read_stage
 from tests.align.conftest import align_config
+from tests.align.test_distributed import COMMON, run_two_processes
 from tests.align.test_train import brightness_gain, make_trainer
 
 # Two samples of 1 x 2 x 2 latents, written out: clean latents, forward noise, trained and old outputs.
@@ -233,3 +234,34 @@ def test_killed_nft_run_resumes_to_the_same_weights(stage, request, tmp_path, mo
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
     history = lambda folder: json.loads((folder.parent / "rlbooth.json").read_text())["history"]
     assert history(whole) == history(resumed)
+
+
+@pytest.mark.parametrize("stage", ["stage_one", "stage_one_sd3"])
+def test_two_nft_processes_equal_one(stage, request, tmp_path):
+    """As tests/align/test_distributed.py for ppo: the old policy, the forward noise and the loss are the same
+    whether the 4 samples of an epoch are trained on one process or split over two."""
+    stage_one = request.getfixturevalue(stage)
+    single = align(align_config(*COMMON, *NFT, "align.sample_batch_size=2", "align.num_batches_per_epoch=2",
+                                "align.train_batch_size=2", "align.gradient_accumulation_steps=2"),
+                   stage_one, tmp_path / "single")
+    result = run_two_processes(stage_one, tmp_path / "two", NFT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((tmp_path / "two" / "rlbooth.json").read_text())
+    single_history = json.loads((single.parent / "rlbooth.json").read_text())["history"]
+    assert [h["reward_mean"] for h in meta["history"]] == [h["reward_mean"] for h in single_history]
+    a = load_file(str(single / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    assert any(v.abs().sum() > 0 for k, v in a.items() if ".up." in k or "lora_B" in k), "nothing was trained"
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("stage", ["stage_one", "stage_one_flux"])
+def test_nft_output_loads_on_top_of_stage_one_with_diffusers(stage, request, tmp_path, monkeypatch):
+    """tests/align/test_train.py's check under nft: the grid drawn in memory (fused stage one + trained
+    adapter) equals plain diffusers' drawing from the saved files."""
+    import tests.align.test_train as test_train
+
+    monkeypatch.setattr(test_train, "align_config", lambda *overrides: align_config(*NFT, *overrides))
+    test_train.test_output_loads_on_top_of_stage_one_with_diffusers(request.getfixturevalue(stage), tmp_path)
