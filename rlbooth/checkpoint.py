@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 _NAME = re.compile(r"^step-(\d+)$")
-WEIGHTS, STATE = "trainable.safetensors", "state.json"
+WEIGHTS, STATE, EXTRA = "trainable.safetensors", "state.json", "extra.safetensors"
 STATE_FILES = ("optimizer.pt", "lr_scheduler.pt")
 
 
@@ -55,8 +55,10 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def save_checkpoint(accelerator: "Accelerator", root: Path, step: int, models: dict[str, torch.nn.Module],
-                    optimizer: Any, lr_scheduler: Any, state: dict[str, Any], total_limit: int | None) -> Path:
-    """Every process calls this (and waits); only the main process writes."""
+                    optimizer: Any, lr_scheduler: Any, state: dict[str, Any], total_limit: int | None,
+                    extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Every process calls this (and waits); only the main process writes. `extra_tensors` (a stage-two
+    algorithm's state, e.g. DiffusionNFT's old policy) go to their own file, written only when given."""
     final = root / f"step-{step}"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -69,6 +71,9 @@ def save_checkpoint(accelerator: "Accelerator", root: Path, step: int, models: d
                 weights = {k: p.detach().to("cpu", copy=True).contiguous()
                            for k, p in trainable_parameters(accelerator, models).items()}
                 save_file(weights, str(tmp / WEIGHTS))
+                if extra_tensors:
+                    save_file({k: t.detach().to("cpu", copy=True).contiguous() for k, t in extra_tensors.items()},
+                              str(tmp / EXTRA))
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
                 if accelerator.scaler is not None:
@@ -96,6 +101,8 @@ def check_checkpoint(path: Path) -> None:
     """The files of a checkpoint open (headers, zip directories, JSON): checked before any model is loaded."""
     hint = _hint(path)
     check_safetensors(path / WEIGHTS, "checkpoint weights", hint, CheckpointError)
+    if (path / EXTRA).is_file():
+        check_safetensors(path / EXTRA, "checkpoint extra tensors", hint, CheckpointError)
     for name in STATE_FILES:
         check_torch_file(path / name, "checkpoint state", hint, CheckpointError)
     read_json(path / STATE, "checkpoint run state", hint, CheckpointError)
@@ -119,3 +126,11 @@ def load_checkpoint(path: Path, accelerator: "Accelerator", models: dict[str, to
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(load_torch(path / "scaler.pt", "checkpoint state", hint, CheckpointError))
     return read_json(path / STATE, "checkpoint run state", hint, CheckpointError)
+
+
+def load_extra_tensors(path: Path, device: Any) -> dict[str, torch.Tensor]:
+    """The `extra_tensors` saved with a checkpoint (none if it has none)."""
+    if not (path / EXTRA).is_file():
+        return {}
+    tensors = load_safetensors(path / EXTRA, "checkpoint extra tensors", _hint(path), CheckpointError)
+    return {k: t.to(device) for k, t in tensors.items()}

@@ -361,6 +361,27 @@ class AlignConfig:
     group_std: Literal["residuals", "rewards"] = "residuals"
     """With samples_per_noise > 1: the group advantages' divisor, the std of the rewards minus their group's mean
     (`residuals`), or the std of all the epoch's rewards + 1e-4 (`rewards`, Flow-GRPO's global_std)."""
+    algorithm: Literal["ppo", "nft"] = "ppo"
+    """Stage two's algorithm (rlbooth.align.algorithms; README, choosing an algorithm). `ppo`: DDPO (DDPM
+    families) or Flow-GRPO (flow families), the importance-clipped objective over stored trajectories of the
+    stochastic sampler. `nft`: DiffusionNFT, trained on the forward process at the sampling timesteps from the
+    clean latents alone, sampled by a lagging "old" copy of the LoRA; the nft_* fields are its settings."""
+    nft_beta: float = 1.0
+    """DiffusionNFT's beta: the implicit policies are beta v + (1 - beta) v_old and (1 + beta) v_old - beta v
+    (the reference uses 1.0; 0.1 for OCR)."""
+    nft_decay_type: int = 1
+    """DiffusionNFT's old-policy schedule: after each epoch old <- d old + (1 - d) trained, with
+    d = min(max(steps - flat, 0) x rate, cap) at the run's optimizer steps so far; 0 (copy: d = 0), 1 (flat 0,
+    rate 0.001, cap 0.5, the reference's default) or 2 (flat 75, rate 0.0075, cap 0.999)."""
+    nft_adv_mode: Literal["all", "positive_only", "negative_only", "one_only", "binary"] = "all"
+    """DiffusionNFT's advantage modes before r = clip(A / adv_clip_max) / 2 + 1/2: all advantages, only the
+    positive or negative ones (others 0), 1 for positive and 0 otherwise, or their sign."""
+    nft_sampler: Literal["ode", "sde"] = "ode"
+    """DiffusionNFT's sampler: `ode` the deterministic one (DDIM at eta 0, the flow Euler ODE), `sde` ppo's
+    stochastic one (DDIM at align.eta, Flow-GRPO's SDE at align.flow_noise_level)."""
+    nft_guidance_scale: float = 1.0
+    """DiffusionNFT's guidance while sampling; 1 runs the conditional prediction alone (CFG-free, the reference's
+    point); training is always CFG-free. align.guidance_scale stays ppo's and the grids'."""
 
     def __post_init__(self) -> None:
         for name in ("num_epochs", "sample_batch_size", "num_batches_per_epoch", "num_steps", "train_batch_size",
@@ -404,6 +425,19 @@ class AlignConfig:
         _check(batches % self.gradient_accumulation_steps == 0, "align.gradient_accumulation_steps",
                f"must divide the training batches per epoch and process ({batches}), "
                f"got {self.gradient_accumulation_steps}")
+        _check(self.algorithm in ("ppo", "nft"), "align.algorithm", f"must be ppo or nft, got {self.algorithm!r}")
+        _check(self.nft_beta > 0, "align.nft_beta", f"must be positive, got {self.nft_beta}")
+        _check(self.nft_decay_type in (0, 1, 2), "align.nft_decay_type", f"must be 0, 1 or 2, got {self.nft_decay_type}")
+        _check(self.nft_guidance_scale >= 1, "align.nft_guidance_scale",
+               f"must be at least 1 (1: no guidance), got {self.nft_guidance_scale}")
+        _check(not (self.algorithm == "nft" and self.nft_sampler == "ode" and self.samples_per_noise > 1),
+               "align.samples_per_noise", "must be 1 with align.algorithm=nft and nft_sampler=ode: the deterministic "
+               "sampler draws one image per x_T, so a group's advantages would all be 0")
+        if self.algorithm == "ppo":
+            changed = [f"align.{f.name}" for f in dataclasses.fields(self)
+                       if f.name.startswith("nft_") and getattr(self, f.name) != f.default]
+            _check(not changed, changed[0] if changed else "", "is DiffusionNFT's and read only with "
+                   "align.algorithm=nft; set that or remove the field")
         _check(self.num_train_timesteps % self.timesteps_per_pass == 0, "align.timesteps_per_pass",
                f"must divide the trained timesteps per trajectory ({self.num_train_timesteps}: align.num_steps, "
                f"timestep_window and timestep_fraction), got {self.timesteps_per_pass}")

@@ -84,7 +84,7 @@ MUTATIONS: list[Mutation] = [
     Mutation("sde-std-without-dt", "rlbooth/align/flow.py",
              "return mean, std_t * (-dt).sqrt()", "return mean, std_t",
              ("tests/align/test_flow.py",)),
-    Mutation("kl-sign", "rlbooth/align/train.py",
+    Mutation("kl-sign", "rlbooth/align/algorithms/ppo.py",
              "loss = loss + cfg.kl_coef * kl", "loss = loss - cfg.kl_coef * kl",
              ("tests/align/test_train.py::test_kl_term_pulls_the_lora_towards_stage_one",)),
     Mutation("prior-preservation-halves-swapped", "rlbooth/personalize/loss.py",

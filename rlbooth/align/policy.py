@@ -51,6 +51,19 @@ class StepPolicy(ABC):
 
     def use_window(self, steps: Sequence[int]) -> None:
         """This epoch's trained steps (align.window_shift_every); only a policy with ODE steps outside them cares."""
+    @abstractmethod
+    def add_noise(self, x0: Tensor, noise: Tensor, step: Tensor) -> Tensor:
+        """The forward process at step(s) `step`: x_t from clean latents and a noise, float32 (DiffusionNFT)."""
+
+    @abstractmethod
+    def predict_x0(self, model_output: Tensor, step: Tensor, sample: Tensor) -> Tensor:
+        """The clean latents the model output predicts at step(s) `step`, float32; affine in the output, so
+        mixing outputs mixes these predictions (DiffusionNFT's implicit policies, on any family)."""
+
+
+def _per_sample(values: Tensor, sample: Tensor) -> Tensor:
+    """One scalar per row (or one for all), shaped to broadcast over the latent."""
+    return values.to(sample.device, torch.float32).expand(sample.shape[0]).reshape(-1, *[1] * (sample.ndim - 1))
 
 
 class DDIMPolicy(StepPolicy):
@@ -76,6 +89,38 @@ class DDIMPolicy(StepPolicy):
              generator: Generators = None) -> tuple[Tensor, Tensor]:
         return ddim_step_with_logprob(self.scheduler, model_output, self._t(step), sample, eta=self.eta,
                                       prev_sample=prev_sample, generator=generator)
+
+    def _alpha(self, step: Tensor, sample: Tensor) -> Tensor:
+        return _per_sample(self.scheduler.alphas_cumprod.float()[self._t(step)], sample)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, step: Tensor) -> Tensor:
+        alpha = self._alpha(step, x0)
+        return alpha.sqrt() * x0.float() + (1 - alpha).sqrt() * noise.float()
+
+    def predict_x0(self, model_output: Tensor, step: Tensor, sample: Tensor) -> Tensor:
+        return x0_prediction(self.scheduler.config.prediction_type, model_output.float(), sample.float(),
+                             self._alpha(step, sample))
+
+
+class DDIMODEPolicy(DDIMPolicy):
+    """Deterministic DDIM (eta = 0), the ODE solver DiffusionNFT samples DDPM families with: its steps carry
+    no log-probability (a zero stands in), which NFT never reads."""
+
+    def __init__(self, scheduler: Any) -> None:
+        super().__init__(scheduler, eta=0.0)
+
+    def step(self, model_output: Tensor, step: Tensor, sample: Tensor, *, prev_sample: Tensor | None = None,
+             generator: Generators = None) -> tuple[Tensor, Tensor]:
+        t = self._t(step)
+        prev_t = t - self.scheduler.config.num_train_timesteps // self.scheduler.num_inference_steps
+        alphas = self.scheduler.alphas_cumprod.float()
+        final = torch.as_tensor(self.scheduler.final_alpha_cumprod, dtype=torch.float32)
+        alpha_prev = _per_sample(torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], final), sample)
+        alpha = self._alpha(step, sample)
+        x0 = self.predict_x0(model_output, step, sample)
+        eps = (sample.float() - alpha.sqrt() * x0) / (1 - alpha).sqrt()
+        x = alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
+        return x.to(sample.dtype), torch.zeros(sample.shape[0], device=sample.device)
 
 
 class FlowSDEPolicy(StepPolicy):
@@ -130,6 +175,32 @@ class FlowSDEPolicy(StepPolicy):
         return flow_step_with_logprob(model_output, sample, sigma, sigma_next, noise_level=self.noise_level,
                                       schedule=self.schedule, sigma_max=self.sigma_max, prev_sample=prev_sample,
                                       generator=generator)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, step: Tensor) -> Tensor:
+        sigma = _per_sample(self._sigmas(step)[0], x0)
+        return (1 - sigma) * x0.float() + sigma * noise.float()
+
+    def predict_x0(self, model_output: Tensor, step: Tensor, sample: Tensor) -> Tensor:
+        return sample.float() - _per_sample(self._sigmas(step)[0], sample) * model_output.float()
+
+
+def x0_prediction(prediction_type: str, output: Tensor, x_t: Tensor, alpha: Tensor) -> Tensor:
+    """x0 from a DDPM model's epsilon, v or sample prediction at alpha-bar `alpha` (unclipped: clipping would
+    break the affinity DiffusionNFT needs)."""
+    if prediction_type == "epsilon":
+        return (x_t - (1 - alpha).sqrt() * output) / alpha.sqrt()
+    if prediction_type == "v_prediction":
+        return alpha.sqrt() * x_t - (1 - alpha).sqrt() * output
+    if prediction_type == "sample":
+        return output
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def ode_policy_for(family: "Family", pipe: Any, latent_size: tuple[int, int]) -> StepPolicy:
+    """The family's deterministic sampler: DDIM at eta = 0, or the Euler ODE on the flow sigmas."""
+    if family.flow_matching:
+        return FlowSDEPolicy(family, pipe, latent_size, noise_level=1.0, sde_steps=())
+    return DDIMODEPolicy(family.ddim_scheduler(pipe))
 
 
 def policy_for(family: "Family", pipe: Any, cfg: "AlignConfig", latent_size: tuple[int, int]) -> StepPolicy:

@@ -16,14 +16,15 @@ from rlbooth.files import kill_point
 def guided_noise(family: Family, unet: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
                  cond: Conditioning, guidance_scale: float, detach_uncond: bool = False) -> torch.Tensor:
     """Classifier-free guidance in one batched forward; `cond` is `guidance_inputs`' (2B rows, unconditional
-    ones first). A guidance-distilled family (FLUX.1-dev) has B rows and takes the scale as an input.
+    ones first). A guidance-distilled family (FLUX.1-dev) has B rows and takes the scale as an input. B rows
+    on a CFG family give the conditional prediction alone (DiffusionNFT's guidance-free sampling and training).
 
     `detach_uncond` keeps the value and drops the unconditional branch's gradient (align.detach_uncond):
     with one LoRA in both branches that gradient enters with weight 1 - guidance_scale.
     """
     batch = latents.shape[0]
     timesteps = timesteps.expand(batch) if timesteps.ndim == 0 else timesteps
-    if not family.classifier_free_guidance:
+    if not family.classifier_free_guidance or len(cond) == batch:
         return family.denoise(unet, latents, timesteps, family.with_guidance(cond, guidance_scale)).float()
     out = family.denoise(unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), cond)
     uncond, guided = out.float().chunk(2)

@@ -1,7 +1,9 @@
-"""Stage two, end to end: DDPO with the importance-clipped PPO objective on a personalized model.
+"""Stage two, end to end: a stage-two algorithm (`align.algorithm`: DDPO / Flow-GRPO's importance-clipped PPO
+objective, or DiffusionNFT; rlbooth.align.algorithms) on a personalized model.
 
-Each epoch samples trajectories (rewards of one batch computed while the next one samples),
-turns global rewards into per-prompt advantages, then trains a fresh LoRA on the stored steps.
+Each epoch samples (rewards of one batch computed while the next one samples), turns global rewards into
+per-prompt advantages, then trains a fresh LoRA on what the algorithm stored. The loop is the same for every
+algorithm; the algorithm decides the sampler, what is stored, the loss and its end-of-epoch update.
 Stage one's personalization is fused into the weights, so it stays on throughout; the new
 adapter starts at zero, so epoch 0 samples exactly the stage-one model.
 
@@ -31,13 +33,13 @@ from tqdm.auto import tqdm
 
 from rlbooth import __version__
 from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, log_grid, make_accelerator, weight_dtype
+from rlbooth.align.algorithms import make_algorithm
 from rlbooth.align.merge import merged_lora
-from rlbooth.align.policy import policy_for
-from rlbooth.align.ppo import (PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages,
-                              ppo_clip_loss)
-from rlbooth.align.rollout import Rollout, decode, guidance_inputs, guided_noise, sample_rollout
+from rlbooth.align.ppo import PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages
+from rlbooth.align.rollout import Rollout, decode, sample_rollout
+from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, load_extra_tensors, save_checkpoint
+from rlbooth.align.policy import StepPolicy
 from rlbooth.align.steps import trained_steps, window_steps
-from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlbooth.config import AlignConfig, Config, ConfigError
 from rlbooth.images import save_image_atomic
 from rlbooth.models import add_lora, save_lora
@@ -59,10 +61,10 @@ def _seed(*parts: int) -> int:
 
 @dataclass
 class Samples:
-    """One epoch's trajectories on this process, with what training needs and nothing recomputed."""
+    """One epoch's samples on this process, as the algorithm keeps them, with nothing recomputed."""
 
-    latents: torch.Tensor      # (N, T+1, C, H, W)
-    log_probs: torch.Tensor    # (N, T)
+    latents: torch.Tensor      # (N, T+1, C, H, W) trajectories (ppo); (N, 1, C, H, W) clean latents (nft)
+    log_probs: torch.Tensor    # (N, T); (N, 0) for nft
     timesteps: torch.Tensor    # (T,)
     embeds: Conditioning       # (N rows) conditional prompt inputs of the denoiser
     indices: torch.Tensor      # (N,) global sample indices within the epoch
@@ -172,11 +174,12 @@ class DDPOTrainer:
         size = denoiser.config.get("sample_size") or stage_one.metadata["config"]["personalize"]["resolution"] // factor
         self.latent_shape = (vae.config.latent_channels, size, size)
         self.resolution = size * factor
-        self.policy = policy_for(self.family, self.pipe, self.cfg, (size, size))
         self.geometry = square_geometry(self.resolution)
         self._embeds: dict[str, Conditioning] = {}
         with torch.no_grad():
             self.uncond = self.family.with_geometry(self.family.unconditional(self.pipe), self.geometry)
+        self.pass_key = (0, 0)  # (epoch, inner epoch) of the training pass running: keys NFT's noise
+        self.algorithm = make_algorithm(self.cfg.algorithm, self)
 
     def _freeze_and_add_lora(self, denoiser: torch.nn.Module, frozen_dtype: torch.dtype) -> None:
         pipe, cfg = self.pipe, self.cfg
@@ -201,6 +204,7 @@ class DDPOTrainer:
         if ckpt is None:
             return 0
         state = load_checkpoint(ckpt, self.acc, self.models(), self.optimizer, self.lr_scheduler)
+        self.algorithm.load_tensors(load_extra_tensors(ckpt, self.acc.device))
         self.tracker.load_state_dict(state["tracker"])
         self.history = state["history"]
         logger.info("resumed from %s at epoch %d", ckpt, state["epoch"])
@@ -211,11 +215,9 @@ class DDPOTrainer:
         if acc.is_main_process:
             acc.init_trackers("align", config=flat_hparams(self.config.to_dict()))
         samples = cfg.sample_batch_size * cfg.num_batches_per_epoch * acc.num_processes
-        batches = cfg.sample_batch_size * cfg.num_batches_per_epoch // cfg.train_batch_size
-        logger.info("stage two: %d samples/epoch (%d processes x %d batches x %d), %d optimizer steps/epoch "
-                    "(%d trained timesteps of %d per sample, %d per pass), %d epochs", samples, acc.num_processes,
-                    cfg.num_batches_per_epoch, cfg.sample_batch_size,
-                    batches // cfg.gradient_accumulation_steps * cfg.num_inner_epochs,
+        logger.info("stage two (%s): %d samples/epoch (%d processes x %d batches x %d), %d optimizer steps/epoch "
+                    "(%d trained timesteps of %d per sample, %d per pass), %d epochs", cfg.algorithm, samples,
+                    acc.num_processes, cfg.num_batches_per_epoch, cfg.sample_batch_size, self.optimizer_steps_per_epoch,
                     cfg.num_train_timesteps, cfg.num_steps, cfg.timesteps_per_pass, cfg.num_epochs)
 
     # ------------------------------------------------------------------ sampling
@@ -243,7 +245,7 @@ class DDPOTrainer:
             yield self.compiled if self.compiled is not None else self.unet
 
     def sample_epoch(self, epoch: int) -> Samples:
-        with self.sampling_denoiser() as denoiser:
+        with self.algorithm.sampling_weights(), self.sampling_denoiser() as denoiser:
             return self._sample_epoch(epoch, denoiser)
 
     def _sample_epoch(self, epoch: int, denoiser: torch.nn.Module) -> Samples:
@@ -261,14 +263,14 @@ class DDPOTrainer:
             starts = None if group == 1 or cfg.group_noise == "independent" else [
                 torch.Generator(device=acc.device).manual_seed(_seed(self.seed, epoch, int(i) // group, group))
                 for i in index]
-            inputs = guidance_inputs(self.family, self.uncond, cond)
+            inputs, guidance_scale = self.algorithm.sampling_inputs(cond)
             with acc.autocast():
-                rollout = sample_rollout(self.family, denoiser, self.policy, inputs, generators, self.latent_shape,
-                                         num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
+                rollout = sample_rollout(self.family, denoiser, self.algorithm.policy, inputs, generators,
+                                         self.latent_shape, num_steps=cfg.num_steps, guidance_scale=guidance_scale,
                                          start_generators=starts)
             images = decode(self.pipe.vae, rollout.final)
             futures.append(self.reward.submit(images, [p.text for p in prompts], self.metadata(prompts)))
-            rollouts.append(rollout)
+            rollouts.append(self.algorithm.keep(rollout))
             embeds.append(cond)
             indices.append(index)
         return Samples.concat(rollouts, embeds, indices, [f.result() for f in futures])
@@ -318,6 +320,7 @@ class DDPOTrainer:
         stats: dict[str, list[torch.Tensor]] = {}
         self.unet.train()
         for inner in range(cfg.num_inner_epochs):
+            self.pass_key = (epoch, inner)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(
                 _seed(self.seed, epoch, inner, acc.process_index)))
             steps = trained_steps(cfg, epoch, samples.indices[order], lambda i: _seed(self.seed, epoch, inner, i))
@@ -336,48 +339,42 @@ class DDPOTrainer:
 
     def step_log_prob(self, samples: Samples, rows: torch.Tensor, step: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Guided noise and log-prob of stored steps `step` of trajectories `rows` under the current weights."""
-        x_t = samples.latents[rows, step]
-        t = samples.timesteps[step]
-        inputs = guidance_inputs(self.family, self.uncond, samples.embeds[rows])
-        with self.acc.autocast():
-            noise = guided_noise(self.family, self.unet, x_t, t, inputs, self.cfg.guidance_scale,
-                                 self.cfg.detach_uncond)
-        _, log_prob = self.policy.step(noise, step, x_t, prev_sample=samples.latents[rows, step + 1])
-        return noise, log_prob
+        """PPO's guided noise and log-prob of stored steps under the current weights (align.algorithm ppo)."""
+        return self.algorithm.step_log_prob(samples, rows, step)
 
     def train_step(self, samples: Samples, rows: torch.Tensor, step: torch.Tensor, advantages: torch.Tensor
                    ) -> dict[str, torch.Tensor]:
-        """One PPO term: the clipped surrogate of stored steps, accumulated until the optimizer step.
+        """One term of the algorithm's loss on stored steps, accumulated until the optimizer step.
 
         Returns its statistics as detached scalar tensors: reading them here would wait for the device.
         """
         cfg, acc = self.cfg, self.acc
         with acc.accumulate(self.unet):
-            noise, log_prob = self.step_log_prob(samples, rows, step)
-            loss, info = ppo_clip_loss(log_prob, samples.log_probs[rows, step], advantages, cfg.clip_range)
-            if cfg.kl_coef > 0:
-                kl = self.kl_to_stage_one(noise, samples, rows, step)
-                loss = loss + cfg.kl_coef * kl
-                info["kl_stage_one"] = kl.detach()
+            loss, info = self.algorithm.loss(samples, rows, step, advantages)
             backward_and_step(acc, loss, self.params, cfg.max_grad_norm, self.optimizer, self.lr_scheduler)
         return {"loss": loss.detach()} | info
 
-    def kl_to_stage_one(self, noise: torch.Tensor, samples: Samples, rows: torch.Tensor, step: torch.Tensor
-                        ) -> torch.Tensor:
-        """KL of this step's Gaussian to stage one's: the same forward with the adapter switched off."""
-        x_t, t = samples.latents[rows, step], samples.timesteps[step]
+    @contextmanager
+    def adapters_off(self) -> Iterator[torch.nn.Module]:
+        """The denoiser with the stage-two adapter switched off (stage one), without gradients."""
         unet = self.acc.unwrap_model(self.unet)
-        inputs = guidance_inputs(self.family, self.uncond, samples.embeds[rows])
         with torch.no_grad(), self.acc.autocast():
             unet.disable_adapters()
             try:
-                ref_noise = guided_noise(self.family, unet, x_t, t, inputs, self.cfg.guidance_scale)
+                yield unet
             finally:
                 unet.enable_adapters()
-        mean, std = self.policy.mean_std(noise, step, x_t)
-        ref_mean, _ = self.policy.mean_std(ref_noise, step, x_t)
-        return self.policy.kl(mean, ref_mean, std, step).mean()
+
+    @property
+    def policy(self) -> StepPolicy:
+        """The sampler of the epoch's samples: the algorithm's."""
+        return self.algorithm.policy
+
+    @property
+    def optimizer_steps_per_epoch(self) -> int:
+        cfg = self.cfg
+        batches = cfg.sample_batch_size * cfg.num_batches_per_epoch // cfg.train_batch_size
+        return batches // cfg.gradient_accumulation_steps * cfg.num_inner_epochs
 
     # ------------------------------------------------------------------ epoch
 
@@ -393,13 +390,15 @@ class DDPOTrainer:
         self.history.append(logs)
         acc.log(logs, step=epoch)
         if acc.is_main_process:
-            logger.info("epoch %d: reward %.4f +- %.4f, approx_kl %.2e, clipfrac %.3f", epoch, logs["reward_mean"],
-                        logs["reward_std"], logs["approx_kl"], logs["clipfrac"])
+            logger.info("epoch %d: reward %.4f +- %.4f, %s", epoch, logs["reward_mean"], logs["reward_std"],
+                        self.algorithm.summary(logs))
         done = epoch + 1
+        self.algorithm.end_epoch(done * self.optimizer_steps_per_epoch)
         if done % cfg.checkpointing_epochs == 0 or done == cfg.num_epochs:
             save_checkpoint(acc, self.output_dir / "checkpoints", done, self.models(), self.optimizer,
                             self.lr_scheduler, {"epoch": done, "tracker": self.tracker.state_dict(),
-                                                "history": self.history}, cfg.checkpoints_total_limit)
+                                                "history": self.history}, cfg.checkpoints_total_limit,
+                            extra_tensors=self.algorithm.tensors())
         if cfg.grid_every and (done % cfg.grid_every == 0 or done == cfg.num_epochs):
             self.draw_grid(done)
 

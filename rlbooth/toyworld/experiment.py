@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,9 @@ ARMS: dict[str, list[str]] = {
     "kl": ["align.kl_coef=0.1"],
     "no-group": ["align.samples_per_noise=1"],
     "all-steps": ["align.timestep_window=[0.0,1.0]"],
+    # DiffusionNFT: its deterministic sampler would give a group sharing x_T one image, so no groups; it
+    # trains every sampling step, as the reference does.
+    "nft": ["align.algorithm=nft", "align.samples_per_noise=1", "align.timestep_window=[0.0,1.0]"],
 }
 """Stage-two variants by name: config overrides applied over the experiment's config."""
 
@@ -65,6 +69,8 @@ class Results:
     """By prompt set, then model."""
     curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     """Training history by run."""
+    minutes: dict[str, float] = field(default_factory=dict)
+    """Wall time of stage two by run, for the runs trained by this invocation (not the reused ones)."""
 
     def table(self) -> str:
         lines = ["| model | " + " | ".join(f"{label} alignment | scene accuracy | identity"
@@ -131,16 +137,19 @@ def run_experiment(config: Config, subject: Subject, out: Path, arms: dict[str, 
         personalize(config, subject, one)
     runs = {run_name(arm, seed): (overrides + [f"runtime.seed={seed}"], out / f"{arm}-seed{seed}")
             for arm, overrides in arms.items() for seed in train_seeds}
-    for overrides, folder in runs.values():
+    minutes = {}
+    for run, (overrides, folder) in runs.items():
         if not is_finished(folder):
+            start = time.perf_counter()
             align(with_overrides(config, overrides), one, folder)
+            minutes[run] = (time.perf_counter() - start) / 60
 
     files = {"heldout": config.report.prompt_file or "toyworld-heldout", "unseen": "toyworld-unseen",
              "train": config.align.prompt_file or "toyworld-train"}
     prompts = {key: [subject.prompt(t) for t in read_prompt_file(name)] for key, name in files.items()}
     rewards = {"toy_alignment": build_reward("toy_alignment"),
                "toy_identity": build_reward("toy_identity", subject=subject)}
-    results = Results(prompts=prompts, seeds=seeds)
+    results = Results(prompts=prompts, seeds=seeds, minutes=minutes)
     models = {"base": lambda: load_pipeline(config.model), "stage one": lambda: load_stage_pipeline(read_stage(one))}
     models |= {run: (lambda folder=folder: load_stage_pipeline(read_stage(folder, "align")))
                for run, (_, folder) in runs.items()}
@@ -180,13 +189,14 @@ def main(argv: list[str] | None = None) -> None:
     report = "".join(f"{label}: {results.prompts[key]}\n" for key, label in PROMPT_SETS.items())
     report += (f"{len(results.seeds)} seeds each, the same for every model\n\n{results.table()}\n\n"
                f"gain over stage one:\n\n{results.gain_table()}\n"
+               f"\nstage two wall time (minutes): {results.minutes}\n"
                f"\ntraining reward per epoch (stage two's own samples):{results.curve_table()}\n")
     print(report)
     write_text_atomic(args.out / "results.md", report)
     write_text_atomic(args.out / "results.json", json.dumps(
         {"prompts": results.prompts, "seeds": results.seeds,
          "scores": {key: {k: vars(v) for k, v in by_model.items()} for key, by_model in results.scores.items()},
-         "gains": results.gains(), "curves": results.curves}, indent=2))
+         "gains": results.gains(), "curves": results.curves, "stage_two_minutes": results.minutes}, indent=2))
 
 
 if __name__ == "__main__":

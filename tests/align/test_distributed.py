@@ -28,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(stage_one, output) -> subprocess.CompletedProcess:
+def run_two_processes(stage_one, output, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """`rlbooth align` under torchrun with 2 processes; run a second time, on a fresh port and folder, if
     the first hangs (seen once in about fifteen runs, on the SD3 case, and not explained: a real deadlock
     hangs both runs and still fails the test)."""
@@ -37,7 +37,7 @@ def run_two_processes(stage_one, output) -> subprocess.CompletedProcess:
                 str(free_port()), "-m", "rlbooth.cli", "align", "-c", "tiny", "--stage-one", str(stage_one),
                 "-o", str(output)]
         for item in COMMON + ["align.sample_batch_size=2", "align.num_batches_per_epoch=1",
-                              "align.train_batch_size=2"]:
+                              "align.train_batch_size=2", *extra]:
             args += ["--set", item]
         env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         return subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)

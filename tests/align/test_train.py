@@ -219,7 +219,7 @@ def test_kl_term_pulls_the_lora_towards_stage_one(stage_one, tmp_path):
 
     def kl_to_stage_one() -> float:
         with torch.no_grad():
-            return sum(trainer.kl_to_stage_one(trainer.step_log_prob(samples, rows, step)[0], samples, rows, step)
+            return sum(trainer.algorithm.kl_to_stage_one(trainer.step_log_prob(samples, rows, step)[0], samples, rows, step)
                        .sum().item() for step in (torch.full_like(rows, j) for j in range(samples.log_probs.shape[1])))
 
     before = kl_to_stage_one()
