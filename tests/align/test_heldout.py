@@ -16,6 +16,7 @@ from rlbooth.align.ppo import group_advantages, per_reward_advantages
 from rlbooth.align.train import DDPOTrainer, align
 from rlbooth.config import ConfigError
 from rlbooth.prompts import read_prompt_file
+from rlbooth.report import heldout_curves, heldout_section, plot_curves
 from rlbooth.sampling import sample_stage
 from rlbooth.stages import read_stage
 from tests.align.conftest import align_config
@@ -163,3 +164,16 @@ def test_unknown_evaluation_reward_fails_before_any_model_loads(stage_one, tmp_p
     monkeypatch.setattr(DDPOTrainer, "__init__", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(Exception, match="no_such_reward"):
         align(align_config("align.eval_every=1", "align.eval_rewards={no_such_reward: 1.0}"), stage_one, tmp_path)
+
+
+def test_report_names_the_kept_epoch_and_plots_the_curves(hacked_run):
+    watched = heldout(hacked_run)
+    section = heldout_section(watched)
+    best = watched["best_epoch"]
+    assert f"Kept: epoch {best} of 3 (align.keep: best)" in section and "-1 x brightness" in section
+    assert 'src="heldout.png"' in section
+    series = heldout_curves(watched["table"])
+    assert list(series) == ["train_reward", "selection", "heldout/brightness"]
+    assert series["selection"] == [r["selection"] for r in watched["table"]]
+    assert plot_curves(series, panel=100, epochs=[1, 2, 3]).size == (640, 300)
+    assert heldout_section(None) == ""
