@@ -177,3 +177,22 @@ def test_report_names_the_kept_epoch_and_plots_the_curves(hacked_run):
     assert series["selection"] == [r["selection"] for r in watched["table"]]
     assert plot_curves(series, panel=100, epochs=[1, 2, 3]).size == (640, 300)
     assert heldout_section(None) == ""
+
+
+def test_per_reward_mode_in_the_trainer_standardizes_each_reward_within_its_noise_group(stage_one, tmp_path):
+    """Groups of 2: a component standardized within its pair is (d / 2) / (|d| / 2 + 1e-6), d the difference to
+    the partner: about +1 for the larger, -1 for the smaller."""
+    from tests.align.test_train import make_trainer
+
+    config = align_config("align.reward={brightness: 1.0, saturation: 0.5}", "align.advantage_mode=per_reward",
+                          "align.samples_per_noise=2")
+    trainer = make_trainer(config, stage_one, tmp_path)
+    samples = trainer.sample_epoch(0)
+    advantages = trainer.advantages(0, samples).numpy()
+    index = samples.indices.numpy()
+    partner = np.array([int(np.flatnonzero(index == (i ^ 1))[0]) for i in index])
+    values = {name: samples.components[name].numpy().astype(np.float64) for name in ("brightness", "saturation")}
+    half = {name: (v - v[partner]) / 2 for name, v in values.items()}
+    z = {name: h / (np.abs(h) + 1e-6) for name, h in half.items()}
+    total = 1.0 * z["brightness"] + 0.5 * z["saturation"]
+    np.testing.assert_allclose(advantages, (total - total.mean()) / (total.std() + 1e-6), atol=1e-5)
