@@ -382,6 +382,35 @@ class AlignConfig:
     nft_guidance_scale: float = 1.0
     """DiffusionNFT's guidance while sampling; 1 runs the conditional prediction alone (CFG-free, the reference's
     point); training is always CFG-free. align.guidance_scale stays ppo's and the grids'."""
+    advantage_mode: Literal["sum", "per_reward"] = "sum"
+    """`sum`: advantages of the weighted reward sum (DDPO). `per_reward`: each component standardized within
+    its group first (initial-noise groups, else prompts with per_prompt_stat_tracking, else the epoch), then
+    weighted, summed and standardized over the epoch (GDPO), so one reward's scale cannot drown the others."""
+    eval_every: int = 0
+    """Score held-out prompts every this many epochs (and at the end), drawn with the pipeline's own
+    deterministic sampler from fixed seeds; the table goes to rlbooth.json and the trackers. 0 turns it off."""
+    eval_prompt_file: str | None = None
+    """Prompt set of the held-out evaluation (with the identifier); default: the held-out set for the subject's
+    kind (report.prompt_file where set)."""
+    eval_num_prompts: int = 8
+    """Held-out prompts evaluated: the first this many of the set."""
+    eval_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    """Seeds of the held-out images; each prompt is drawn once per seed."""
+    eval_num_steps: int | None = None
+    """Denoising steps of the held-out images; null: align.num_steps."""
+    eval_rewards: dict[str, float] | None = None
+    """Rewards scored on the held-out images and their weights in the selection metric (the weighted sum of
+    their held-out means); null: align.reward. May name rewards not trained on (a "gold" set)."""
+    eval_reward_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Options of the evaluation rewards' factories by name, over align.reward_options of the same name."""
+    keep: Literal["last", "best"] = "last"
+    """The stage's output LoRA: the last epoch's, or that of the evaluation with the highest selection metric
+    (needs align.eval_every)."""
+    early_stop_patience: int = 0
+    """Stop after this many evaluations in a row without a new best selection metric; 0 never stops early."""
+    hacking_window: int = 3
+    """Evaluations the reward-hacking alarm looks back over: it warns when the training reward rose while the
+    held-out selection metric fell from the first of them to the last."""
 
     def __post_init__(self) -> None:
         for name in ("num_epochs", "sample_batch_size", "num_batches_per_epoch", "num_steps", "train_batch_size",
@@ -441,6 +470,24 @@ class AlignConfig:
         _check(self.num_train_timesteps % self.timesteps_per_pass == 0, "align.timesteps_per_pass",
                f"must divide the trained timesteps per trajectory ({self.num_train_timesteps}: align.num_steps, "
                f"timestep_window and timestep_fraction), got {self.timesteps_per_pass}")
+        self._check_evaluation()
+
+    def _check_evaluation(self) -> None:
+        _check(self.eval_every >= 0, "align.eval_every", "must not be negative (0 turns the evaluation off)")
+        _check(self.eval_num_prompts > 0, "align.eval_num_prompts", "must be positive")
+        _check(bool(self.eval_seeds), "align.eval_seeds", "must hold at least one seed")
+        _check(self.eval_num_steps is None or self.eval_num_steps > 0, "align.eval_num_steps",
+               "must be positive or null")
+        _check(self.eval_rewards is None or bool(self.eval_rewards), "align.eval_rewards",
+               "name at least one reward, or null for align.reward")
+        for name in self.eval_reward_options:
+            _check(name in (self.eval_rewards or self.reward), "align.eval_reward_options",
+                   f"{name!r} is not an evaluation reward (align.eval_rewards, else align.reward)")
+        _check(self.early_stop_patience >= 0, "align.early_stop_patience", "must not be negative (0: never)")
+        _check(self.hacking_window >= 2, "align.hacking_window", "must be at least 2 evaluations")
+        for name, wanted in (("keep", self.keep == "best"), ("early_stop_patience", self.early_stop_patience > 0)):
+            _check(not wanted or self.eval_every > 0, f"align.{name}",
+                   "needs the held-out evaluation: set align.eval_every to a positive number of epochs")
 
     @property
     def train_steps(self) -> list[int]:

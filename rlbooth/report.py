@@ -5,6 +5,7 @@ Layout of `<run>/report/`:
                               (samples under 128 px enlarged by whole pixels)
     images/<stage>/p<i>-seed<s>.png   the sheet's images one by one (what `rlbooth sample` draws)
     rewards.png               stage two's reward mean and each component per epoch
+    heldout.png               with align.eval_every: the training reward beside the held-out scores per evaluation
     index.html                all of the above with the prompts and both stages' configs
 """
 
@@ -51,6 +52,10 @@ def write_report(run_dir: Path, cfg: ReportConfig) -> Path:
     save_image_atomic(sheet, out / "sheet.png")
     history = two.metadata["history"]
     save_image_atomic(plot_curves(curves(history)), out / "rewards.png")
+    if "heldout" in two.metadata:
+        table = two.metadata["heldout"]["table"]
+        save_image_atomic(plot_curves(heldout_curves(table), epochs=[row["epoch"] for row in table]),
+                          out / "heldout.png")
     index = out / "index.html"
     write_text_atomic(index, render_html(one, two, prompts, cfg.seeds))
     return index
@@ -61,8 +66,17 @@ def curves(history: list[dict[str, float]]) -> dict[str, list[float]]:
     return {key: [h[key] for h in history] for key in keys}
 
 
-def plot_curves(series: dict[str, list[float]], width: int = 640, panel: int = 160) -> Image.Image:
-    """One panel per curve, each with its own y range: reward components differ in scale."""
+def heldout_curves(table: list[dict]) -> dict[str, list[float]]:
+    """Per evaluation: the training reward, the held-out selection metric, each held-out reward."""
+    keys = ["train_reward", "selection"] + sorted(k for k in table[0] if k.startswith("heldout/")) if table else []
+    return {key: [row[key] for row in table] for key in keys}
+
+
+def plot_curves(series: dict[str, list[float]], width: int = 640, panel: int = 160,
+                epochs: list[int] | None = None) -> Image.Image:
+    """One panel per curve, each with its own y range: reward components differ in scale.
+
+    `epochs`: the epoch of each point where they are not 0, 1, 2, ... (the held-out evaluations)."""
     img = Image.new("RGB", (width, max(1, len(series)) * panel), "white")
     draw = ImageDraw.Draw(img)
     left, right, top, bottom = 70, 20, 22, 24
@@ -75,8 +89,9 @@ def plot_curves(series: dict[str, list[float]], width: int = 640, panel: int = 1
         draw.text((left, y0 + 4), f"{name} per epoch", fill=(0, 0, 0))
         draw.text((4, y0 + top), f"{hi:.4g}", fill=(80, 80, 80))
         draw.text((4, y0 + panel - bottom - 10), f"{lo:.4g}", fill=(80, 80, 80))
-        draw.text((left, y0 + panel - bottom + 4), "0", fill=(80, 80, 80))
-        draw.text((width - right - 20, y0 + panel - bottom + 4), str(len(values) - 1), fill=(80, 80, 80))
+        first, last = (epochs[0], epochs[-1]) if epochs else (0, len(values) - 1)
+        draw.text((left, y0 + panel - bottom + 4), str(first), fill=(80, 80, 80))
+        draw.text((width - right - 20, y0 + panel - bottom + 4), str(last), fill=(80, 80, 80))
         points = [(left + x_span * i / max(1, len(values) - 1), y0 + top + plot_h * (hi - v) / (hi - lo))
                   for i, v in enumerate(values)]
         color = COLORS[row % len(COLORS)]
@@ -85,6 +100,24 @@ def plot_curves(series: dict[str, list[float]], width: int = 640, panel: int = 1
         for x, y in points:
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
     return img
+
+
+def kept_epoch_text(heldout: dict) -> str:
+    """Which epoch's LoRA is the output, and by what."""
+    weights = " + ".join(f"{w:g} x {name}" for name, w in heldout["selection_weights"].items())
+    last = heldout["table"][-1]["epoch"] if heldout["table"] else 0
+    kept = heldout["best_epoch"] if heldout["keep"] == "best" and heldout["best_epoch"] is not None else last
+    return (f"Kept: epoch {kept} of {last} (align.keep: {heldout['keep']}); best held-out selection metric "
+            f"({weights}, means over the held-out images) at epoch {heldout['best_epoch']}.")
+
+
+def heldout_section(heldout: dict | None) -> str:
+    if heldout is None:
+        return ""
+    alarms = (f"<p><b>Reward-hacking alarm</b> at epochs {', '.join(map(str, heldout['alarms']))}: the training "
+              "reward rose while the held-out selection metric fell.</p>" if heldout["alarms"] else "")
+    return (f"<h2>Held-out evaluation during stage two</h2><p>{html.escape(kept_epoch_text(heldout))}</p>{alarms}"
+            '<img src="heldout.png">')
 
 
 def render_html(one: StageOutput, two: StageOutput, prompts: list[str], seeds: list[int]) -> str:
@@ -108,6 +141,7 @@ stage two: {len(two.metadata["history"])} epochs of {html.escape(json.dumps(two.
 <table><tr><th>prompt</th>{head}</tr>{"".join(rows)}</table>
 <p><a href="sheet.png">sheet.png</a>: the same images in one grid.</p>
 <h2>Reward during stage two</h2><img src="rewards.png">
+{heldout_section(two.metadata.get("heldout"))}
 <h2>Config of stage one</h2><pre>{config(one)}</pre>
 <h2>Config of stage two</h2><pre>{config(two)}</pre>
 </body></html>

@@ -81,6 +81,30 @@ def group_advantages(rewards: np.ndarray, groups: np.ndarray, std_of: GroupStd =
     return residuals / (residuals.std() + _STD_EPS)
 
 
+def per_reward_advantages(components: dict[str, np.ndarray], weights: dict[str, float], groups: np.ndarray
+                          ) -> np.ndarray:
+    """Each component standardized within its group, then weighted, summed and standardized over the batch.
+
+    GDPO's decoupled normalization: the advantage of a weighted sum lets the reward with the largest spread
+    decide the ranking; standardized first, each reward moves the advantage by its weight alone. A component
+    absent for a sample (NaN: identity without the identifier) adds nothing to it, and a group with fewer
+    than two present values has no spread to measure and adds nothing either.
+    """
+    groups = np.asarray(groups)
+    total = np.zeros(len(groups), dtype=np.float64)
+    for name, values in components.items():
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != groups.shape:
+            raise ValueError(f"component {name!r} has shape {values.shape}, groups {groups.shape}")
+        normalized = np.zeros_like(values)
+        for group in np.unique(groups):
+            mask = (groups == group) & ~np.isnan(values)
+            if mask.sum() > 1:
+                normalized[mask] = (values[mask] - values[mask].mean()) / (values[mask].std() + _STD_EPS)
+        total += weights[name] * normalized
+    return (total - total.mean()) / (total.std() + _STD_EPS)
+
+
 def clip_advantages(advantages: np.ndarray, max_abs: float) -> np.ndarray:
     """Bound outliers, which would otherwise dominate a batch's gradient."""
     if not max_abs > 0:

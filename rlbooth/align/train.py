@@ -15,6 +15,7 @@ Output folder layout:
     rlbooth.json                             what was run, the per-epoch history; written last
     checkpoints/step-<epoch>/                for --resume
     samples/epoch-<N>.png                    fixed prompts x seeds, drawn with the current LoRA
+    best/epoch-<N>.safetensors               align.keep=best: the best evaluated LoRA a checkpoint names
     logs/                                    TensorBoard
 """
 
@@ -34,19 +35,22 @@ from tqdm.auto import tqdm
 from rlbooth import __version__
 from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, log_grid, make_accelerator, weight_dtype
 from rlbooth.align.algorithms import make_algorithm
+from rlbooth.align.heldout import HeldoutEvaluator, Watch
 from rlbooth.align.merge import merged_lora
-from rlbooth.align.ppo import PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages
-from rlbooth.align.rollout import Rollout, decode, sample_rollout
-from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, load_extra_tensors, save_checkpoint
 from rlbooth.align.policy import StepPolicy
+from rlbooth.align.ppo import (PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages,
+                              per_reward_advantages)
+from rlbooth.align.rollout import Rollout, decode, sample_rollout
 from rlbooth.align.steps import trained_steps, window_steps
+from rlbooth.checkpoint import (latest_checkpoint, load_checkpoint, load_extra_tensors, save_checkpoint,
+                                trainable_parameters)
 from rlbooth.config import AlignConfig, Config, ConfigError
 from rlbooth.images import save_image_atomic
 from rlbooth.models import add_lora, save_lora
 from rlbooth.optim import adamw
 from rlbooth.families import Conditioning, family_of
 from rlbooth.families.base import square_geometry
-from rlbooth.prompts import Prompt, PromptSampler, default_prompt_set, read_prompt_file
+from rlbooth.prompts import Prompt, PromptSampler, default_prompt_set, heldout_prompt_set, read_prompt_file
 from rlbooth.rewards import CompositeReward
 from rlbooth.rewards.composite import check_composite
 from rlbooth.sampling import draw_grid, fixed_resolution
@@ -103,14 +107,28 @@ def align(config: Config, stage_one_dir: str | Path, output_dir: str | Path, res
                "subject": stage_one.subject}
     with CompositeReward(cfg.reward, cfg.reward_options, executor_workers=reward_workers(cfg, accelerator.device),
                          context=context) as reward:
-        trainer = DDPOTrainer(config, accelerator, stage_one, templates, reward, output_dir)
+        eval_reward = None if cfg.eval_rewards is None else CompositeReward(
+            cfg.eval_rewards, eval_reward_options(cfg), context=context)
+        trainer = DDPOTrainer(config, accelerator, stage_one, templates, reward, output_dir, eval_reward)
         start_epoch = trainer.restore() if resume else 0
         trainer.log_plan()
         for epoch in range(start_epoch, cfg.num_epochs):
+            if trainer.watch.should_stop():
+                break
             trainer.run_epoch(epoch)
         model_dir = trainer.save_output()
     accelerator.end_training()
     return model_dir
+
+
+def eval_reward_options(cfg: AlignConfig) -> dict[str, dict[str, Any]]:
+    """Options of the evaluation rewards: align.eval_reward_options over align.reward_options."""
+    return {name: cfg.reward_options.get(name, {}) | cfg.eval_reward_options.get(name, {})
+            for name in cfg.eval_rewards or cfg.reward}
+
+
+def eval_prompt_file(config: Config, subject) -> str:
+    return config.align.eval_prompt_file or config.report.prompt_file or heldout_prompt_set(subject)
 
 
 def reward_workers(cfg: AlignConfig, device: torch.device) -> int:
@@ -136,6 +154,10 @@ def preflight(config: Config, stage_one_dir: Path, output_dir: Path, resume: boo
     check_composite(config.align.reward, config.align.reward_options, config.align.reward_modules)
     stage_one = read_stage(stage_one_dir, "personalize")
     templates = read_prompt_file(config.align.prompt_file or default_prompt_set(stage_one.subject))
+    if config.align.eval_every:
+        read_prompt_file(eval_prompt_file(config, stage_one.subject))
+        if config.align.eval_rewards is not None:
+            check_composite(config.align.eval_rewards, eval_reward_options(config.align))
     check_output_dir(output_dir, resume, "align")
     return stage_one, templates
 
@@ -144,7 +166,7 @@ class DDPOTrainer:
     """Holds the models and state of one stage-two run; `run_epoch` is the whole algorithm."""
 
     def __init__(self, config: Config, accelerator, stage_one: StageOutput, templates: list[str],
-                 reward: CompositeReward, output_dir: Path) -> None:
+                 reward: CompositeReward, output_dir: Path, eval_reward: CompositeReward | None = None) -> None:
         from diffusers.optimization import get_scheduler
 
         self.config, self.cfg, self.acc = config, config.align, accelerator
@@ -168,6 +190,9 @@ class DDPOTrainer:
         self.sampler = PromptSampler(templates, self.subject, self.cfg.identifier_ratio, self.seed)
         self.tracker = PerPromptStatTracker(self.cfg.stat_buffer_size, self.cfg.stat_min_count)
         self.history: list[dict[str, float]] = []
+        self.watch = Watch(self.cfg, output_dir / "best")
+        self.evaluator = HeldoutEvaluator(self.cfg, self.subject, eval_prompt_file(config, self.subject),
+                                          eval_reward or reward) if self.cfg.eval_every else None
         vae = self.pipe.vae
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         # FLUX's transformer has no native size: it samples at the resolution stage one trained at.
@@ -207,6 +232,7 @@ class DDPOTrainer:
         self.algorithm.load_tensors(load_extra_tensors(ckpt, self.acc.device))
         self.tracker.load_state_dict(state["tracker"])
         self.history = state["history"]
+        self.watch.load_state_dict(state.get("heldout", {"table": []}))
         logger.info("resumed from %s at epoch %d", ckpt, state["epoch"])
         return state["epoch"]
 
@@ -300,7 +326,9 @@ class DDPOTrainer:
         rewards = acc.gather(samples.rewards.to(acc.device)).cpu().numpy()
         indices = acc.gather(samples.indices.to(acc.device)).cpu().numpy()
         order = np.argsort(indices)
-        if self.cfg.samples_per_noise > 1:
+        if self.cfg.advantage_mode == "per_reward":
+            adv = self.per_reward_advantages(epoch, samples, indices[order], order)
+        elif self.cfg.samples_per_noise > 1:
             adv = group_advantages(rewards[order], indices[order] // self.cfg.samples_per_noise, self.cfg.group_std)
         elif self.cfg.per_prompt_stat_tracking:
             texts = [self.prompt(epoch, int(i)).text for i in indices[order]]
@@ -310,6 +338,19 @@ class DDPOTrainer:
         adv = clip_advantages(adv, self.cfg.adv_clip_max)
         by_index = dict(zip(indices[order].tolist(), adv.tolist()))
         return torch.tensor([by_index[int(i)] for i in samples.indices], dtype=torch.float32, device=acc.device)
+
+    def per_reward_advantages(self, epoch: int, samples: Samples, indices: np.ndarray, order: np.ndarray
+                              ) -> np.ndarray:
+        """align.advantage_mode=per_reward: components standardized within initial-noise groups, else prompts."""
+        components = {name: self.acc.gather(values.to(self.acc.device)).cpu().numpy()[order]
+                      for name, values in samples.components.items()}
+        if self.cfg.samples_per_noise > 1:
+            groups = indices // self.cfg.samples_per_noise
+        elif self.cfg.per_prompt_stat_tracking:
+            groups = np.asarray([self.prompt(epoch, int(i)).text for i in indices], dtype=object)
+        else:
+            groups = np.zeros(len(indices), dtype=np.int64)
+        return per_reward_advantages(components, self.reward.weights, groups)
 
     # ------------------------------------------------------------------ training
 
@@ -388,19 +429,39 @@ class DDPOTrainer:
         logs = {"epoch": epoch} | self.reward_stats(epoch, samples) | self.train_epoch(epoch, samples, advantages)
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]
         self.history.append(logs)
+        done = epoch + 1
+        if self.watch.due(done):
+            logs |= self.evaluate(done, logs["reward_mean"])
         acc.log(logs, step=epoch)
         if acc.is_main_process:
             logger.info("epoch %d: reward %.4f +- %.4f, %s", epoch, logs["reward_mean"], logs["reward_std"],
                         self.algorithm.summary(logs))
-        done = epoch + 1
         self.algorithm.end_epoch(done * self.optimizer_steps_per_epoch)
-        if done % cfg.checkpointing_epochs == 0 or done == cfg.num_epochs:
+        if done % cfg.checkpointing_epochs == 0 or done == cfg.num_epochs or self.watch.should_stop():
             save_checkpoint(acc, self.output_dir / "checkpoints", done, self.models(), self.optimizer,
                             self.lr_scheduler, {"epoch": done, "tracker": self.tracker.state_dict(),
-                                                "history": self.history}, cfg.checkpoints_total_limit,
-                            extra_tensors=self.algorithm.tensors())
+                                                "history": self.history,
+                                                "heldout": self.watch.state_dict(acc.is_main_process)},
+                            cfg.checkpoints_total_limit, extra_tensors=self.algorithm.tensors())
+            if acc.is_main_process:
+                self.watch.prune()
         if cfg.grid_every and (done % cfg.grid_every == 0 or done == cfg.num_epochs):
             self.draw_grid(done)
+
+    def evaluate(self, done: int, train_reward: float) -> dict[str, float]:
+        """The held-out evaluation after `done` epochs (every process draws it, so all agree on the stop)."""
+        self.unet.eval()
+        dtype = weight_dtype(self.acc)
+        scores = self.evaluator(self.pipe, None if dtype == torch.float32 else dtype,
+                                fixed_resolution(self.pipe, self.resolution))
+        row = {"epoch": done, "train_reward": train_reward} | scores
+        alarm = self.watch.record(row, trainable_parameters(self.acc, self.models()))
+        if self.acc.is_main_process:
+            logger.info("epoch %d held out: selection %.4f (best %.4f at epoch %d)", done, row["selection"],
+                        max(r["selection"] for r in self.watch.table), self.watch.best_epoch)
+            if alarm:
+                logger.warning(alarm)
+        return scores | {"heldout/alarm": float(row["alarm"])}
 
     def reward_stats(self, epoch: int, samples: Samples) -> dict[str, float]:
         """Means over all processes; with mixed prompts, also over those that name the subject."""
@@ -438,7 +499,19 @@ class DDPOTrainer:
                                "gradients were not synchronized")
         return gathered.tolist()
 
+    def keep_best(self) -> None:
+        """align.keep=best: put the best evaluated epoch's LoRA back before it is saved."""
+        weights = self.watch.best_weights
+        if self.cfg.keep != "best" or weights is None:
+            return
+        with torch.no_grad():
+            for key, param in trainable_parameters(self.acc, self.models()).items():
+                param.copy_(weights[key].to(param.device, param.dtype))
+        if self.acc.is_main_process:
+            logger.info("keeping epoch %d's LoRA (best held-out selection metric)", self.watch.best_epoch)
+
     def save_output(self) -> Path:
+        self.keep_best()
         checksums = self.replica_checksums()
         if self.acc.is_main_process:
             unet = self.acc.unwrap_model(self.unet)
@@ -448,6 +521,6 @@ class DDPOTrainer:
                 "stage": "align", "rlbooth_version": __version__, "stage_one": str(self.stage_one.folder.resolve()),
                 "subject": self.subject.to_dict(), "reward": self.cfg.reward, "epochs": self.cfg.num_epochs,
                 "history": self.history, "replica_checksums": checksums, "config": self.config.to_dict(),
-            })
+            } | ({"heldout": self.watch.summary()} if self.cfg.eval_every else {}))
         self.acc.wait_for_everyone()
         return self.output_dir / "model"

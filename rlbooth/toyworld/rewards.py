@@ -132,3 +132,15 @@ def toy_identity(subject: Subject | None = None) -> ToyIdentity:
 def toy_aesthetic() -> object:
     """A clean, flat background scores 1; noise and smudges lower it."""
     return _aesthetic
+
+
+def _scene_accuracy(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
+    if validate_batch(images, prompts, metadata) == 0:
+        return torch.zeros(0)
+    return scene_accuracy(images, prompts)
+
+
+@register("toy_scene_accuracy")
+def toy_scene_accuracy() -> object:
+    """1 where the background's nearest scene is the asked one: a truth to watch (align.eval_rewards)."""
+    return _scene_accuracy

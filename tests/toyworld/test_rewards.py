@@ -101,3 +101,11 @@ def test_composite_gets_the_subject_from_the_run_and_masks_identity(subject: Sub
     total, parts = composite(images, prompts, [{"with_identifier": True}, {"with_identifier": False}])
     assert parts["toy_identity"][0] > 0.9 and parts["toy_identity"][1].isnan()
     assert torch.allclose(total, torch.tensor([1 + parts["toy_identity"][0].item(), 1.0]))
+
+
+def test_scene_accuracy_reward_is_one_on_the_asked_scene_only() -> None:
+    images, prompts = scenes_batch()
+    reward = build_reward("toy_scene_accuracy")
+    assert torch.equal(reward(images, prompts, [{}] * len(prompts)), torch.ones(len(prompts)))
+    shifted = prompts[1:] + prompts[:1]  # each image now asked for another scene
+    assert torch.equal(reward(images, shifted, [{}] * len(prompts)), torch.zeros(len(prompts)))
