@@ -49,22 +49,25 @@ def test_template_drops_34_tokens_and_conditioning_equals_the_pipelines_encode_p
 
 
 def test_two_true_cfg_steps_equal_the_pipelines(qwen):
-    """The pipeline's true CFG (negative prompt, separate forwards, norm rescale) equals the family's one
-    batched forward through `guide`; plain CFG (no rescale) does not."""
+    """The pipeline's true CFG (negative prompt, separate forwards, norm rescale) equals stage two's one batched
+    forward (`guided_noise`, through the family's `guide`); plain CFG (no rescale) does not."""
+    from rlbooth.align.rollout import guidance_inputs, guided_noise
+
     family, latents, scale = family_of(qwen), latents_of(), 4.0
     theirs = qwen("a dog", num_inference_steps=2, height=32, width=32, latents=pack(latents), output_type="latent",
                   **family.guidance_kwargs(scale), **family.call_kwargs(qwen)).images
     scheduler = family.flow_scheduler(qwen)
-    cond = Conditioning.guided(family.unconditional(qwen), family.encode_prompts(qwen, ["a dog"]))
-    ours, guided, plain = latents, [], []
+    inputs = guidance_inputs(family, family.unconditional(qwen), family.encode_prompts(qwen, ["a dog"]))
+    ours = latents
     with torch.no_grad():
-        for t in family.set_timesteps(qwen, scheduler, 2, latents.shape[-2:]):
-            uncond_v, cond_v = family.denoise(qwen.transformer, torch.cat([ours] * 2), t.expand(2), cond).chunk(2)
-            guided.append(family.guide(uncond_v, cond_v, scale))
-            plain.append(uncond_v + scale * (cond_v - uncond_v))
-            ours = scheduler.step(guided[-1], t, ours).prev_sample
+        timesteps = family.set_timesteps(qwen, scheduler, 2, latents.shape[-2:])
+        for t in timesteps:
+            ours = scheduler.step(guided_noise(family, qwen.transformer, ours, t, inputs, scale), t, ours).prev_sample
+        uncond_v, cond_v = family.denoise(qwen.transformer, torch.cat([latents] * 2), timesteps[:1].expand(2),
+                                          inputs).chunk(2)
     torch.testing.assert_close(pack(ours), theirs)
-    assert not torch.allclose(guided[0], plain[0], atol=1e-3)
+    assert not torch.allclose(family.guide(uncond_v, cond_v, scale), uncond_v + scale * (cond_v - uncond_v),
+                              atol=1e-3)
 
 
 def test_sampling_timesteps_equal_the_pipelines(qwen):
