@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLQwenImage
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen3Model
 
     from rlbooth.config import TinyModelConfig
 
@@ -76,3 +76,32 @@ def tiny_qwen_vae(cfg: "TinyModelConfig") -> "AutoencoderKLQwenImage":
     base = cfg.vae_channels[0]
     return AutoencoderKLQwenImage(base_dim=base, z_dim=16, dim_mult=[c // base for c in cfg.vae_channels],
                                   num_res_blocks=1, temperal_downsample=[False] * (len(cfg.vae_channels) - 1))
+
+
+QWEN3_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+                       "not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+"""Qwen3's chat template, reduced to what Z-Image's pipeline asks of it (text messages, the generation prompt)."""
+
+
+def tiny_qwen3_tokenizer() -> "Qwen2Tokenizer":
+    """Every byte a token, Qwen's special tokens, Qwen3's chat template; `model_max_length` 64 prompt tokens."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    for token in SPECIAL:
+        vocab[token] = len(vocab)
+    return Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=TEXT_TOKENS,
+                          additional_special_tokens=list(SPECIAL[1:]), chat_template=QWEN3_CHAT_TEMPLATE)
+
+
+def tiny_qwen3(cfg: "TinyModelConfig", tokenizer: "Qwen2Tokenizer") -> "Qwen3Model":
+    """Qwen3's decoder (grouped KV heads, q/k norm) at the tiny CLIP's width and depth."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    width = cfg.text_hidden_size
+    return Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                                  num_hidden_layers=cfg.text_layers, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=width // 4, max_position_embeddings=256, bos_token_id=None,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
