@@ -85,7 +85,7 @@ class ZImage(FlowMatchingFamily):
         transformer = ZImageTransformer2DModel(
             in_channels=LATENT_CHANNELS, dim=cfg.unet_channels[0], n_layers=len(cfg.unet_channels),
             n_refiner_layers=1, n_heads=heads, n_kv_heads=heads, cap_feat_dim=cfg.text_hidden_size,
-            axes_dims=[4, 6, 6], axes_lens=[256, 64, 64])
+            axes_dims=[4, 6, 6], axes_lens=[1024, 512, 512])  # Z-Image's position tables
         tokenizer = tiny_qwen3_tokenizer()
         return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer,
                               vae=tiny_flow_vae(cfg, scaling_factor=0.3611, shift_factor=0.1159),  # FLUX's VAE
