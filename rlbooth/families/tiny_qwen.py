@@ -1,7 +1,8 @@
-"""Parts of the tiny Qwen-Image pipeline: a byte-level Qwen2 tokenizer built in code (no download) whose
-merges make each word of the pipeline's prompt template one token, as Qwen's own vocabulary does, so the
-pipeline's fixed count of dropped template tokens (34) holds; a Qwen2.5-VL text encoder with a one-block
-vision tower; and the Wan-style VAE with a frame axis and Qwen-Image's per-channel latent statistics."""
+"""Parts of the tiny Qwen-Image and Z-Image pipelines. Qwen-Image: a byte-level Qwen2 tokenizer built in code
+(no download) whose merges make each word of the pipeline's prompt template one token, as Qwen's own
+vocabulary does, so the pipeline's fixed count of dropped template tokens (34) holds; a Qwen2.5-VL text
+encoder with a one-block vision tower; the Wan-style VAE with a frame axis and Qwen-Image's per-channel
+latent statistics. Z-Image: the byte-level tokenizer with Qwen3's chat template, and a Qwen3 decoder."""
 
 from __future__ import annotations
 
@@ -30,15 +31,15 @@ def _words(text: str) -> set[str]:
     return {w for w in re.findall(r" ?[A-Za-z]+", text) if len(w.strip()) > 1}
 
 
-def tiny_qwen_tokenizer() -> "Qwen2Tokenizer":
-    """Every byte is a token; each template word (and `assistant`) is one more, merged left to right."""
-    from transformers import Qwen2Tokenizer
+def _byte_level(words: set[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges: every byte a token, each of `words` one more (merged left to right), then
+    Qwen's special tokens."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     to_unicode = bytes_to_unicode()
     vocab = {c: i for i, c in enumerate(to_unicode.values())}
     merges: list[tuple[str, str]] = []
-    for word in sorted(_words(TEMPLATE.replace("{}", " "))):
+    for word in sorted(words):
         symbols = [to_unicode[b] for b in word.encode()]
         for end in range(2, len(symbols) + 1):
             left, right = "".join(symbols[:end - 1]), symbols[end - 1]
@@ -47,6 +48,14 @@ def tiny_qwen_tokenizer() -> "Qwen2Tokenizer":
                 merges.append((left, right))
     for token in SPECIAL:
         vocab[token] = len(vocab)
+    return vocab, merges
+
+
+def tiny_qwen_tokenizer() -> "Qwen2Tokenizer":
+    """Every byte is a token; each template word (and `assistant`) is one more."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = _byte_level(_words(TEMPLATE.replace("{}", " ")))
     return Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=34 + TEXT_TOKENS,
                           additional_special_tokens=list(SPECIAL[1:]))
 
@@ -87,12 +96,9 @@ QWEN3_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m
 def tiny_qwen3_tokenizer() -> "Qwen2Tokenizer":
     """Every byte a token, Qwen's special tokens, Qwen3's chat template; `model_max_length` 64 prompt tokens."""
     from transformers import Qwen2Tokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
-    for token in SPECIAL:
-        vocab[token] = len(vocab)
-    return Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=TEXT_TOKENS,
+    vocab, merges = _byte_level(set())
+    return Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_TOKENS,
                           additional_special_tokens=list(SPECIAL[1:]), chat_template=QWEN3_CHAT_TEMPLATE)
 
 

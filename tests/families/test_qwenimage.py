@@ -10,7 +10,7 @@ import torch
 from diffusers import QwenImagePipeline
 
 from rlbooth.config import PersonalizeConfig, TinyModelConfig
-from rlbooth.families import Conditioning, family_of, get_family
+from rlbooth.families import family_of, get_family
 from rlbooth.families.base import decode_latents, from_latents, latent_dist, to_latents
 from rlbooth.families.flux import pack, unpack
 from rlbooth.families.qwenimage import DROPPED_TOKENS
