@@ -68,9 +68,10 @@ class ModelConfig:
     """Hub id or local folder of a diffusers pipeline of a supported family; `tiny` for the random offline test
     model (of `family`), `toyworld` / `toyworld-flow` for the toy world's shipped 32 px models (rlbooth.toyworld;
     UNet / SD3 transformer)."""
-    family: Literal["auto", "sd", "sdxl", "sd3", "flux"] = "auto"
+    family: Literal["auto", "sd", "sdxl", "sd3", "flux", "qwenimage", "zimage"] = "auto"
     """Model family (rlbooth.families): `sd` (Stable Diffusion 1.x/2.x), `sdxl`, `sd3` (SD3/SD3.5), `flux`
-    (FLUX.1); `auto` reads it from the model's model_index.json (`tiny` and `toyworld`: sd; `toyworld-flow`: sd3)."""
+    (FLUX.1), `qwenimage` (Qwen-Image), `zimage` (Z-Image); `auto` reads it from the model's model_index.json
+    (`tiny` and `toyworld`: sd; `toyworld-flow`: sd3)."""
     vae: str | None = None
     """Hub id or local folder of a VAE that replaces the pipeline's own, e.g. madebyollin/sdxl-vae-fp16-fix
     (SDXL's VAE overflows in fp16)."""

@@ -20,7 +20,8 @@ from rlbooth.models import public_name
 CARD = "README.md"
 SAMPLE = "sample.png"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux"}
+FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux",
+               "qwenimage": "qwen-image", "zimage": "z-image"}
 """The Hub's tag of each model family."""
 
 

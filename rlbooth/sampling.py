@@ -33,7 +33,7 @@ def draw(pipe: "DiffusionPipeline", prompts: list[str], seeds: list[int], num_in
         for prompt in prompts:
             generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
             images += pipe([prompt] * len(seeds), num_inference_steps=num_inference_steps,
-                           guidance_scale=guidance_scale, generator=generators, **size,
+                           generator=generators, **size, **family_of(pipe).guidance_kwargs(guidance_scale),
                            **family_of(pipe).call_kwargs(pipe)).images
     return images
 

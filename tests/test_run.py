@@ -35,7 +35,7 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-@pytest.fixture(scope="module", params=["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
+@pytest.fixture(scope="module", params=["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-qwenimage", "tiny-zimage"])
 def finished_run(tmp_path_factory, request) -> Path:
     """The tiny run of each model family, through the real CLI."""
     root = tmp_path_factory.mktemp("run")

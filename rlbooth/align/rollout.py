@@ -9,7 +9,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from rlbooth.align.policy import StepPolicy
 from rlbooth.families import Conditioning, Family
-from rlbooth.families.base import from_latents
+from rlbooth.families.base import decode_latents, from_latents
 from rlbooth.files import kill_point
 
 
@@ -29,7 +29,7 @@ def guided_noise(family: Family, unet: torch.nn.Module, latents: torch.Tensor, t
     out = family.denoise(unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), cond)
     uncond, guided = out.float().chunk(2)
     uncond = uncond.detach() if detach_uncond else uncond
-    return uncond + guidance_scale * (guided - uncond)
+    return family.guide(uncond, guided, guidance_scale)
 
 
 def guidance_inputs(family: Family, uncond: Conditioning, cond: Conditioning) -> Conditioning:
@@ -79,5 +79,5 @@ def sample_rollout(family: Family, unet: torch.nn.Module, policy: StepPolicy, co
 def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """Latents to images in [0, 1], float32."""
     param = next(vae.parameters())
-    images = vae.decode(from_latents(vae, latents).to(param.dtype)).sample
+    images = decode_latents(vae, from_latents(vae, latents).to(param.dtype))
     return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -49,7 +49,7 @@ from rlbooth.images import save_image_atomic
 from rlbooth.models import add_lora, save_lora
 from rlbooth.optim import adamw
 from rlbooth.families import Conditioning, family_of
-from rlbooth.families.base import square_geometry
+from rlbooth.families.base import latent_channels, square_geometry
 from rlbooth.prompts import Prompt, PromptSampler, default_prompt_set, heldout_prompt_set, read_prompt_file
 from rlbooth.rewards import CompositeReward
 from rlbooth.rewards.composite import check_composite
@@ -194,10 +194,10 @@ class DDPOTrainer:
         self.evaluator = HeldoutEvaluator(self.cfg, self.subject, eval_prompt_file(config, self.subject),
                                           eval_reward or reward) if self.cfg.eval_every else None
         vae = self.pipe.vae
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        factor = self.pipe.vae_scale_factor
         # FLUX's transformer has no native size: it samples at the resolution stage one trained at.
         size = denoiser.config.get("sample_size") or stage_one.metadata["config"]["personalize"]["resolution"] // factor
-        self.latent_shape = (vae.config.latent_channels, size, size)
+        self.latent_shape = (latent_channels(vae), size, size)
         self.resolution = size * factor
         self.geometry = square_geometry(self.resolution)
         self._embeds: dict[str, Conditioning] = {}

@@ -1,5 +1,6 @@
 """Model families behind one interface (`Family`): Stable Diffusion 1.x/2.x (`sd`), SDXL (`sdxl`), and the
-flow-matching transformers SD3/SD3.5 (`sd3`) and FLUX.1 (`flux`), which share `FlowMatchingFamily`.
+flow-matching transformers SD3/SD3.5 (`sd3`), FLUX.1 (`flux`), Qwen-Image (`qwenimage`) and Z-Image
+(`zimage`), which share `FlowMatchingFamily`.
 
 The family is `model.family` in the config, or read from the base model's `model_index.json`
 (its pipeline class). Stage one, stage two, sampling, the report and evaluation reach the model's
@@ -13,11 +14,14 @@ from typing import Any
 from rlbooth.families.base import Conditioning, Family
 from rlbooth.families.flowmatch import FlowMatchingFamily
 from rlbooth.families.flux import Flux
+from rlbooth.families.qwenimage import QwenImage
 from rlbooth.families.sd import StableDiffusion
 from rlbooth.families.sd3 import StableDiffusion3
 from rlbooth.families.sdxl import StableDiffusionXL
+from rlbooth.families.zimage import ZImage
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux(),
+                                               QwenImage(), ZImage())}
 """Every family by its `model.family` name."""
 
 

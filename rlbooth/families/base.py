@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -127,6 +128,10 @@ class Family(ABC):
         """Arguments the pipeline's `__call__` needs to condition as `encode_prompts` does."""
         return {}
 
+    def guidance_kwargs(self, guidance_scale: float) -> dict[str, Any]:
+        """Arguments the pipeline's `__call__` takes to guide at `guidance_scale` as `guide` does."""
+        return {"guidance_scale": guidance_scale}
+
     @property
     def lora_text_encoders(self) -> tuple[str, ...]:
         """The text encoders that `personalize.train_text_encoder` trains and the LoRA files carry."""
@@ -137,6 +142,10 @@ class Family(ABC):
     def denoise(self, unet: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
                 cond: Conditioning) -> torch.Tensor:
         return unet(latents, timesteps, cond.hidden, added_cond_kwargs=cond.added or None).sample
+
+    def guide(self, uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+        """Classifier-free guidance from the unconditional and conditional predictions."""
+        return uncond + scale * (cond - uncond)
 
     def ddim_scheduler(self, pipe: Any) -> "DDIMScheduler":
         """Stage two's sampler on the model's noise schedule; the last step keeps a non-zero noise
@@ -173,11 +182,51 @@ def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
+def has_frames(vae: Any) -> bool:
+    """Whether the VAE is a video one (Qwen-Image's, Wan-style): it takes and gives (B, C, frames, H, W)."""
+    return "temperal_downsample" in vae.config  # sic: the config key of diffusers' Wan-style VAEs
+
+
+def latent_channels(vae: Any) -> int:
+    return vae.config.z_dim if has_frames(vae) else vae.config.latent_channels
+
+
+def latent_normalization(vae: Any) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+    """(shift, scale) of `to_latents`: SD3's and FLUX's VAEs shift before they scale; Qwen-Image's shift and
+    scale each channel by its `latents_mean` and 1 / `latents_std`, as (C, 1, 1) tensors."""
+    if has_frames(vae):
+        channels = (-1, 1, 1)
+        return torch.tensor(vae.config.latents_mean).view(channels), 1.0 / torch.tensor(vae.config.latents_std
+                                                                                        ).view(channels)
+    return vae.config.get("shift_factor") or 0.0, vae.config.scaling_factor
+
+
 def to_latents(vae: Any, sample: torch.Tensor) -> torch.Tensor:
-    """The denoiser's latents from a VAE encoding (SD3's and FLUX's VAEs also shift before they scale)."""
-    return (sample - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
+    """The denoiser's latents from a VAE encoding."""
+    shift, scale = (_like(x, sample) for x in latent_normalization(vae))
+    return (sample - shift) * scale
 
 
 def from_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """What `vae.decode` takes, as the pipelines undo `to_latents` before decoding."""
-    return latents / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
+    shift, scale = (_like(x, latents) for x in latent_normalization(vae))
+    return latents / scale + shift
+
+
+def _like(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    return value.to(like.device, like.dtype) if isinstance(value, torch.Tensor) else value
+
+
+def latent_dist(vae: Any, pixels: torch.Tensor) -> Any:
+    """The VAE's posterior of (B, 3, H, W) images, its mean and std (B, C, h, w) whatever the VAE."""
+    if not has_frames(vae):
+        return vae.encode(pixels).latent_dist
+    dist = vae.encode(pixels.unsqueeze(2)).latent_dist
+    return SimpleNamespace(mean=dist.mean[:, :, 0], std=dist.std[:, :, 0])
+
+
+def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """`vae.decode` of (B, C, h, w) latents (after `from_latents`) to (B, 3, H, W) images in [-1, 1]."""
+    if not has_frames(vae):
+        return vae.decode(latents).sample
+    return vae.decode(latents.unsqueeze(2)).sample[:, :, 0]

@@ -64,7 +64,7 @@ def generate_class_images(
             chunk = todo[start:start + batch_size]
             generators = [torch.Generator(device=pipe.device).manual_seed(seed + i) for i in chunk]
             images = pipe([prompt] * len(chunk), num_inference_steps=num_inference_steps,
-                          guidance_scale=guidance_scale, generator=generators,
+                          generator=generators, **family_of(pipe).guidance_kwargs(guidance_scale),
                           **family_of(pipe).call_kwargs(pipe)).images
             for index, image in zip(chunk, images):
                 save_image_atomic(image, class_image_path(folder, index))

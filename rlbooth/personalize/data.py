@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rlbooth.families.base import tokenize  # noqa: F401  (token ids for one tokenizer, as stage one uses them)
+from rlbooth.families.base import latent_dist, tokenize  # noqa: F401  (token ids for one tokenizer, as stage one uses them)
 from rlbooth.images import load_image_with_geometry
 
 
@@ -46,7 +46,7 @@ def encode_images(vae: torch.nn.Module, paths: list[Path], resolution: int, cent
         geometry += [g for _, g in loaded]
         pixels = np.stack([np.asarray(img, dtype=np.float32) for img, _ in loaded])
         pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
-        dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+        dist = latent_dist(vae, pixels.to(param.device, param.dtype))
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
     return LatentBank(torch.cat(means), torch.cat(stds), torch.tensor(geometry, dtype=torch.float32))
@@ -67,13 +67,14 @@ class DreamBoothData:
 
     instance: LatentBank
     prior: LatentBank | None
-    scaling_factor: float
+    scaling_factor: float | torch.Tensor
+    """Multiplies the shifted latents; Qwen-Image's is per channel, (C, 1, 1)."""
     draw_timesteps: Callable[[int, torch.Generator], torch.Tensor]
     """n training timesteps from the batch's generator (the objective's density)."""
     batch_size: int
     seed: int
-    shift_factor: float = 0.0
-    """Subtracted before scaling (SD3's and FLUX's VAEs); 0 for SD."""
+    shift_factor: float | torch.Tensor = 0.0
+    """Subtracted before scaling (SD3's and FLUX's VAEs; Qwen-Image's per channel); 0 for SD."""
 
     def batch(self, micro_step: int, process_index: int = 0) -> Batch:
         """Instance rows first, then as many class rows: the loss splits the prediction in two halves."""

@@ -23,6 +23,7 @@ from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, log_gr
 from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlbooth.config import Config, PersonalizeConfig
 from rlbooth.families import Conditioning, Family, family_of
+from rlbooth.families.base import latent_normalization
 from rlbooth.images import check_images, list_images, save_image_atomic
 from rlbooth.models import (TEXT_ENCODER_LORA_TARGETS, add_lora, cache_dir, check_model, load_pipeline, model_key,
                             save_lora)
@@ -155,10 +156,11 @@ def build_data(pipe: Any, cfg: PersonalizeConfig, seed: int, instance_paths: lis
                class_paths: list[Path] | None, objective: Objective) -> DreamBoothData:
     encode = lambda paths, desc: encode_images(pipe.vae, paths, cfg.resolution, cfg.center_crop, seed,
                                                desc=desc)
+    shift, scale = latent_normalization(pipe.vae)
     return DreamBoothData(
         instance=encode(instance_paths, "encoding photos"),
         prior=encode(class_paths, "encoding class images") if class_paths else None,
-        scaling_factor=pipe.vae.config.scaling_factor, shift_factor=pipe.vae.config.get("shift_factor") or 0.0,
+        scaling_factor=scale, shift_factor=shift,
         draw_timesteps=objective.draw, batch_size=cfg.train_batch_size, seed=seed,
     )
 

@@ -38,7 +38,8 @@ def stage_one_8px(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_stage_one(tmp_path_factory.mktemp("stage-one-8px"), 8)
 
 
-@pytest.fixture(scope="session", params=["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
+@pytest.fixture(scope="session", params=["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-qwenimage",
+                                         "tiny-zimage"])
 def any_stage_one_8px(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 px stage ones of every family, for the sign test."""
     if request.param == "tiny":
@@ -61,7 +62,17 @@ def stage_one_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_stage_one(tmp_path_factory.mktemp("stage-one-flux"), 32, "tiny-flux")
 
 
-@pytest.fixture(params=["sd", "sdxl", "sd3", "flux"])
+@pytest.fixture(scope="session")
+def stage_one_qwenimage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_stage_one(tmp_path_factory.mktemp("stage-one-qwenimage"), 32, "tiny-qwenimage")
+
+
+@pytest.fixture(scope="session")
+def stage_one_zimage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_stage_one(tmp_path_factory.mktemp("stage-one-zimage"), 32, "tiny-zimage")
+
+
+@pytest.fixture(params=["sd", "sdxl", "sd3", "flux", "qwenimage", "zimage"])
 def any_stage_one(request: pytest.FixtureRequest) -> Path:
     """Stage one of each model family (32 px)."""
     return request.getfixturevalue(f"stage_one_{request.param}" if request.param != "sd" else "stage_one")

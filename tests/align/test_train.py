@@ -19,7 +19,7 @@ from rlbooth.align.train import DDPOTrainer, align
 from rlbooth.stages import OutputError
 from rlbooth.models import load_pipeline
 from rlbooth.families import family_of
-from rlbooth.families.base import square_geometry
+from rlbooth.families.base import latent_channels, square_geometry
 from rlbooth.prompts import read_prompt_file
 from rlbooth.rewards import CompositeReward
 from rlbooth.sampling import draw_grid, fixed_resolution
@@ -48,12 +48,12 @@ def final_latents(pipe, denoiser, seeds: list[int], prompt: str = PROMPT, steps:
     family = family_of(pipe)
     size = denoiser.config.get("sample_size") or resolution // 2  # FLUX has none: where stage one trained
     policy = policy_for(family, pipe, AlignConfig(), (size, size))
-    geometry = square_geometry(size * 2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    geometry = square_geometry(size * pipe.vae_scale_factor)
     cond = family.with_geometry(family.encode_prompts(pipe, [prompt] * len(seeds)), geometry)
     uncond = family.with_geometry(family.unconditional(pipe), geometry)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     return sample_rollout(family, denoiser, policy, guidance_inputs(family, uncond, cond), gens,
-                          (pipe.vae.config.latent_channels, size, size), num_steps=steps, guidance_scale=5.0).final
+                          (latent_channels(pipe.vae), size, size), num_steps=steps, guidance_scale=5.0).final
 
 
 @pytest.mark.parametrize("init", ["ddpo", "peft"])

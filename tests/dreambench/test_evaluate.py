@@ -231,3 +231,23 @@ def test_hub_root_offline_explains_the_fix(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(EvalError, match="--dreambench-root dreambooth/dataset"):
         photo_root("hub", ["dog"])
+
+
+@pytest.mark.slow
+def test_rlbooth_eval_draws_and_scores_a_qwen_image_stage(tmp_path: Path, tiny_vit, tiny_clip):  # noqa: F811
+    """`rlbooth eval` end to end on a tiny Qwen-Image stage one (true CFG through its pipeline)."""
+    from rlbooth.cli import main
+
+    stage = make_stage_one(tmp_path / "qwen", 32, "tiny-qwenimage")
+    photos = write_photos(tmp_path / "bench" / "dog", 2, (40, 40), (200, 120, 60)).parent
+    output = tmp_path / "eval"
+    assert main(["eval", "--models", f"Q={stage}", "--dreambench-root", str(photos), "--subjects", "dog",
+                 "--num-prompts", "2", "--num-images", "1", "--steps", "2", "--metrics", "dino", "clip_i", "clip_t",
+                 "--dino-model", str(tiny_vit), "--clip-model", str(tiny_clip), "--device", "cpu",
+                 "--output", str(output)]) == 0
+    rows = read_csv(output / "scores.csv")
+    assert [(r["model"], r["prompt"]) for r in rows] == [("Q", "a sks dog in the jungle"),
+                                                         ("Q", "a sks dog in the snow")]
+    for row in rows:
+        assert all(-1 <= float(row[m]) <= 1 for m in ("dino", "clip_i", "clip_t"))
+    assert sorted(p.name for p in (output / "images" / "Q" / "dog").iterdir()) == ["p00-seed0.png", "p01-seed0.png"]

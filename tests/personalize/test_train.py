@@ -29,7 +29,8 @@ def tiny_config(*overrides: str, preset: str = "tiny"):
     return load_config(preset, ["runtime.report_to=none", "personalize.validation_steps=0", *overrides])
 
 
-FAMILY_PRESETS = pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
+FAMILY_PRESETS = pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-qwenimage",
+                                                    "tiny-zimage"])
 
 
 @pytest.fixture
