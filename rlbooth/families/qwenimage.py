@@ -34,6 +34,7 @@ MASK = "encoder_hidden_states_mask"
 
 class QwenImage(FlowMatchingFamily):
     name = "qwenimage"
+    script_timestep_density = "uniform"  # train_dreambooth_lora_qwen_image.py: --weighting_scheme none
     pipeline_class_name = "QwenImagePipeline"
     lora_text_encoders = ()  # diffusers' Qwen-Image LoRA loader carries the transformer only
     max_sequence_length = 512

@@ -26,6 +26,7 @@ MASK = "attention_mask"
 
 class ZImage(FlowMatchingFamily):
     name = "zimage"
+    script_timestep_density = "uniform"  # no Z-Image DreamBooth script compared here: Qwen-Image's default
     pipeline_class_name = "ZImagePipeline"
     lora_text_encoders = ()  # diffusers' Z-Image LoRA loader carries the transformer only
     max_sequence_length = 512
