@@ -29,6 +29,7 @@ from rlbooth.optim import OptimizerImpl, adamw
 from rlbooth.personalize.class_images import generate_class_images
 from rlbooth.personalize.data import DreamBoothData, encode_images
 from rlbooth.personalize.objective import Objective, objective_for
+from rlbooth.quantize import is_quantized
 from rlbooth.sampling import draw_grid, fixed_resolution
 from rlbooth.stages import check_output_dir, publish
 from rlbooth.subject import Subject
@@ -41,7 +42,8 @@ def personalize(config: Config, subject: Subject, output_dir: str | Path, resume
     instance_paths = preflight(config, subject, output_dir, resume)
     cfg = config.personalize
     accelerator = make_accelerator(config.runtime, output_dir, cfg.gradient_accumulation_steps)
-    pipe = load_pipeline(config.model)
+    # A quantized denoiser cannot be cast later: its other weights load in the frozen dtype.
+    pipe = load_pipeline(config.model, weight_dtype(accelerator) if config.model.quantization != "none" else None)
     family = family_of(pipe)
     pipe.to(accelerator.device)
     instance_prompt = subject.prompt(cfg.instance_prompt)
@@ -114,7 +116,8 @@ def setup_trainable(pipe: Any, family: Family, cfg: PersonalizeConfig, frozen_dt
     denoiser = getattr(pipe, family.denoiser)
     text_encoders = family.text_encoder_modules(pipe)
     trained_encoders = [getattr(pipe, name) for name in family.lora_text_encoders] if cfg.train_text_encoder else []
-    cast = (lambda m: m.to(dtype=frozen_dtype)) if frozen_dtype != torch.float32 else (lambda m: m)
+    cast = (lambda m: m if is_quantized(m) else m.to(dtype=frozen_dtype)) if frozen_dtype != torch.float32 \
+        else (lambda m: m)
     cast(pipe.vae.requires_grad_(False))
     denoiser.requires_grad_(cfg.mode == "full")
     for encoder in text_encoders:
