@@ -319,9 +319,6 @@ class AlignConfig:
     runtime.mixed_precision=no, since a LoRA delta added to half-precision weights is rounded away."""
     gradient_checkpointing: bool = False
     """Recompute the denoiser's activations in the backward pass of the training passes (sampling keeps none)."""
-    offload_text_encoders: bool = False
-    """Encode every training prompt once at the start, then move the text encoders off the device (T5-XXL is
-    about 9.5 GB in bf16); the sample grids' prompts are encoded then too."""
     compile_denoiser: bool = False
     """torch.compile the UNet used for sampling (training stays eager); the first epoch pays the compile."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"

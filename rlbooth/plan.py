@@ -248,8 +248,6 @@ class Row:
     params: int
     dtype: str
     bytes: float
-    resident: bool = True
-    """Held on the device while training (else only at set-up: encoders whose outputs were cached)."""
 
 
 @dataclass
@@ -260,22 +258,18 @@ class StagePlan:
     savings: dict[str, bool]
 
     @property
-    def training(self) -> float:
-        """Bytes on the device during the training passes."""
-        return sum(r.bytes for r in self.rows if r.resident) + self.activations
-
-    @property
-    def setup(self) -> float:
-        """Bytes while every component is on the device (prompt and photo encoding, before offloading)."""
+    def resident(self) -> float:
+        """Bytes held on the device for the whole stage: every component's weights and the training state."""
         return sum(r.bytes for r in self.rows)
 
     @property
     def peak(self) -> float:
-        return max(self.training, self.setup)
+        """Resident bytes plus the activations of one training pass."""
+        return self.resident + self.activations
 
 
 def stage_rows(components: dict[str, torch.nn.Module], denoiser: str, frozen: int, quantization: str,
-               full: bool, cached_encoders: bool) -> list[Row]:
+               full: bool) -> list[Row]:
     """Weights of every component; the denoiser's Linear weights at the quantized size when quantized."""
     names = {2: "16-bit", 4: "fp32"}
     rows = []
@@ -288,7 +282,7 @@ def stage_rows(components: dict[str, torch.nn.Module], denoiser: str, frozen: in
         if name == denoiser and QUANTIZED_BYTES[quantization] is not None:
             linear = linear_weights(model)
             nbytes, dtype = QUANTIZED_BYTES[quantization] * linear + frozen * (n - linear), f"{quantization} + {names[frozen]}"
-        rows.append(Row(name, n, dtype, nbytes, resident=not (name.startswith("text_encoder") and cached_encoders)))
+        rows.append(Row(name, n, dtype, nbytes))
     return rows
 
 
@@ -325,7 +319,6 @@ def plan(config: "Config") -> list[StagePlan]:
             batch = one.train_batch_size * (2 if one.with_prior_preservation else 1)
             resolution, checkpointing = one.resolution, one.gradient_checkpointing
             optimizer_bytes = 2 if one.use_8bit_adam else 8
-            cached_encoders = False  # validation grids draw with them during training
             rank, targets, mode = one.lora_rank, one.lora_target_modules, one.mode
         else:
             trainable = lora_parameters(model, two.lora_rank, two.lora_target_modules)
@@ -333,17 +326,15 @@ def plan(config: "Config") -> list[StagePlan]:
             batch = two.train_batch_size * two.timesteps_per_pass * cfg_batch
             resolution = one.resolution if family_name == "flux" else (model.config.get("sample_size") or 64) * vae_factor
             checkpointing, optimizer_bytes = two.gradient_checkpointing, 8
-            cached_encoders = two.offload_text_encoders
             rank, targets, mode = two.lora_rank, two.lora_target_modules, "lora"
-        rows = stage_rows(components, denoiser, frozen, config.model.quantization, mode == "full", cached_encoders)
+        rows = stage_rows(components, denoiser, frozen, config.model.quantization, mode == "full")
         rows += training_rows(trainable, optimizer_bytes, counted_weights=mode == "full")
         if frozen != 4:
             model.to(dtype=torch.bfloat16)
         saved = activations(family_name, model, batch, resolution // vae_factor, rank, targets if mode == "lora"
                             else ["__none__"], tokens)
         savings = {"gradient checkpointing": checkpointing, f"quantized base ({config.model.quantization})":
-                   config.model.quantization != "none", "8-bit AdamW": optimizer_bytes == 2,
-                   "text encoders off the device after caching": cached_encoders}
+                   config.model.quantization != "none", "8-bit AdamW": optimizer_bytes == 2}
         plans.append(StagePlan(stage, rows, saved.checkpointed() if checkpointing else saved.total, savings))
     return plans
 
@@ -364,9 +355,8 @@ def render(plans: list[StagePlan]) -> str:
         lines.append(f"stage {'one (personalize)' if p.stage == 'personalize' else 'two (align)'}")
         lines.append(f"  {'component':<28}{'params':>14}  {'stored as':<22}{'GiB':>8}")
         for r in p.rows:
-            where = "" if r.resident else "  (set-up only)"
-            lines.append(f"  {r.name:<28}{r.params:>14,}  {r.dtype:<22}{r.bytes / GIB:>8.2f}{where}")
+            lines.append(f"  {r.name:<28}{r.params:>14,}  {r.dtype:<22}{r.bytes / GIB:>8.2f}")
         lines.append(f"  {'activations (estimate)':<28}{'':>14}  {'':<22}{p.activations / GIB:>8.2f}")
-        lines.append(f"  training {p.training / GIB:.2f} GiB, set-up {p.setup / GIB:.2f} GiB, peak {p.peak / GIB:.2f} GiB")
+        lines.append(f"  resident {p.resident / GIB:.2f} GiB, peak {p.peak / GIB:.2f} GiB")
         lines.append("  savings: " + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in p.savings.items()))
     return "\n".join(lines) + "\n"

@@ -61,7 +61,7 @@ def tiny_plans() -> dict[str, list]:
     sets = {"base": [], "ckpt": ["personalize.gradient_checkpointing=true", "align.gradient_checkpointing=true"],
             "batch": ["personalize.train_batch_size=2", "align.train_batch_size=8"],
             "int8": ["model.quantization=int8", "personalize.mode=lora"],
-            "offload": ["align.offload_text_encoders=true"], "adam8": ["personalize.use_8bit_adam=true"]}
+            "adam8": ["personalize.use_8bit_adam=true"]}
     return {k: plan(load_config("tiny", ["runtime.mixed_precision=no", "personalize.mode=lora"] + v))
             for k, v in sets.items()}
 
@@ -78,10 +78,8 @@ def test_memory_arithmetic(tiny_plans: dict[str, list]) -> None:
     linear = sum(m.weight.numel() for m in build_meta(*architecture("tiny", lambda: _tiny_folder())["unet"]).modules()
                  if isinstance(m, torch.nn.Linear))
     assert int8.bytes == rows["unet"].bytes - 3 * linear  # 4 bytes -> 1 byte per Linear weight
-    assert one.peak == one.training == sum(r.bytes for r in one.rows) + one.activations
-    off = tiny_plans["offload"][1]
-    assert off.training == two.training - sum(r.bytes for r in two.rows if r.name.startswith("text_encoder"))
-    assert off.setup == two.setup
+    assert one.peak == sum(r.bytes for r in one.rows) + one.activations
+    assert [r.bytes for r in two.rows] == [r.bytes for r in one.rows]  # LoRA of the same rank in both stages
 
 
 def _tiny_folder():

@@ -45,6 +45,7 @@ from rlbooth.optim import adamw
 from rlbooth.families import Conditioning, family_of
 from rlbooth.families.base import square_geometry
 from rlbooth.prompts import Prompt, PromptSampler, default_prompt_set, read_prompt_file
+from rlbooth.quantize import is_quantized
 from rlbooth.rewards import CompositeReward
 from rlbooth.rewards.composite import check_composite
 from rlbooth.sampling import draw_grid, fixed_resolution
@@ -182,7 +183,7 @@ class DDPOTrainer:
         pipe, cfg = self.pipe, self.cfg
         for module in (pipe.vae, *self.family.text_encoder_modules(pipe), denoiser):
             module.requires_grad_(False)
-            if frozen_dtype != torch.float32:
+            if frozen_dtype != torch.float32 and not is_quantized(module):
                 module.to(dtype=frozen_dtype)
         torch.manual_seed(self.seed)
         add_lora(denoiser, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, adapter_name=ALIGN_ADAPTER,
@@ -190,6 +191,8 @@ class DDPOTrainer:
         for p in denoiser.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+        if cfg.gradient_checkpointing:  # only passes with grad enabled recompute: sampling is unaffected
+            denoiser.enable_gradient_checkpointing()
 
     # ------------------------------------------------------------------ state
 
