@@ -185,6 +185,9 @@ class PersonalizeConfig:
     """UNet modules that get LoRA adapters."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    offload_encoders: bool = False
+    """Once the photos' latents and the prompts' embeddings are cached, move the VAE and the frozen text
+    encoders to host memory (T5-XXL is about 9.5 GB in bf16); they come back only to draw validation grids."""
     checkpointing_steps: int = 200
     """Write a resumable checkpoint every this many optimizer steps."""
     checkpoints_total_limit: int | None = 2
@@ -319,6 +322,9 @@ class AlignConfig:
     runtime.mixed_precision=no, since a LoRA delta added to half-precision weights is rounded away."""
     gradient_checkpointing: bool = False
     """Recompute the denoiser's activations in the backward pass of the training passes (sampling keeps none)."""
+    offload_text_encoders: bool = False
+    """Encode every training prompt once at the start, then move the text encoders to host memory (T5-XXL is
+    about 9.5 GB in bf16); they come back only to draw the sample grids."""
     compile_denoiser: bool = False
     """torch.compile the UNet used for sampling (training stays eager); the first epoch pays the compile."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"

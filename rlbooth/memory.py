@@ -1,4 +1,9 @@
-"""Measured peak memory of one training pass of a denoiser with a LoRA (what `rlbooth plan` estimates).
+"""Memory savings that move frozen components off the device, and the measured peak memory of one training
+pass of a denoiser with a LoRA (what `rlbooth plan` estimates).
+
+Offloading: once stage one has cached the photos' latents and the prompts' embeddings (and stage two every
+training prompt's), the VAE and frozen text encoders are only needed to draw sample grids; they wait in host
+memory and come back for the grids (`on_device`).
 
 A pass is the denoiser's forward and backward at a stage's batch: stage one's rows are the photos and the
 prior-preservation images, stage two's the CFG pair of each trajectory (the PPO loss on top is a few
@@ -13,9 +18,33 @@ import json
 import resource
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
 
 import torch
+
+
+def frozen_modules(pipe: Any, names: list[str], trained: list[str]) -> list[torch.nn.Module]:
+    """The pipeline's components of these names that exist and are not trained."""
+    return [getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None and n not in trained]
+
+
+def offload(modules: list[torch.nn.Module]) -> None:
+    """Move the modules to host memory."""
+    for module in modules:
+        module.to("cpu")
+
+
+@contextmanager
+def on_device(modules: list[torch.nn.Module], device: Any) -> Iterator[None]:
+    """The offloaded modules on the device for a while (a sample grid), then back in host memory."""
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        offload(modules)
 
 
 @dataclass

@@ -248,6 +248,8 @@ class Row:
     params: int
     dtype: str
     bytes: float
+    resident: bool = True
+    """On the device during training (else in host memory after set-up: `offload_encoders` and the like)."""
 
 
 @dataclass
@@ -258,18 +260,22 @@ class StagePlan:
     savings: dict[str, bool]
 
     @property
-    def resident(self) -> float:
-        """Bytes held on the device for the whole stage: every component's weights and the training state."""
+    def training(self) -> float:
+        """Bytes on the device during a training pass: resident weights, training state, activations."""
+        return sum(r.bytes for r in self.rows if r.resident) + self.activations
+
+    @property
+    def setup(self) -> float:
+        """Bytes while every component is on the device (encoding at the start, sample grids)."""
         return sum(r.bytes for r in self.rows)
 
     @property
     def peak(self) -> float:
-        """Resident bytes plus the activations of one training pass."""
-        return self.resident + self.activations
+        return max(self.training, self.setup)
 
 
 def stage_rows(components: dict[str, torch.nn.Module], denoiser: str, frozen: int, quantization: str,
-               full: bool) -> list[Row]:
+               full: bool, offloaded: tuple[str, ...]) -> list[Row]:
     """Weights of every component; the denoiser's Linear weights at the quantized size when quantized."""
     names = {2: "16-bit", 4: "fp32"}
     rows = []
@@ -282,7 +288,7 @@ def stage_rows(components: dict[str, torch.nn.Module], denoiser: str, frozen: in
         if name == denoiser and QUANTIZED_BYTES[quantization] is not None:
             linear = linear_weights(model)
             nbytes, dtype = QUANTIZED_BYTES[quantization] * linear + frozen * (n - linear), f"{quantization} + {names[frozen]}"
-        rows.append(Row(name, n, dtype, nbytes))
+        rows.append(Row(name, n, dtype, nbytes, resident=not name.startswith(offloaded)))
     return rows
 
 
@@ -320,6 +326,8 @@ def plan(config: "Config") -> list[StagePlan]:
             resolution, checkpointing = one.resolution, one.gradient_checkpointing
             optimizer_bytes = 2 if one.use_8bit_adam else 8
             rank, targets, mode = one.lora_rank, one.lora_target_modules, one.mode
+            offloaded = (("vae", "text_encoder") if not one.train_text_encoder else ("vae",)) \
+                if one.offload_encoders else ()
         else:
             trainable = lora_parameters(model, two.lora_rank, two.lora_target_modules)
             cfg_batch = 2 if family_name != "flux" else 1
@@ -327,14 +335,16 @@ def plan(config: "Config") -> list[StagePlan]:
             resolution = one.resolution if family_name == "flux" else (model.config.get("sample_size") or 64) * vae_factor
             checkpointing, optimizer_bytes = two.gradient_checkpointing, 8
             rank, targets, mode = two.lora_rank, two.lora_target_modules, "lora"
-        rows = stage_rows(components, denoiser, frozen, config.model.quantization, mode == "full")
+            offloaded = ("text_encoder",) if two.offload_text_encoders else ()
+        rows = stage_rows(components, denoiser, frozen, config.model.quantization, mode == "full", offloaded)
         rows += training_rows(trainable, optimizer_bytes, counted_weights=mode == "full")
         if frozen != 4:
             model.to(dtype=torch.bfloat16)
         saved = activations(family_name, model, batch, resolution // vae_factor, rank, targets if mode == "lora"
                             else ["__none__"], tokens)
         savings = {"gradient checkpointing": checkpointing, f"quantized base ({config.model.quantization})":
-                   config.model.quantization != "none", "8-bit AdamW": optimizer_bytes == 2}
+                   config.model.quantization != "none", "8-bit AdamW": optimizer_bytes == 2,
+                   "encoders offloaded after caching": bool(offloaded)}
         plans.append(StagePlan(stage, rows, saved.checkpointed() if checkpointing else saved.total, savings))
     return plans
 
@@ -355,8 +365,10 @@ def render(plans: list[StagePlan]) -> str:
         lines.append(f"stage {'one (personalize)' if p.stage == 'personalize' else 'two (align)'}")
         lines.append(f"  {'component':<28}{'params':>14}  {'stored as':<22}{'GiB':>8}")
         for r in p.rows:
-            lines.append(f"  {r.name:<28}{r.params:>14,}  {r.dtype:<22}{r.bytes / GIB:>8.2f}")
+            where = "" if r.resident else "  (host memory while training)"
+            lines.append(f"  {r.name:<28}{r.params:>14,}  {r.dtype:<22}{r.bytes / GIB:>8.2f}{where}")
         lines.append(f"  {'activations (estimate)':<28}{'':>14}  {'':<22}{p.activations / GIB:>8.2f}")
-        lines.append(f"  resident {p.resident / GIB:.2f} GiB, peak {p.peak / GIB:.2f} GiB")
+        lines.append(f"  training {p.training / GIB:.2f} GiB, all weights on the device {p.setup / GIB:.2f} GiB, "
+                     f"peak {p.peak / GIB:.2f} GiB")
         lines.append("  savings: " + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in p.savings.items()))
     return "\n".join(lines) + "\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from rlbooth.memory import Case, measure
 
@@ -19,3 +20,23 @@ def test_gradient_checkpointing_lowers_the_measured_peak_of_a_pass():
     plain, checkpointed = measure(case), measure(Case(**{**case.__dict__, "checkpointing": True}))
     assert checkpointed["grad_sum"] == plain["grad_sum"]
     assert checkpointed["peak_bytes"] < 0.85 * plain["peak_bytes"]
+
+
+def test_stage_one_offload_trains_the_same_lora_and_draws_the_same_grid(tmp_path, subject_photos):
+    from safetensors.torch import load_file
+
+    from rlbooth.config import load_config
+    from rlbooth.personalize.train import personalize
+    from rlbooth.subject import Subject
+
+    subject = Subject(images=subject_photos, class_noun="toy", description="triangular")
+    outputs = {}
+    for offload in ("false", "true"):
+        config = load_config("tiny-sd3", ["runtime.report_to=none", "personalize.max_train_steps=4",
+                                          "personalize.validation_steps=2", f"personalize.offload_encoders={offload}"])
+        outputs[offload] = personalize(config, subject, tmp_path / offload)
+    a, b = (load_file(str(outputs[k] / "pytorch_lora_weights.safetensors")) for k in ("false", "true"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for step in (2, 4):  # the grids drawn with the encoders brought back
+        grids = [(tmp_path / k / "samples" / f"step-{step}.png").read_bytes() for k in ("false", "true")]
+        assert grids[0] == grids[1]

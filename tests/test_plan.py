@@ -61,7 +61,8 @@ def tiny_plans() -> dict[str, list]:
     sets = {"base": [], "ckpt": ["personalize.gradient_checkpointing=true", "align.gradient_checkpointing=true"],
             "batch": ["personalize.train_batch_size=2", "align.train_batch_size=8"],
             "int8": ["model.quantization=int8", "personalize.mode=lora"],
-            "adam8": ["personalize.use_8bit_adam=true"]}
+            "adam8": ["personalize.use_8bit_adam=true"],
+            "offload": ["personalize.offload_encoders=true", "align.offload_text_encoders=true"]}
     return {k: plan(load_config("tiny", ["runtime.mixed_precision=no", "personalize.mode=lora"] + v))
             for k, v in sets.items()}
 
@@ -78,7 +79,14 @@ def test_memory_arithmetic(tiny_plans: dict[str, list]) -> None:
     linear = sum(m.weight.numel() for m in build_meta(*architecture("tiny", lambda: _tiny_folder())["unet"]).modules()
                  if isinstance(m, torch.nn.Linear))
     assert int8.bytes == rows["unet"].bytes - 3 * linear  # 4 bytes -> 1 byte per Linear weight
-    assert one.peak == sum(r.bytes for r in one.rows) + one.activations
+    assert one.peak == one.training == sum(r.bytes for r in one.rows) + one.activations
+    off_one, off_two = tiny_plans["offload"]
+    for off, on in ((off_one, one), (off_two, two)):  # the encoders leave the training phase, not the set-up
+        gone = [r.name for r in off.rows if not r.resident]
+        assert off.training == on.training - sum(r.bytes for r in on.rows if r.name in gone)
+        assert off.setup == on.setup
+    assert {r.name for r in off_one.rows if not r.resident} == {"vae", "text_encoder"}
+    assert {r.name for r in off_two.rows if not r.resident} == {"text_encoder"}
     assert [r.bytes for r in two.rows] == [r.bytes for r in one.rows]  # LoRA of the same rank in both stages
 
 

@@ -41,10 +41,11 @@ from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from rlbooth.config import AlignConfig, Config, ConfigError
 from rlbooth.images import save_image_atomic
 from rlbooth.models import add_lora, save_lora
+from rlbooth.memory import frozen_modules, offload, on_device
 from rlbooth.optim import adamw
 from rlbooth.families import Conditioning, family_of
 from rlbooth.families.base import square_geometry
-from rlbooth.prompts import Prompt, PromptSampler, default_prompt_set, read_prompt_file
+from rlbooth.prompts import Prompt, PromptSampler, default_prompt_set, expand, read_prompt_file
 from rlbooth.quantize import is_quantized
 from rlbooth.rewards import CompositeReward
 from rlbooth.rewards.composite import check_composite
@@ -178,6 +179,9 @@ class DDPOTrainer:
         self._embeds: dict[str, Conditioning] = {}
         with torch.no_grad():
             self.uncond = self.family.with_geometry(self.family.unconditional(self.pipe), self.geometry)
+        if self.cfg.offload_text_encoders:  # every prompt the sampler can draw, encoded while they are here
+            self.embed([p.text for p in expand(templates, self.subject)])
+            offload(self.offloaded)
 
     def _freeze_and_add_lora(self, denoiser: torch.nn.Module, frozen_dtype: torch.dtype) -> None:
         pipe, cfg = self.pipe, self.cfg
@@ -195,6 +199,11 @@ class DDPOTrainer:
             denoiser.enable_gradient_checkpointing()
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def offloaded(self) -> list[torch.nn.Module]:
+        """The text encoders `align.offload_text_encoders` keeps in host memory between sample grids."""
+        return frozen_modules(self.pipe, list(self.family.text_encoders), []) if self.cfg.offload_text_encoders else []
 
     def models(self) -> dict[str, torch.nn.Module]:
         return {self.family.denoiser: self.unet}
@@ -424,10 +433,11 @@ class DDPOTrainer:
         acc = self.acc
         if acc.is_main_process:
             dtype = weight_dtype(acc)
-            grid = draw_grid(self.pipe, [self.subject.prompt(t) for t in self.cfg.grid_prompts], self.cfg.grid_seeds,
-                             self.cfg.num_steps, self.cfg.guidance_scale,
-                             autocast_dtype=None if dtype == torch.float32 else dtype,
-                             resolution=fixed_resolution(self.pipe, self.resolution))
+            with on_device(self.offloaded, acc.device):
+                grid = draw_grid(self.pipe, [self.subject.prompt(t) for t in self.cfg.grid_prompts],
+                                 self.cfg.grid_seeds, self.cfg.num_steps, self.cfg.guidance_scale,
+                                 autocast_dtype=None if dtype == torch.float32 else dtype,
+                                 resolution=fixed_resolution(self.pipe, self.resolution))
             save_image_atomic(grid, self.output_dir / "samples" / f"epoch-{epoch}.png")
             log_grid(acc, "samples", grid, epoch)
         acc.wait_for_everyone()

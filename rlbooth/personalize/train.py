@@ -29,6 +29,7 @@ from rlbooth.optim import OptimizerImpl, adamw
 from rlbooth.personalize.class_images import generate_class_images
 from rlbooth.personalize.data import DreamBoothData, encode_images
 from rlbooth.personalize.objective import Objective, objective_for
+from rlbooth.memory import frozen_modules, offload, on_device
 from rlbooth.quantize import is_quantized
 from rlbooth.sampling import draw_grid, fixed_resolution
 from rlbooth.stages import check_output_dir, publish
@@ -62,6 +63,7 @@ def personalize(config: Config, subject: Subject, output_dir: str | Path, resume
     data = build_data(pipe, cfg, config.runtime.seed, instance_paths, class_paths, objective)
     prompts = PromptInputs.build(pipe, family, cfg.train_text_encoder, instance_prompt,
                                  class_prompt if class_paths else None)
+    offload(offloaded(pipe, family, cfg))
 
     optimizer = make_optimizer(params, cfg, config.runtime.optimizer_impl)
     from diffusers.optimization import get_scheduler
@@ -179,6 +181,14 @@ class PromptInputs:
         return self.family.encode(text_encoders, [ids.repeat_interleave(batch_size, dim=0) for ids in self.ids])
 
 
+def offloaded(pipe: Any, family: Family, cfg: PersonalizeConfig) -> list[torch.nn.Module]:
+    """What `personalize.offload_encoders` keeps in host memory: the VAE and the text encoders not trained."""
+    if not cfg.offload_encoders:
+        return []
+    trained = list(family.lora_text_encoders) if cfg.train_text_encoder else []
+    return frozen_modules(pipe, ["vae", *family.text_encoders], trained)
+
+
 def make_optimizer(params: list[torch.nn.Parameter], cfg: PersonalizeConfig, impl: OptimizerImpl = "auto"
                    ) -> torch.optim.Optimizer:
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -272,9 +282,10 @@ class TrainLoop:
         prompts = [self.subject.prompt(t) for t in cfg.validation_prompts]
         dtype = weight_dtype(acc)
         self.train_mode(False)
-        grid = draw_grid(self.pipe, prompts, cfg.validation_seeds, cfg.validation_inference_steps,
-                         cfg.validation_guidance_scale, autocast_dtype=None if dtype == torch.float32 else dtype,
-                         resolution=fixed_resolution(self.pipe, cfg.resolution))
+        with on_device(offloaded(self.pipe, self.family, cfg), acc.device):
+            grid = draw_grid(self.pipe, prompts, cfg.validation_seeds, cfg.validation_inference_steps,
+                             cfg.validation_guidance_scale, autocast_dtype=None if dtype == torch.float32 else dtype,
+                             resolution=fixed_resolution(self.pipe, cfg.resolution))
         self.train_mode(True)
         save_image_atomic(grid, self.output_dir / "samples" / f"step-{step}.png")
         log_grid(acc, "validation", grid, step)

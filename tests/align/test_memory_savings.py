@@ -33,3 +33,20 @@ def test_stage_two_gradient_checkpointing_is_on_in_training_passes(stage_one, tm
     trainer = make_trainer(align_config("align.gradient_checkpointing=true"), stage_one, tmp_path)
     assert trainer.denoiser.is_gradient_checkpointing
     assert not make_trainer(align_config(), stage_one, tmp_path / "off").denoiser.is_gradient_checkpointing
+
+
+def test_offloaded_text_encoders_are_not_used_while_training_and_change_nothing(stage_one_sd3, tmp_path,
+                                                                                 monkeypatch):
+    """Every training prompt is encoded at the start: after that an epoch runs with the encoders unusable, and
+    trains the LoRA the default run trains."""
+    plain = trained_lora(align_config("align.learning_rate=1e-2"), stage_one_sd3, tmp_path / "a")
+    trainer = make_trainer(align_config("align.learning_rate=1e-2", "align.offload_text_encoders=true"),
+                           stage_one_sd3, tmp_path / "b")
+    assert len(trainer.offloaded) == 3  # CLIP-L, CLIP-G, T5
+    for encoder in trainer.offloaded:
+        monkeypatch.setattr(encoder, "forward", lambda *a, **k: pytest.fail("a text encoder ran while training"))
+    samples = trainer.sample_epoch(0)
+    trainer.train_epoch(0, samples, trainer.advantages(0, samples))
+    for k, v in trainer.denoiser.named_parameters():
+        if v.requires_grad:
+            assert torch.equal(v, plain[k]), k
