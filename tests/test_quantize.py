@@ -53,3 +53,23 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
 def test_quantization_needs_lora() -> None:
     with pytest.raises(ConfigError, match="model.quantization"):
         load_config("tiny", ["model.quantization=int8", "personalize.mode=full"])
+
+
+def test_stage_two_trains_on_the_int8_base_of_a_quantized_stage_one(tmp_path: Path, subject_photos: Path) -> None:
+    """Stage two loads stage one's base as stage one trained on it (int8), stage one's LoRA folded in, and
+    trains its own LoRA on top; the int8 weights stay as they were."""
+    from tests.align.conftest import align_config
+    from tests.align.test_train import make_trainer
+
+    subject = Subject(images=subject_photos, class_noun="toy", description="triangular")
+    config = load_config("tiny", ["runtime.report_to=none", "personalize.validation_steps=0", "personalize.mode=lora",
+                                  "model.quantization=int8", "personalize.max_train_steps=4"])
+    personalize(config, subject, tmp_path / "one")
+    trainer = make_trainer(align_config("align.learning_rate=1e-2"), tmp_path / "one", tmp_path / "two")
+    frozen = {k: v.dequantize() for k, v in trainer.denoiser.state_dict().items() if hasattr(v, "dequantize")}
+    assert frozen  # the base is int8
+    samples = trainer.sample_epoch(0)
+    trainer.train_epoch(0, samples, trainer.advantages(0, samples))
+    after = trainer.denoiser.state_dict()
+    assert all(torch.equal(after[k].dequantize(), v) for k, v in frozen.items())
+    assert any(v.abs().sum() > 0 for k, v in trainer.denoiser.named_parameters() if "lora_B" in k)
