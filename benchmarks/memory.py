@@ -29,17 +29,18 @@ REAL = {"sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "unet", 77),
 FAMILY = {"sdxl": "sdxl", "sd35": "sd3", "flux": "flux"}
 PRESETS = ["sd15-lora", "sdxl-lora", "sd35-lora", "flux-lora"]
 SAVINGS_OFF = ["personalize.gradient_checkpointing=false", "align.gradient_checkpointing=false",
-               "model.quantization=none", "personalize.use_8bit_adam=false"]
+               "model.quantization=none", "personalize.use_8bit_adam=false", "personalize.offload_encoders=false",
+               "align.offload_text_encoders=false"]
 
 
 def plan_table(presets: list[str]) -> None:
-    print("| preset | stage | savings off: peak GiB | preset's savings: peak GiB | savings on |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| preset | stage | savings off: peak | preset: while training | preset: peak | preset's savings |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for preset in presets:
         off, on = plan(load_config(preset, SAVINGS_OFF)), plan(load_config(preset, []))
         for a, b in zip(off, on):
             savings = ", ".join(k for k, v in b.savings.items() if v) or "none"
-            print(f"| {preset} | {a.stage} | {a.peak / GIB:.1f} | {b.peak / GIB:.1f} | {savings} |")
+            print(f"| {preset} | {a.stage} | {a.peak / GIB:.1f} | {b.training / GIB:.1f} | {b.peak / GIB:.1f} | {savings} |")
 
 
 def estimate(model: str, batch: int, px: int, checkpointing: bool) -> float:
