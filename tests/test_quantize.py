@@ -66,8 +66,8 @@ def test_stage_two_trains_on_the_int8_base_of_a_quantized_stage_one(tmp_path: Pa
                                   "model.quantization=int8", "personalize.max_train_steps=4"])
     personalize(config, subject, tmp_path / "one")
     trainer = make_trainer(align_config("align.learning_rate=1e-2"), tmp_path / "one", tmp_path / "two")
-    frozen = {k: v.dequantize() for k, v in trainer.denoiser.state_dict().items() if hasattr(v, "dequantize")}
-    assert frozen  # the base is int8
+    frozen = {k: v.dequantize() for k, v in trainer.denoiser.state_dict().items() if "Int8" in type(v).__name__}
+    assert len(frozen) >= 8  # the base is int8: the attention projections at least
     samples = trainer.sample_epoch(0)
     trainer.train_epoch(0, samples, trainer.advantages(0, samples))
     after = trainer.denoiser.state_dict()
