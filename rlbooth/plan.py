@@ -224,12 +224,16 @@ def denoiser_inputs(family: str, model: torch.nn.Module, batch: int, latent: int
                      "guidance": torch.ones(batch, device="meta") if config.guidance_embeds else None}
 
 
-def activations(family: str, model: torch.nn.Module, batch: int, latent: int, rank: int, targets: list[str],
+def activations(family: str, model: torch.nn.Module, batch: int, latent: int, rank: int, targets: list[str] | None,
                 tokens: int) -> SavedBytes:
-    """Saved bytes of one training forward of the denoiser with a LoRA of `rank` on `targets` (meta device)."""
+    """Saved bytes of one training forward of the denoiser (meta device), with a LoRA of `rank` on `targets`,
+    or every weight trained when `targets` is None."""
     from rlbooth.models import add_lora
 
-    add_lora(model, rank, None, targets)
+    if targets is None:
+        model.requires_grad_(True)
+    else:
+        add_lora(model, rank, None, targets)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -340,8 +344,8 @@ def plan(config: "Config") -> list[StagePlan]:
         rows += training_rows(trainable, optimizer_bytes, counted_weights=mode == "full")
         if frozen != 4:
             model.to(dtype=torch.bfloat16)
-        saved = activations(family_name, model, batch, resolution // vae_factor, rank, targets if mode == "lora"
-                            else ["__none__"], tokens)
+        saved = activations(family_name, model, batch, resolution // vae_factor, rank,
+                            targets if mode == "lora" else None, tokens)
         savings = {"gradient checkpointing": checkpointing, f"quantized base ({config.model.quantization})":
                    config.model.quantization != "none", "8-bit AdamW": optimizer_bytes == 2,
                    "encoders offloaded after caching": bool(offloaded)}

@@ -108,3 +108,11 @@ def test_cli_plan_prints_both_stages(capsys: pytest.CaptureFixture[str]) -> None
     assert main(["plan", "--config", "tiny", "--set", "align.gradient_checkpointing=true"]) == 0
     out = capsys.readouterr().out
     assert "stage one" in out and "stage two" in out and "gradient checkpointing on" in out and "peak" in out
+
+
+def test_full_fine_tune_plans_fp32_weights_and_more_activations(tiny_plans: dict[str, list]) -> None:
+    full = plan(load_config("tiny", ["runtime.mixed_precision=no", "personalize.mode=full"]))[0]
+    rows = {r.name: r for r in full.rows}
+    assert "LoRA weights" not in rows and rows["unet"].dtype == "fp32 (trained)"
+    assert rows["gradients"].params == rows["unet"].params
+    assert full.activations > tiny_plans["base"][0].activations  # every layer's input is kept, not only LoRA's
