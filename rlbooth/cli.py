@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fields", action="store_true", help="list every field with its type, default and doc")
     p.set_defaults(func=cmd_config)
 
+    p = sub.add_parser("plan", help="print each stage's memory (weights, LoRA, optimizer, activations) before any compute",
+                       description="Build the config's model on the meta device (no weights, no download) and print, "
+                       "for stage one and stage two, each component's parameters and dtype, the LoRA, gradients, AdamW "
+                       "state, an activation estimate, the peak, and which memory savings are on.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("sample", help="draw images from a finished stage's output")
     p.add_argument("stage", type=Path, help="output folder of `rlbooth personalize` or `rlbooth align`")
     p.add_argument("--prompt", "-p", action="append", default=[],
@@ -189,6 +196,13 @@ def cmd_config(args: argparse.Namespace) -> None:
     from rlbooth.config_doc import render_config, render_fields
 
     print(render_fields() if args.fields else render_config(load_config(args.config, args.overrides)), end="")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from rlbooth.config import load_config
+    from rlbooth.plan import plan, render
+
+    print(render(plan(load_config(args.config, args.overrides))), end="")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:

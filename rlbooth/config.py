@@ -81,6 +81,10 @@ class ModelConfig:
     """Weight variant of `pretrained` to load, e.g. `fp16`."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Architecture of the offline model; read only when `pretrained` is `tiny`."""
+    quantization: Literal["none", "int8", "nf4"] = "none"
+    """Store the frozen denoiser's Linear weights quantized (QLoRA; rlbooth.quantize), LoRA trains on top in
+    fp32: `int8` torchao's int8 weight-only (CPU or CUDA; `pip install 'rlbooth[quantize]'`), `nf4` bitsandbytes'
+    4-bit NormalFloat (CUDA; the `8bit` extra). Needs LoRA in both stages; the LoRA loads on the unquantized base."""
 
 
 @dataclass
@@ -187,6 +191,9 @@ class PersonalizeConfig:
     """UNet modules that get LoRA adapters."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    offload_encoders: bool = False
+    """Once the photos' latents and the prompts' embeddings are cached, move the VAE and the frozen text
+    encoders to host memory (T5-XXL is about 9.5 GB in bf16); they come back only to draw validation grids."""
     checkpointing_steps: int = 200
     """Write a resumable checkpoint every this many optimizer steps."""
     checkpoints_total_limit: int | None = 2
@@ -319,6 +326,11 @@ class AlignConfig:
     """Fold the stage-two LoRA into the UNet's weights while sampling (one matmul per layer instead of three;
     base weights restored exactly afterwards). null: on when frozen weights are float32; true needs
     runtime.mixed_precision=no, since a LoRA delta added to half-precision weights is rounded away."""
+    gradient_checkpointing: bool = False
+    """Recompute the denoiser's activations in the backward pass of the training passes (sampling keeps none)."""
+    offload_text_encoders: bool = False
+    """Encode every training prompt once at the start, then move the text encoders to host memory (T5-XXL is
+    about 9.5 GB in bf16); they come back only to draw the sample grids."""
     compile_denoiser: bool = False
     """torch.compile the UNet used for sampling (training stays eager); the first epoch pays the compile."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
@@ -542,6 +554,13 @@ class Config:
     """Stage two."""
     report: ReportConfig = field(default_factory=ReportConfig)
     """The sample sheet and report of `rlbooth run`."""
+
+    def __post_init__(self) -> None:
+        if self.model.quantization != "none":
+            _check(self.personalize.mode == "lora", "model.quantization",
+                   "a quantized base trains LoRA only: set personalize.mode=lora, or model.quantization=none")
+            _check(self.align.merge_lora_for_sampling is not True, "align.merge_lora_for_sampling",
+                   "cannot fold a LoRA into quantized weights: leave it null with model.quantization")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,6 +17,7 @@ HUB_IDS: dict[str, tuple[str, str]] = {
     "stabilityai/stable-diffusion-3.5-large": ("SD3.5 Large, named in `sd35-lora.yaml` (gated)",
                                                "Stability AI Community License"),
     "black-forest-labs/FLUX.1-dev": ("FLUX.1-dev: `flux-lora.yaml` (gated)", "FLUX.1 [dev] Non-Commercial License"),
+    "Qwen/Qwen-Image": ("Qwen-Image: `qwen-image-lora.yaml`", "Apache-2.0"),
     "facebook/dino-vits16": ("DINO ViT-S/16: `identity_dino`, DreamBench's DINO", "Apache-2.0"),
     "openai/clip-vit-large-patch14": ("CLIP ViT-L/14: `aesthetic`", "MIT"),
     "camenduru/improved-aesthetic-predictor": ("the LAION aesthetic head `sac+logos+ava1-l14-linearMSE.pth`: "

@@ -197,7 +197,15 @@ def load_pipeline(cfg: ModelConfig, torch_dtype: "torch.dtype | None" = None) ->
         source = cfg.pretrained
     local = Path(source).exists()
     extra = {"vae": load_vae(cfg.vae, torch_dtype)} if cfg.vae else {}
+    if cfg.quantization != "none":
+        from rlbooth.quantize import load_quantized_denoiser, require
+
+        require(cfg.quantization)
     try:
+        if cfg.quantization != "none":
+            extra[family.denoiser] = load_quantized_denoiser(source, family.denoiser, cfg.quantization,
+                                                             revision=None if local else cfg.revision,
+                                                             variant=cfg.variant, torch_dtype=torch_dtype)
         return family.load(source, revision=None if local else cfg.revision, variant=cfg.variant,
                            torch_dtype=torch_dtype, **extra)
     except Exception as err:  # hub, network and file errors come in many classes; all mean "no weights"

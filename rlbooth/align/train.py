@@ -47,10 +47,12 @@ from rlbooth.checkpoint import (latest_checkpoint, load_checkpoint, load_extra_t
 from rlbooth.config import AlignConfig, Config, ConfigError
 from rlbooth.images import save_image_atomic
 from rlbooth.models import add_lora, save_lora
+from rlbooth.memory import frozen_modules, offload, on_device
 from rlbooth.optim import adamw
 from rlbooth.families import Conditioning, family_of
 from rlbooth.families.base import latent_channels, square_geometry
-from rlbooth.prompts import Prompt, PromptSampler, default_prompt_set, heldout_prompt_set, read_prompt_file
+from rlbooth.prompts import Prompt, PromptSampler, default_prompt_set, expand, heldout_prompt_set, read_prompt_file
+from rlbooth.quantize import is_quantized
 from rlbooth.rewards import CompositeReward
 from rlbooth.rewards.composite import check_composite
 from rlbooth.sampling import draw_grid, fixed_resolution
@@ -205,12 +207,15 @@ class DDPOTrainer:
             self.uncond = self.family.with_geometry(self.family.unconditional(self.pipe), self.geometry)
         self.pass_key = (0, 0)  # (epoch, inner epoch) of the training pass running: keys NFT's noise
         self.algorithm = make_algorithm(self.cfg.algorithm, self)
+        if self.cfg.offload_text_encoders:  # every prompt the sampler can draw, encoded while they are here
+            self.embed([p.text for p in expand(templates, self.subject)])
+            offload(self.offloaded)
 
     def _freeze_and_add_lora(self, denoiser: torch.nn.Module, frozen_dtype: torch.dtype) -> None:
         pipe, cfg = self.pipe, self.cfg
         for module in (pipe.vae, *self.family.text_encoder_modules(pipe), denoiser):
             module.requires_grad_(False)
-            if frozen_dtype != torch.float32:
+            if frozen_dtype != torch.float32 and not is_quantized(module):
                 module.to(dtype=frozen_dtype)
         torch.manual_seed(self.seed)
         add_lora(denoiser, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, adapter_name=ALIGN_ADAPTER,
@@ -218,8 +223,15 @@ class DDPOTrainer:
         for p in denoiser.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+        if cfg.gradient_checkpointing:  # only passes with grad enabled recompute: sampling is unaffected
+            denoiser.enable_gradient_checkpointing()
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def offloaded(self) -> list[torch.nn.Module]:
+        """The text encoders `align.offload_text_encoders` keeps in host memory between sample grids."""
+        return frozen_modules(self.pipe, list(self.family.text_encoders), []) if self.cfg.offload_text_encoders else []
 
     def models(self) -> dict[str, torch.nn.Module]:
         return {self.family.denoiser: self.unet}
@@ -452,8 +464,9 @@ class DDPOTrainer:
         """The held-out evaluation after `done` epochs (every process draws it, so all agree on the stop)."""
         self.unet.eval()
         dtype = weight_dtype(self.acc)
-        scores = self.evaluator(self.pipe, None if dtype == torch.float32 else dtype,
-                                fixed_resolution(self.pipe, self.resolution))
+        with on_device(self.offloaded, self.acc.device):  # the held-out prompts are encoded as it draws
+            scores = self.evaluator(self.pipe, None if dtype == torch.float32 else dtype,
+                                    fixed_resolution(self.pipe, self.resolution))
         row = {"epoch": done, "train_reward": train_reward} | scores
         alarm = self.watch.record(row, trainable_parameters(self.acc, self.models()))
         if self.acc.is_main_process:
@@ -481,10 +494,11 @@ class DDPOTrainer:
         acc = self.acc
         if acc.is_main_process:
             dtype = weight_dtype(acc)
-            grid = draw_grid(self.pipe, [self.subject.prompt(t) for t in self.cfg.grid_prompts], self.cfg.grid_seeds,
-                             self.cfg.num_steps, self.cfg.guidance_scale,
-                             autocast_dtype=None if dtype == torch.float32 else dtype,
-                             resolution=fixed_resolution(self.pipe, self.resolution))
+            with on_device(self.offloaded, acc.device):
+                grid = draw_grid(self.pipe, [self.subject.prompt(t) for t in self.cfg.grid_prompts],
+                                 self.cfg.grid_seeds, self.cfg.num_steps, self.cfg.guidance_scale,
+                                 autocast_dtype=None if dtype == torch.float32 else dtype,
+                                 resolution=fixed_resolution(self.pipe, self.resolution))
             save_image_atomic(grid, self.output_dir / "samples" / f"epoch-{epoch}.png")
             log_grid(acc, "samples", grid, epoch)
         acc.wait_for_everyone()

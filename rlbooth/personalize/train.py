@@ -31,6 +31,8 @@ from rlbooth.optim import OptimizerImpl, adamw
 from rlbooth.personalize.class_images import generate_class_images
 from rlbooth.personalize.data import DreamBoothData, encode_images
 from rlbooth.personalize.objective import Objective, objective_for
+from rlbooth.memory import frozen_modules, offload, on_device
+from rlbooth.quantize import is_quantized
 from rlbooth.sampling import draw_grid, fixed_resolution
 from rlbooth.lock import output_lock
 from rlbooth.stages import check_output_dir, claim_output, publish, stage_request
@@ -54,7 +56,8 @@ def personalize(config: Config, subject: Subject, output_dir: str | Path, resume
 def train(config: Config, subject: Subject, output_dir: Path, instance_paths: list[Path], resume: bool) -> Path:
     cfg = config.personalize
     accelerator = make_accelerator(config.runtime, output_dir, cfg.gradient_accumulation_steps)
-    pipe = load_pipeline(config.model)
+    # A quantized denoiser cannot be cast later: its other weights load in the frozen dtype.
+    pipe = load_pipeline(config.model, weight_dtype(accelerator) if config.model.quantization != "none" else None)
     family = family_of(pipe)
     pipe.to(accelerator.device)
     instance_prompt = subject.prompt(cfg.instance_prompt)
@@ -73,6 +76,7 @@ def train(config: Config, subject: Subject, output_dir: Path, instance_paths: li
     data = build_data(pipe, cfg, config.runtime.seed, instance_paths, class_paths, objective)
     prompts = PromptInputs.build(pipe, family, cfg.train_text_encoder, instance_prompt,
                                  class_prompt if class_paths else None)
+    offload(offloaded(pipe, family, cfg))
 
     optimizer = make_optimizer(params, cfg, config.runtime.optimizer_impl)
     from diffusers.optimization import get_scheduler
@@ -128,7 +132,8 @@ def setup_trainable(pipe: Any, family: Family, cfg: PersonalizeConfig, frozen_dt
     denoiser = getattr(pipe, family.denoiser)
     text_encoders = family.text_encoder_modules(pipe)
     trained_encoders = [getattr(pipe, name) for name in family.lora_text_encoders] if cfg.train_text_encoder else []
-    cast = (lambda m: m.to(dtype=frozen_dtype)) if frozen_dtype != torch.float32 else (lambda m: m)
+    cast = (lambda m: m if is_quantized(m) else m.to(dtype=frozen_dtype)) if frozen_dtype != torch.float32 \
+        else (lambda m: m)
     cast(pipe.vae.requires_grad_(False))
     denoiser.requires_grad_(cfg.mode == "full")
     for encoder in text_encoders:
@@ -189,6 +194,14 @@ class PromptInputs:
         if self.frozen is not None:
             return self.frozen.repeat_interleave(batch_size)
         return self.family.encode(text_encoders, [ids.repeat_interleave(batch_size, dim=0) for ids in self.ids])
+
+
+def offloaded(pipe: Any, family: Family, cfg: PersonalizeConfig) -> list[torch.nn.Module]:
+    """What `personalize.offload_encoders` keeps in host memory: the VAE and the text encoders not trained."""
+    if not cfg.offload_encoders:
+        return []
+    trained = list(family.lora_text_encoders) if cfg.train_text_encoder else []
+    return frozen_modules(pipe, ["vae", *family.text_encoders], trained)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: PersonalizeConfig, impl: OptimizerImpl = "auto"
@@ -284,9 +297,10 @@ class TrainLoop:
         prompts = [self.subject.prompt(t) for t in cfg.validation_prompts]
         dtype = weight_dtype(acc)
         self.train_mode(False)
-        grid = draw_grid(self.pipe, prompts, cfg.validation_seeds, cfg.validation_inference_steps,
-                         cfg.validation_guidance_scale, autocast_dtype=None if dtype == torch.float32 else dtype,
-                         resolution=fixed_resolution(self.pipe, cfg.resolution))
+        with on_device(offloaded(self.pipe, self.family, cfg), acc.device):
+            grid = draw_grid(self.pipe, prompts, cfg.validation_seeds, cfg.validation_inference_steps,
+                             cfg.validation_guidance_scale, autocast_dtype=None if dtype == torch.float32 else dtype,
+                             resolution=fixed_resolution(self.pipe, cfg.resolution))
         self.train_mode(True)
         save_image_atomic(grid, self.output_dir / "samples" / f"step-{step}.png")
         log_grid(acc, "validation", grid, step)

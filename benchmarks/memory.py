@@ -1,0 +1,93 @@
+"""Memory at the real models' size: `rlbooth plan`'s figures for the presets, and measured training passes.
+
+    python benchmarks/memory.py plan [--preset sdxl-lora ...]          # estimates, every saving off and on
+    python benchmarks/memory.py measure [--model sdxl sd35] [--px 256 512] [--batch 2]
+
+`measure` builds the SDXL UNet (2.6 B) and the SD3.5-Medium transformer (2.5 B) from their real configs
+with random bf16 weights, adds a rank-4 LoRA, and runs one forward and backward at the batch both stages use
+with these presets (stage one: a photo and a class image; stage two at train batch 1: the CFG pair), with
+gradient checkpointing off and on, each in a fresh process (rlbooth.memory). It prints the measured peak above
+the loaded weights beside plan's estimate of the same pass (activations + LoRA gradients). On a CPU the peak
+is RSS; on CUDA the allocator's. Check free memory first: a pass at 512 px without checkpointing needs
+several GB beyond the 5 GB of weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rlbooth.config import load_config
+from rlbooth.memory import Case, measure
+from rlbooth.plan import ARCHITECTURES, GIB, activations, build_meta, lora_parameters, plan
+
+REAL = {"sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "unet", 77),
+        "sd35": ("stabilityai/stable-diffusion-3.5-medium", "transformer", 256 + 77),
+        "flux": ("black-forest-labs/FLUX.1-dev", "transformer", 512)}
+"""Model, denoiser component and text tokens of the conditioning (SD3: CLIP's 77 then T5's 256)."""
+FAMILY = {"sdxl": "sdxl", "sd35": "sd3", "flux": "flux"}
+PRESETS = ["sd15-lora", "sdxl-lora", "sd35-lora", "flux-lora"]
+SAVINGS_OFF = ["personalize.gradient_checkpointing=false", "align.gradient_checkpointing=false",
+               "model.quantization=none", "personalize.use_8bit_adam=false", "personalize.offload_encoders=false",
+               "align.offload_text_encoders=false"]
+
+
+def plan_table(presets: list[str]) -> None:
+    print("| preset | stage | savings off: peak | preset: while training | preset: peak | preset's savings |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for preset in presets:
+        off, on = plan(load_config(preset, SAVINGS_OFF)), plan(load_config(preset, []))
+        for a, b in zip(off, on):
+            savings = ", ".join(k for k, v in b.savings.items() if v) or "none"
+            print(f"| {preset} | {a.stage} | {a.peak / GIB:.1f} | {b.training / GIB:.1f} | {b.peak / GIB:.1f} | {savings} |")
+
+
+def estimate(model: str, batch: int, px: int, checkpointing: bool) -> float:
+    """plan's figure for the same pass: activations plus the LoRA's fp32 gradients."""
+    import torch
+
+    repo, component, tokens = REAL[model]
+    denoiser = build_meta(*ARCHITECTURES[repo][component]).to(dtype=torch.bfloat16)
+    targets = ["to_k", "to_q", "to_v", "to_out.0"]
+    grads = 4 * lora_parameters(denoiser, 4, targets)
+    saved = activations(FAMILY[model], denoiser, batch, px // 8, 4, targets, tokens - 77 if model == "sd35" else tokens)
+    return (saved.checkpointed() if checkpointing else saved.total) + grads
+
+
+def measure_table(models: list[str], sizes: list[int], batch: int) -> None:
+    print("| model | px | batch | checkpointing | measured peak above weights GiB | plan's estimate GiB | s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for model in models:
+        repo, component, tokens = REAL[model]
+        library, class_name, config = ARCHITECTURES[repo][component]
+        for px in sizes:
+            for checkpointing in (False, True):
+                case = Case(library, class_name, config, FAMILY[model], batch, px // 8, checkpointing=checkpointing,
+                            tokens=tokens - 77 if model == "sd35" else tokens)
+                start = time.perf_counter()
+                result = measure(case, timeout=3600)
+                seconds = time.perf_counter() - start
+                print(f"| {model} | {px} | {batch} | {'on' if checkpointing else 'off'} | "
+                      f"{result['peak_bytes'] / GIB:.2f} ({result['device']}) | "
+                      f"{estimate(model, batch, px, checkpointing) / GIB:.2f} | {seconds:.0f} |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan")
+    p.add_argument("--preset", nargs="+", default=PRESETS)
+    p = sub.add_parser("measure")
+    p.add_argument("--model", nargs="+", default=["sdxl", "sd35"], choices=list(REAL))
+    p.add_argument("--px", nargs="+", type=int, default=[256, 512])
+    p.add_argument("--batch", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.command == "plan":
+        plan_table(args.preset)
+    else:
+        measure_table(args.model, args.px, args.batch)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

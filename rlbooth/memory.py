@@ -1,0 +1,164 @@
+"""Memory savings that move frozen components off the device, and the measured peak memory of one training
+pass of a denoiser with a LoRA (what `rlbooth plan` estimates).
+
+Offloading: once stage one has cached the photos' latents and the prompts' embeddings (and stage two every
+training prompt's), the VAE and frozen text encoders are only needed to draw sample grids; they wait in host
+memory and come back for the grids (`on_device`).
+
+A pass is the denoiser's forward and backward at a stage's batch: stage one's rows are the photos and the
+prior-preservation images, stage two's the CFG pair of each trajectory (the PPO loss on top is a few
+tensors per row). On CUDA the figure is the allocator's peak above what was allocated before the pass; on a
+CPU, the process's peak RSS above the peak before it, so each measurement runs in a fresh process
+(`measure`), where nothing earlier peaked higher.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+
+def frozen_modules(pipe: Any, names: list[str], trained: list[str]) -> list[torch.nn.Module]:
+    """The pipeline's components of these names that exist and are not trained."""
+    return [getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None and n not in trained]
+
+
+def offload(modules: list[torch.nn.Module]) -> None:
+    """Move the modules to host memory."""
+    for module in modules:
+        module.to("cpu")
+
+
+@contextmanager
+def on_device(modules: list[torch.nn.Module], device: Any) -> Iterator[None]:
+    """The offloaded modules on the device for a while (a sample grid), then back in host memory."""
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        offload(modules)
+
+
+@dataclass
+class Case:
+    """One measurement: a denoiser built from its config with random weights, a LoRA, one pass."""
+
+    library: str
+    class_name: str
+    config: dict
+    family: str
+    batch: int
+    latent: int
+    """Latent side (the image side over the VAE's factor, 8)."""
+    dtype: str = "bfloat16"
+    """Dtype of the frozen weights and the inputs; the LoRA is fp32."""
+    checkpointing: bool = False
+    quantization: str = "none"
+    tokens: int = 77
+    """Text tokens of the conditioning (T5's: 256 for SD3, 512 for FLUX)."""
+    lora_targets: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+
+
+def build(case: Case, device: str) -> torch.nn.Module:
+    """The denoiser with random weights in `case.dtype` (Linear weights int8 with `int8`), and a rank-4 LoRA."""
+    import importlib
+
+    from rlbooth.models import add_lora
+
+    cls = getattr(importlib.import_module(case.library), case.class_name)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, case.dtype))  # built in its dtype: no fp32 copy of a 12B model
+    try:
+        with torch.device(device):
+            model = cls.from_config(case.config)
+    finally:
+        torch.set_default_dtype(default)
+    if case.quantization == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig())
+    add_lora(model, 4, None, case.lora_targets)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if case.checkpointing:
+        model.enable_gradient_checkpointing()
+    return model.train()
+
+
+def real_inputs(case: Case, model: torch.nn.Module, device: str) -> dict:
+    """Random inputs of the shapes `rlbooth.plan.denoiser_inputs` describes, on the device."""
+    from rlbooth.plan import denoiser_inputs
+
+    def materialize(value):
+        if isinstance(value, dict):
+            return {k: materialize(v) for k, v in value.items()}
+        if isinstance(value, torch.Tensor):
+            if value.dtype in (torch.long, torch.int64):
+                return torch.full(value.shape, 500, device=device, dtype=value.dtype)
+            return torch.randn(value.shape, device=device, dtype=value.dtype) if value.dtype.is_floating_point \
+                else value.to(device)
+        return value
+
+    meta = denoiser_inputs(case.family, model, case.batch, case.latent, {"t5_tokens": case.tokens})
+    inputs = materialize(meta)
+    if case.family in ("sd3", "flux"):
+        inputs["timestep"] = torch.full((case.batch,), 500.0 if case.family == "sd3" else 0.5, device=device)
+    if case.family == "flux":
+        side = case.latent // 2
+        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        inputs["img_ids"] = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float().to(device)
+        inputs["txt_ids"] = torch.zeros(case.tokens, 3, device=device)
+        inputs["guidance"] = torch.full((case.batch,), 3.5, device=device) if model.config.guidance_embeds else None
+    return inputs
+
+
+def one_pass(model: torch.nn.Module, inputs: dict) -> None:
+    out = model(**inputs)
+    out = out[0] if isinstance(out, tuple) else out.sample
+    out.float().pow(2).mean().backward()
+
+
+def peak_of_pass(case: Case) -> dict:
+    """Run one pass in this process and return its peak (bytes above the peak before it) and the LoRA grads'
+    checksum (equal with checkpointing on and off)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build(case, device)
+    inputs = real_inputs(case, model, device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    one_pass(model, inputs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    grads = sum(p.grad.double().sum().item() for p in model.parameters() if p.grad is not None)
+    return {"peak_bytes": peak, "grad_sum": grads, "device": device}
+
+
+def measure(case: Case, timeout: float = 900) -> dict:
+    """`peak_of_pass` in a fresh Python process."""
+    done = subprocess.run([sys.executable, "-m", "rlbooth.memory", json.dumps(asdict(case))], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory measurement failed ({done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(json.dumps(peak_of_pass(Case(**json.loads(sys.argv[1])))))

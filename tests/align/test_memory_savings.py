@@ -1,0 +1,52 @@
+"""Stage two's gradient checkpointing trains the same LoRA (it only recomputes the training passes' activations)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.align.conftest import align_config
+from tests.align.test_train import make_trainer
+
+
+def trained_lora(config, stage_one: Path, out: Path) -> dict[str, torch.Tensor]:
+    trainer = make_trainer(config, stage_one, out)
+    samples = trainer.sample_epoch(0)
+    trainer.train_epoch(0, samples, trainer.advantages(0, samples))
+    return {k: v.detach().clone() for k, v in trainer.denoiser.named_parameters() if v.requires_grad}
+
+
+@pytest.mark.parametrize("stage_one_fixture", ["stage_one", "stage_one_sd3"])
+def test_stage_two_gradient_checkpointing_trains_the_same_lora(stage_one_fixture, request, tmp_path):
+    stage_one = request.getfixturevalue(stage_one_fixture)
+    plain = trained_lora(align_config("align.learning_rate=1e-2"), stage_one, tmp_path / "a")
+    checkpointed = trained_lora(align_config("align.learning_rate=1e-2", "align.gradient_checkpointing=true"),
+                                stage_one, tmp_path / "b")
+    assert any(v.abs().sum() > 0 for k, v in plain.items() if "lora_B" in k)  # it trained
+    for k, v in plain.items():
+        torch.testing.assert_close(checkpointed[k], v, rtol=0, atol=1e-7)
+
+
+def test_stage_two_gradient_checkpointing_is_on_in_training_passes(stage_one, tmp_path):
+    trainer = make_trainer(align_config("align.gradient_checkpointing=true"), stage_one, tmp_path)
+    assert trainer.denoiser.is_gradient_checkpointing
+    assert not make_trainer(align_config(), stage_one, tmp_path / "off").denoiser.is_gradient_checkpointing
+
+
+def test_offloaded_text_encoders_are_not_used_while_training_and_change_nothing(stage_one_sd3, tmp_path,
+                                                                                 monkeypatch):
+    """Every training prompt is encoded at the start: after that an epoch runs with the encoders unusable, and
+    trains the LoRA the default run trains."""
+    plain = trained_lora(align_config("align.learning_rate=1e-2"), stage_one_sd3, tmp_path / "a")
+    trainer = make_trainer(align_config("align.learning_rate=1e-2", "align.offload_text_encoders=true"),
+                           stage_one_sd3, tmp_path / "b")
+    assert len(trainer.offloaded) == 3  # CLIP-L, CLIP-G, T5
+    for encoder in trainer.offloaded:
+        monkeypatch.setattr(encoder, "forward", lambda *a, **k: pytest.fail("a text encoder ran while training"))
+    samples = trainer.sample_epoch(0)
+    trainer.train_epoch(0, samples, trainer.advantages(0, samples))
+    for k, v in trainer.denoiser.named_parameters():
+        if v.requires_grad:
+            assert torch.equal(v, plain[k]), k
