@@ -14,7 +14,7 @@ from tests.conftest import REPO
 
 ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.+-]+(?:/[\w.+-]+\.(?:pth|safetensors|pt))?")
 """`owner/repo`, or a hub file spec `owner/repo/file.pth` (the aesthetic head)."""
-NOT_HUB = {"runs", "samples", "model", "reward", "my-dog", "identity_face", "weights-flow"}
+NOT_HUB = {"runs", "samples", "model", "reward", "my-dog", "identity_face", "weights-flow", "owner"}
 """First parts of paths in examples and logs that are no hub owners (plus the repository's own folders)."""
 
 
