@@ -182,6 +182,12 @@ STAGE_FIELDS["align"] = STAGE_FIELDS["personalize"] + ("align",)
 STAGE_FIELDS["report"] = STAGE_FIELDS["align"] + ("report",)
 """The config sections and fields that change each stage's result (besides the subject and, for stage two,
 the stage-one folder); a finished stage or its checkpoints are reused only when these match."""
+SAME_RESULT = {*(f"personalize.{name}" for name in (
+    "checkpointing_steps", "checkpoints_total_limit", "gradient_checkpointing", "validation_steps",
+    "validation_prompts", "validation_seeds", "validation_inference_steps", "validation_guidance_scale")),
+    *(f"align.{name}" for name in ("checkpointing_epochs", "checkpoints_total_limit", "grid_prompts", "grid_seeds",
+                                   "grid_every", "reward_thread", "compile_denoiser", "compile_mode"))}
+"""Fields of those sections that only log, checkpoint or speed up: a resumed run may change them."""
 
 
 def stage_request(stage: str, config: Config, subject: Subject, stage_one: Path | None = None) -> dict[str, Any]:
@@ -189,8 +195,8 @@ def stage_request(stage: str, config: Config, subject: Subject, stage_one: Path 
     from rlbooth.accel import flat_hparams
 
     fields = flat_hparams(config.to_dict())
-    request = {key: value for key, value in fields.items()
-               if any(key == f or key.startswith(f"{f}.") for f in STAGE_FIELDS[stage])}
+    request = {key: value for key, value in fields.items() if key not in SAME_RESULT
+               and any(key == f or key.startswith(f"{f}.") for f in STAGE_FIELDS[stage])}
     request |= flat_hparams(subject.to_dict(), "subject.")
     if stage_one is not None:
         request["stage_one"] = str(stage_one.resolve())

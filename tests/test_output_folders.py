@@ -144,3 +144,16 @@ def test_two_processes_one_folder_the_second_is_refused_the_first_finishes(tmp_p
     out, err_first = first.communicate(timeout=600)
     assert first.returncode == 0, err_first
     assert (tmp_path / "out" / METADATA).is_file() and "stage one finished" in out
+
+
+def test_logging_and_checkpointing_fields_do_not_block_a_resume(tmp_path: Path):
+    subject = Subject.from_yaml(TOY_SUBJECT)
+    folder = tmp_path / "personalize"
+    claim_output(folder, "personalize", stage_request("personalize", load_config("toy"), subject))
+    (folder / "checkpoints" / "step-400").mkdir(parents=True)
+    resumed = load_config("toy", ["personalize.checkpointing_steps=100", "personalize.validation_steps=0",
+                                  "personalize.validation_seeds=[5]", "align.grid_every=0"])
+    claim_output(folder, "personalize", stage_request("personalize", resumed, subject))
+    with pytest.raises(OutputError, match="personalize.max_train_steps: 1200 there, 1300 now"):
+        claim_output(folder, "personalize",
+                     stage_request("personalize", load_config("toy", ["personalize.max_train_steps=1300"]), subject))
