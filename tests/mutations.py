@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-COPIED = ["rlbooth", "tests", "examples", "configs", "prompts", "dreambench", "pyproject.toml"]
+COPIED = ["rlbooth", "tests", "examples", "configs", "prompts", "dreambench", "benchmarks", "pyproject.toml", "setup.cfg",
+          "setup.py", "README.md"]
 DATA_PACKAGES = {"presets": "configs", "prompt_sets": "prompts", "dreambench": "dreambench"}
 """setup.py's mapping of the data folders into the package, rebuilt in the scratch copy."""
 
@@ -112,6 +113,34 @@ MUTATIONS: list[Mutation] = [
              "descriptors = self.recognizer.compute_face_descriptor(chips)",
              "descriptors = [chip[::10, ::10].astype(np.float64).ravel() for chip in chips]",
              ("tests/rewards/test_identity_dlib.py",)),
+    # Issue 34: LoRA files, reuse, locks, export metadata.
+    Mutation("lora-mixed-layout", "rlbooth/models.py",
+             'return {key.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): value\n'
+             "            for key, value in layers.items()}",
+             "return layers",
+             ("tests/test_lora_files.py::test_wide_target_lora_loads_every_module_in_plain_diffusers",)),
+    Mutation("stage-reuse-ignores-config", "rlbooth/stages.py",
+             "differing = sorted(key for key in request if made is not None and key in made and made[key] != "
+             "request[key])",
+             "differing = []",
+             ("tests/test_output_folders.py::test_readme_sequence_toy_then_toy_flow_never_reuses_the_unet_stages",)),
+    Mutation("output-lock-off", "rlbooth/lock.py",
+             "fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)", "pass",
+             ("tests/test_output_folders.py::test_a_lock_left_by_a_killed_process_is_taken_over",)),
+    Mutation("export-without-base-version", "rlbooth/export.py",
+             '"ss_base_model_version": ', '"ss_base_model": ',
+             ("tests/test_export.py",)),
+    # Issue 33: Qwen-Image's and Z-Image's guidance and conditioning against their pipelines.
+    Mutation("qwen-cfg-without-norm-rescale", "rlbooth/families/qwenimage.py",
+             "rescaled = combined * (cond.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))",
+             "rescaled = combined",
+             ("tests/families/test_qwenimage.py::test_two_true_cfg_steps_equal_the_pipelines",)),
+    Mutation("qwen-template-tokens", "rlbooth/families/qwenimage.py",
+             "DROPPED_TOKENS = 34", "DROPPED_TOKENS = 33",
+             ("tests/families/test_qwenimage.py",)),
+    Mutation("zimage-velocity-sign", "rlbooth/families/zimage.py",
+             "return -torch.stack(out).squeeze(2)", "return torch.stack(out).squeeze(2)",
+             ("tests/families/test_zimage.py::test_two_cfg_steps_equal_the_pipelines",)),
     # The toy worlds' guards: stage two's gain must vanish with the update's sign flipped (README, the toy world).
     Mutation("ppo-surrogate-sign-toy-worlds", "rlbooth/align/ppo.py",
              "loss = torch.mean(torch.maximum(unclipped, clipped))",
