@@ -14,6 +14,7 @@ from rlbooth.align.ppo import group_advantages
 from rlbooth.align.rollout import guided_noise
 from rlbooth.align.steps import trained_steps, window_steps
 from rlbooth.config import AlignConfig, ConfigError
+from rlbooth.families.base import Family
 from tests.align.conftest import align_config
 from tests.align.test_flow import SD3_SIGMAS
 from tests.align.test_train import make_trainer
@@ -55,6 +56,7 @@ class _ScaledFamily:
     """A CFG family whose denoiser is w * x * c, c the row's conditioning scalar."""
 
     classifier_free_guidance = True
+    guide = Family.guide  # the plain combination u + g (c - u)
 
     @staticmethod
     def denoise(unet, latents, timesteps, cond):
