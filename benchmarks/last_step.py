@@ -2,10 +2,10 @@
 
     python benchmarks/last_step.py --stage-one runs/tiny-sd3/personalize --config tiny-sd3 [--set align.num_steps=10]
 
-Samples one epoch, then prints per step: sigma, the step's std, its share of the policy-gradient norm (the
-sum over steps of each step's gradient norm, at the sampling weights, with batch-normalized advantages),
-its share of |PPO loss| and its clip fraction after one training pass over the samples (the first pass's
-ratios are 1). DDPO's random selection (align.train_step_selection: random) trains the last step whenever
+Samples one epoch, then prints per step: sigma, the step's std, its share of the PPO loss's gradient norm
+(of the sum over steps of each step's norm, at the sampling weights, with the run's advantages), and its
+share of |PPO loss| and its clip fraction after training on the samples (align.num_inner_epochs passes; in
+the first the ratios are 1). DDPO's random selection (align.train_step_selection: random) trains the last step whenever
 it is drawn; Flow-GRPO's (`first`, fraction 0.99 at 10 steps) never does.
 """
 
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
             for i in range(len(before))] if trainer.family.flow_matching else [float("nan")] * len(before)
     total_grad, total_loss = sum(f["grad"] for f in before), sum(f["loss"] for f in after)
     print(f"{len(samples.indices)} samples of {cfg.num_steps} steps, clip_range {cfg.clip_range}, "
-          f"lr {cfg.learning_rate}, one pass of {cfg.train_step_selection} steps (fraction {cfg.timestep_fraction})")
+          f"lr {cfg.learning_rate}, {cfg.num_inner_epochs} training pass(es) of {cfg.train_step_selection} steps "
+          f"(fraction {cfg.timestep_fraction})")
     print(f"{'step':>4} {'sigma':>7} {'std':>7} {'grad share':>10} {'|loss| share':>12} {'clipfrac':>8}")
     for i, (b, a) in enumerate(zip(before, after)):
         print(f"{i:>4} {float(sigmas[i]):7.4f} {stds[i]:7.4f} {b['grad'] / total_grad:10.3f} "
