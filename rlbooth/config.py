@@ -469,7 +469,8 @@ class AlignConfig:
                f"got {self.gradient_accumulation_steps}")
         _check(self.algorithm in ("ppo", "nft"), "align.algorithm", f"must be ppo or nft, got {self.algorithm!r}")
         _check(self.nft_beta > 0, "align.nft_beta", f"must be positive, got {self.nft_beta}")
-        _check(self.nft_decay_type in (0, 1, 2), "align.nft_decay_type", f"must be 0, 1 or 2, got {self.nft_decay_type}")
+        _check(self.nft_decay_type in (0, 1, 2), "align.nft_decay_type",
+               f"must be 0, 1 or 2, got {self.nft_decay_type}")
         _check(self.nft_guidance_scale >= 1, "align.nft_guidance_scale",
                f"must be at least 1 (1: no guidance), got {self.nft_guidance_scale}")
         _check(not (self.algorithm == "nft" and self.nft_sampler == "ode" and self.samples_per_noise > 1),
