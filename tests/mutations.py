@@ -135,6 +135,21 @@ MUTATIONS: list[Mutation] = [
              "descriptors = self.recognizer.compute_face_descriptor(chips)",
              "descriptors = [chip[::10, ::10].astype(np.float64).ravel() for chip in chips]",
              ("tests/rewards/test_identity_dlib.py",)),
+    # Issue 29: DiffusionNFT.
+    Mutation("nft-r-flipped", "rlbooth/align/algorithms/nft.py",
+             "return (advantages / adv_clip_max / 2 + 0.5).clamp(0, 1)",
+             "return (0.5 - advantages / adv_clip_max / 2).clamp(0, 1)",
+             ("tests/align/test_nft.py::test_flow_loss_equals_the_reference_formula",
+              "tests/align/test_nft.py::test_reward_weight_of_each_advantage_mode")),
+    Mutation("nft-old-policy-is-the-trained-one", "rlbooth/align/algorithms/nft.py",
+             "old.copy_(old * d + p.detach() * (1 - d))", "old.copy_(p.detach())",
+             ("tests/align/test_nft.py::test_old_policy_samples_and_follows_the_decay_schedule",)),
+    Mutation("nft-samples-with-trained-weights", "rlbooth/align/algorithms/nft.py",
+             "return self._old_weights()", "return super().sampling_weights()",
+             ("tests/align/test_nft.py::test_old_policy_samples_and_follows_the_decay_schedule",)),
+    Mutation("nft-resume-loses-old-policy", "rlbooth/align/algorithms/nft.py",
+             'old.copy_(tensors[f"old.{i}"])', "old.copy_(old)",
+             ("tests/align/test_nft.py::test_killed_nft_run_resumes_to_the_same_weights",), slow=True),
     # Issue 34: LoRA files, reuse, locks, export metadata.
     Mutation("lora-mixed-layout", "rlbooth/models.py",
              'return {key.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): value\n'

@@ -211,6 +211,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["stage_one", "stage_one_sd3"])
 def test_killed_nft_run_resumes_to_the_same_weights(stage, request, tmp_path, monkeypatch):
     """The old policy is part of the checkpoint: without it the resumed run samples from another policy."""
@@ -240,6 +241,7 @@ def test_killed_nft_run_resumes_to_the_same_weights(stage, request, tmp_path, mo
     assert history(whole) == history(resumed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["stage_one", "stage_one_sd3"])
 def test_two_nft_processes_equal_one(stage, request, tmp_path):
     """As tests/align/test_distributed.py for ppo: the old policy, the forward noise and the loss are the same
