@@ -26,10 +26,11 @@ from rlbooth.stages import is_finished
 from rlbooth.subject import Subject
 from rlbooth.toyworld.experiment import EXAMPLE_SUBJECT
 
-HACKING = ["align.reward={toy_alignment: 1.0}", "align.eval_every=2", "align.eval_num_prompts=8",
-           "align.eval_num_steps=20", "align.eval_seeds=[0, 1, 2, 3]", "align.keep=best",
+HACKING = ["align.reward={toy_alignment: 1.0, toy_identity: 0.0, toy_aesthetic: 0.0}", "align.eval_every=2",
+           "align.eval_num_prompts=8", "align.eval_num_steps=20", "align.eval_seeds=[0, 1, 2, 3]", "align.keep=best",
            "align.eval_rewards={toy_alignment: 1.0, toy_identity: 1.0, toy_scene_accuracy: 0.0}"]
-"""Stage two that can hack (with --set for the learning rate and epochs): alignment alone is rewarded."""
+"""Stage two that can hack (with --set for the learning rate and epochs): alignment alone is rewarded (the
+preset's other rewards at weight 0: an override's mapping merges into the preset's)."""
 TRUTH = ("heldout/toy_scene_accuracy", "heldout/toy_alignment", "heldout/toy_identity")
 
 

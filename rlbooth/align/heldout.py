@@ -12,7 +12,6 @@ An evaluation row: `epoch` (epochs done), `train_reward` (that epoch's training 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,6 @@ from rlbooth.config import AlignConfig
 from rlbooth.prompts import Prompt, read_prompt_file
 from rlbooth.rewards import CompositeReward
 from rlbooth.subject import Subject
-
-logger = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 

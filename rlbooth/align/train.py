@@ -56,6 +56,7 @@ from rlbooth.quantize import is_quantized
 from rlbooth.rewards import CompositeReward
 from rlbooth.rewards.composite import check_composite
 from rlbooth.sampling import draw_grid, fixed_resolution
+from rlbooth.subject import Subject
 from rlbooth.stages import ALIGN_ADAPTER, StageOutput, check_output_dir, load_stage_pipeline, publish, read_stage
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,8 @@ def eval_reward_options(cfg: AlignConfig) -> dict[str, dict[str, Any]]:
             for name in cfg.eval_rewards or cfg.reward}
 
 
-def eval_prompt_file(config: Config, subject) -> str:
+def eval_prompt_file(config: Config, subject: Subject) -> str:
+    """align.eval_prompt_file, else report.prompt_file, else the held-out set for the subject's kind."""
     return config.align.eval_prompt_file or config.report.prompt_file or heldout_prompt_set(subject)
 
 
@@ -339,7 +341,7 @@ class DDPOTrainer:
         indices = acc.gather(samples.indices.to(acc.device)).cpu().numpy()
         order = np.argsort(indices)
         if self.cfg.advantage_mode == "per_reward":
-            adv = self.per_reward_advantages(epoch, samples, indices[order], order)
+            adv = self.balanced_advantages(epoch, samples, indices[order], order)
         elif self.cfg.samples_per_noise > 1:
             adv = group_advantages(rewards[order], indices[order] // self.cfg.samples_per_noise, self.cfg.group_std)
         elif self.cfg.per_prompt_stat_tracking:
@@ -351,8 +353,8 @@ class DDPOTrainer:
         by_index = dict(zip(indices[order].tolist(), adv.tolist()))
         return torch.tensor([by_index[int(i)] for i in samples.indices], dtype=torch.float32, device=acc.device)
 
-    def per_reward_advantages(self, epoch: int, samples: Samples, indices: np.ndarray, order: np.ndarray
-                              ) -> np.ndarray:
+    def balanced_advantages(self, epoch: int, samples: Samples, indices: np.ndarray, order: np.ndarray
+                            ) -> np.ndarray:
         """align.advantage_mode=per_reward: components standardized within initial-noise groups, else prompts."""
         components = {name: self.acc.gather(values.to(self.acc.device)).cpu().numpy()[order]
                       for name, values in samples.components.items()}
