@@ -150,6 +150,20 @@ MUTATIONS: list[Mutation] = [
     Mutation("nft-resume-loses-old-policy", "rlbooth/align/algorithms/nft.py",
              'old.copy_(tensors[f"old.{i}"])', "old.copy_(old)",
              ("tests/align/test_nft.py::test_killed_nft_run_resumes_to_the_same_weights",), slow=True),
+    # Issue 30: held-out evaluation, the kept epoch, the alarm, per-reward advantages.
+    Mutation("per-reward-advantages-unstandardized", "rlbooth/align/ppo.py",
+             "return (total - total.mean()) / (total.std() + _STD_EPS)", "return total",
+             ("tests/align/test_heldout.py::test_per_reward_advantages_equal_a_hand_computation",)),
+    Mutation("hacking-alarm-or", "rlbooth/align/heldout.py",
+             "if rose > 0 and fell < 0:", "if rose > 0 or fell < 0:",
+             ("tests/align/test_heldout.py::test_alarm_fires_only_when_training_rises_and_heldout_falls",)),
+    Mutation("best-epoch-is-the-worst", "rlbooth/align/heldout.py",
+             'return max(table, key=lambda row: row["selection"], default=None) if table else None',
+             'return min(table, key=lambda row: row["selection"], default=None) if table else None',
+             ("tests/align/test_heldout.py::test_evaluations_since_best_counts_from_the_earliest_best",)),
+    Mutation("keep-best-ignored", "rlbooth/align/train.py",
+             "        self.keep_best()\n", "",
+             ("tests/align/test_heldout.py::test_keep_best_outputs_the_best_epochs_lora",)),
     # Issue 34: LoRA files, reuse, locks, export metadata.
     Mutation("lora-mixed-layout", "rlbooth/models.py",
              'return {key.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): value\n'
