@@ -197,12 +197,13 @@ def load_pipeline(cfg: ModelConfig, torch_dtype: "torch.dtype | None" = None) ->
         source = cfg.pretrained
     local = Path(source).exists()
     extra = {"vae": load_vae(cfg.vae, torch_dtype)} if cfg.vae else {}
-    if cfg.quantization != "none":
+    quantized = cfg.quantization != "none"
+    if quantized:
         from rlbooth.quantize import load_quantized_denoiser, require
 
-        require(cfg.quantization)
+        require(cfg.quantization)  # a missing package is not a missing model
     try:
-        if cfg.quantization != "none":
+        if quantized:
             extra[family.denoiser] = load_quantized_denoiser(source, family.denoiser, cfg.quantization,
                                                              revision=None if local else cfg.revision,
                                                              variant=cfg.variant, torch_dtype=torch_dtype)

@@ -73,3 +73,14 @@ def test_stage_two_trains_on_the_int8_base_of_a_quantized_stage_one(tmp_path: Pa
     after = trainer.denoiser.state_dict()
     assert all(torch.equal(after[k].dequantize(), v) for k, v in frozen.items())
     assert any(v.abs().sum() > 0 for k, v in trainer.denoiser.named_parameters() if "lora_B" in k)
+
+
+def test_a_missing_package_is_named_before_any_weight_is_read() -> None:
+    import importlib.util
+
+    from rlbooth.quantize import QuantizationError
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed")
+    with pytest.raises(QuantizationError, match=r"model.quantization=nf4 needs bitsandbytes: pip install 'rlbooth\[8bit\]'"):
+        load_pipeline(ModelConfig(pretrained="tiny", quantization="nf4"))
