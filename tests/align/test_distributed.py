@@ -31,7 +31,7 @@ def free_port() -> int:
 def run_two_processes(stage_one, output, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """`rlbooth align` under torchrun with 2 processes; run a second time, on a fresh port and folder, if
     the first hangs (seen once in about fifteen runs, on the SD3 case, and not explained: a real deadlock
-    hangs both runs and still fails the test)."""
+    hangs both runs and still fails the test) or a worker aborts in teardown (TEARDOWN_ABORT)."""
     def run() -> subprocess.CompletedProcess:
         args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(free_port()), "-m", "rlbooth.cli", "align", "-c", "tiny", "--stage-one", str(stage_one),
@@ -43,11 +43,21 @@ def run_two_processes(stage_one, output, extra: tuple[str, ...] = ()) -> subproc
         return subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
 
     try:
-        return run()
+        result = run()
     except subprocess.TimeoutExpired:
         warnings.warn("torchrun hung for 240 s; running it once more")
         shutil.rmtree(output, ignore_errors=True)
         return run()
+    if result.returncode != 0 and TEARDOWN_ABORT in result.stderr:
+        warnings.warn("a torchrun worker aborted in C++ teardown; running it once more")
+        shutil.rmtree(output, ignore_errors=True)
+        return run()
+    return result
+
+
+TEARDOWN_ABORT = "terminate called without an active exception"
+"""A worker's std::terminate after its last epoch, seen once in a full-suite run on the SD3 case (2026-12-06,
+the machine loaded by a second suite run), not reproduced in six runs alone; a real failure fails twice."""
 
 
 @pytest.mark.slow
