@@ -39,6 +39,11 @@ class RewardFn(Protocol):
     entry per image (metadata carries what a reward may need beyond the prompt, such as whether
     the prompt names the subject's identifier). Returns (B,) float32 on the CPU, without
     gradients: rewards are constants to the policy gradient.
+
+    A reward registered with `differentiable=True` also backpropagates: called under
+    `torch.enable_grad()` with images that require grad, it returns (B,) float32 on the images'
+    device, connected to them (torch ops only: no PIL, numpy or ONNX on that path). Reward
+    feedback learning (`align.algorithm: refl`) needs every weighted reward to be so.
     """
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor: ...
@@ -47,6 +52,7 @@ class RewardFn(Protocol):
 Factory = TypeVar("Factory", bound=Callable[..., RewardFn])
 
 _REGISTRY: dict[str, Callable[..., RewardFn]] = {}
+_DIFFERENTIABLE: dict[str, bool | Callable[[dict[str, Any]], bool]] = {}
 ENTRY_POINT_GROUP = "rlbooth.rewards"
 """Entry-point group of reward modules: `name = package.module`; importing the module registers its rewards."""
 _plugins_loaded = False
@@ -104,8 +110,13 @@ def import_reward_modules(modules: list[str]) -> None:
                                   "give a path to its .py file instead (e.g. ./my_rewards.py)") from None
 
 
-def register(name: str) -> Callable[[Factory], Factory]:
-    """Names a factory `(**options) -> RewardFn` so configs can ask for it."""
+def register(name: str, *, differentiable: bool | Callable[[dict[str, Any]], bool] = False
+             ) -> Callable[[Factory], Factory]:
+    """Names a factory `(**options) -> RewardFn` so configs can ask for it.
+
+    `differentiable` says whether the rewards it builds backpropagate to the images (see `RewardFn`);
+    a callable decides from the reward's options, for a reward whose backend decides it.
+    """
 
     def decorator(factory: Factory) -> Factory:
         known = _REGISTRY.get(name)
@@ -113,6 +124,7 @@ def register(name: str) -> Callable[[Factory], Factory]:
         if known is not None and _origin(known) != _origin(factory):
             raise RewardError(f"reward {name!r} is already registered by {_origin(known)}")
         _REGISTRY[name] = factory
+        _DIFFERENTIABLE[name] = differentiable
         return factory
 
     return decorator
@@ -125,6 +137,15 @@ def _origin(factory: Callable[..., RewardFn]) -> str:
 def available_rewards() -> list[str]:
     load_reward_plugins()
     return sorted(_REGISTRY)
+
+
+def reward_is_differentiable(name: str, options: dict[str, Any] | None = None) -> bool:
+    """Whether reward `name` with `options` backpropagates to the images; known before anything is built."""
+    load_reward_plugins()
+    if name not in _REGISTRY:
+        raise RewardError(f"unknown reward {name!r}; known rewards: {', '.join(available_rewards())}")
+    flag = _DIFFERENTIABLE.get(name, False)
+    return bool(flag(dict(options or {}))) if callable(flag) else bool(flag)
 
 
 def reward_parameters(name: str) -> list[str]:
@@ -229,5 +250,6 @@ __all__ = [
     "import_reward_modules",
     "load_reward_plugins",
     "register",
+    "reward_is_differentiable",
     "validate_batch",
 ]
