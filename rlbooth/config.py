@@ -192,8 +192,9 @@ class PersonalizeConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     offload_encoders: bool = False
-    """Once the photos' latents and the prompts' embeddings are cached, move the VAE and the frozen text
-    encoders to host memory (T5-XXL is about 9.5 GB in bf16); they come back only to draw validation grids."""
+    """Encode every prompt (training, class images, validation grids) first, with the frozen text encoders alone
+    on the device, then keep them in host memory (T5-XXL is about 9.5 GB in bf16) and draw from the embeddings;
+    the VAE leaves too once the photos' latents are cached, and comes back only to decode validation grids."""
     checkpointing_steps: int = 200
     """Write a resumable checkpoint every this many optimizer steps."""
     checkpoints_total_limit: int | None = 2
@@ -329,8 +330,9 @@ class AlignConfig:
     gradient_checkpointing: bool = False
     """Recompute the denoiser's activations in the backward pass of the training passes (sampling keeps none)."""
     offload_text_encoders: bool = False
-    """Encode every training prompt once at the start, then move the text encoders to host memory (T5-XXL is
-    about 9.5 GB in bf16); they come back only to draw the sample grids."""
+    """Encode every prompt of the run (training, sample grids, held-out set) at the start, before the denoiser
+    comes to the device, then keep the text encoders in host memory (T5-XXL is about 9.5 GB in bf16): grids and
+    held-out sets are drawn from the embeddings."""
     compile_denoiser: bool = False
     """torch.compile the UNet used for sampling (training stays eager); the first epoch pays the compile."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"

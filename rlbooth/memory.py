@@ -30,6 +30,16 @@ def frozen_modules(pipe: Any, names: list[str], trained: list[str]) -> list[torc
     return [getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None and n not in trained]
 
 
+def to_device(pipe: Any, device: Any, but: list[str]) -> None:
+    """The pipeline's modules on the device, except the components named in `but` (they stay where they are)."""
+    if not but:
+        pipe.to(device)
+        return
+    for module in frozen_modules(pipe, list(pipe.components), but):
+        if isinstance(module, torch.nn.Module):
+            module.to(device)
+
+
 def offload(modules: list[torch.nn.Module]) -> None:
     """Move the modules to host memory."""
     for module in modules:

@@ -262,6 +262,9 @@ class StagePlan:
     rows: list[Row]
     activations: float
     savings: dict[str, bool]
+    apart: tuple[str, ...] = ()
+    """Rows never on the device with the text encoders: with the encoders offloaded (and frozen), every prompt is
+    encoded before the denoiser and its training state come, and grids and class images draw from the embeddings."""
 
     @property
     def training(self) -> float:
@@ -270,8 +273,8 @@ class StagePlan:
 
     @property
     def setup(self) -> float:
-        """Bytes while every component is on the device (encoding at the start, sample grids)."""
-        return sum(r.bytes for r in self.rows)
+        """Bytes while the prompts are encoded: every component (grids redraw with them all), less `apart`."""
+        return sum(r.bytes for r in self.rows if r.name not in self.apart)
 
     @property
     def peak(self) -> float:
@@ -349,7 +352,10 @@ def plan(config: "Config") -> list[StagePlan]:
         savings = {"gradient checkpointing": checkpointing, f"quantized base ({config.model.quantization})":
                    config.model.quantization != "none", "8-bit AdamW": optimizer_bytes == 2,
                    "encoders offloaded after caching": bool(offloaded)}
-        plans.append(StagePlan(stage, rows, saved.checkpointed() if checkpointing else saved.total, savings))
+        apart = ()  # stage one encodes with the text encoders alone, stage two with the VAE beside them
+        if offloaded and (stage == "align" or not one.train_text_encoder):
+            apart = (denoiser, "LoRA weights", "gradients", "AdamW state") + (("vae",) if stage == "personalize" else ())
+        plans.append(StagePlan(stage, rows, saved.checkpointed() if checkpointing else saved.total, savings, apart))
     return plans
 
 
@@ -372,7 +378,8 @@ def render(plans: list[StagePlan]) -> str:
             where = "" if r.resident else "  (host memory while training)"
             lines.append(f"  {r.name:<28}{r.params:>14,}  {r.dtype:<22}{r.bytes / GIB:>8.2f}{where}")
         lines.append(f"  {'activations (estimate)':<28}{'':>14}  {'':<22}{p.activations / GIB:>8.2f}")
-        lines.append(f"  training {p.training / GIB:.2f} GiB, all weights on the device {p.setup / GIB:.2f} GiB, "
+        start = "encoders before the denoiser" if p.apart else "all weights on the device"
+        lines.append(f"  training {p.training / GIB:.2f} GiB, {start} {p.setup / GIB:.2f} GiB, "
                      f"peak {p.peak / GIB:.2f} GiB")
         lines.append("  savings: " + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in p.savings.items()))
     return "\n".join(lines) + "\n"

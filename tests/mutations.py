@@ -192,6 +192,14 @@ MUTATIONS: list[Mutation] = [
     Mutation("zimage-velocity-sign", "rlbooth/families/zimage.py",
              "return -torch.stack(out).squeeze(2)", "return torch.stack(out).squeeze(2)",
              ("tests/families/test_zimage.py::test_two_cfg_steps_equal_the_pipelines",)),
+    # Memory (issue 31): the text encoders and the denoiser never share the device; frozen weights arrive cast.
+    Mutation("offload-grid-prompts-not-encoded-first", "rlbooth/align/train.py",
+             "self.embed([p.text for p in expand(templates, self.subject)] + self.grid_texts +",
+             "self.embed([p.text for p in expand(templates, self.subject)] +",
+             ("tests/align/test_memory_savings.py::test_offloaded_text_encoders_stay_off_for_grids_and_held_out_sets",)),
+    Mutation("stage-one-frozen-weights-moved-uncast", "rlbooth/personalize/train.py",
+             "    cast_frozen(pipe, family, cfg, weight_dtype(accelerator))\n", "",
+             ("tests/test_memory.py::test_stage_one_frozen_weights_reach_the_device_in_the_runs_16_bit_dtype",)),
     # The toy worlds' guards: stage two's gain must vanish with the update's sign flipped (README, the toy world).
     Mutation("ppo-surrogate-sign-toy-worlds", "rlbooth/align/ppo.py",
              "loss = torch.mean(torch.maximum(unclipped, clipped))",

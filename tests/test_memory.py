@@ -37,6 +37,74 @@ def test_stage_one_offload_trains_the_same_lora_and_draws_the_same_grid(tmp_path
         outputs[offload] = personalize(config, subject, tmp_path / offload)
     a, b = (load_file(str(outputs[k] / "pytorch_lora_weights.safetensors")) for k in ("false", "true"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    for step in (2, 4):  # the grids drawn with the encoders brought back
+    for step in (2, 4):  # the grids drawn from the embeddings equal those the pipeline encodes for itself
         grids = [(tmp_path / k / "samples" / f"step-{step}.png").read_bytes() for k in ("false", "true")]
         assert grids[0] == grids[1]
+
+
+def test_stage_one_offload_draws_class_images_and_grids_without_the_text_encoders(tmp_path, subject_photos,
+                                                                                   monkeypatch):
+    """Every prompt is encoded first, with the text encoders alone on the device; after that they never run,
+    so they and the transformer never share the device (SD3.5's T5-XXL alone is 8.9 GiB)."""
+    from accelerate import Accelerator
+
+    from rlbooth.config import load_config
+    from rlbooth.models import load_pipeline
+    from rlbooth.personalize import train as stage_one
+    from rlbooth.personalize.class_images import generate_class_images
+    from rlbooth.subject import Subject
+
+    forward = {}
+    real_encode_first = stage_one.encode_first
+
+    def encode_first(pipe, family, *args):
+        result = real_encode_first(pipe, family, *args)
+        for encoder in family.text_encoder_modules(pipe):
+            forward[id(encoder)] = encoder.forward
+            monkeypatch.setattr(encoder, "forward", lambda *a, **k: pytest.fail("a text encoder ran after encoding"))
+        return result
+
+    monkeypatch.setattr(stage_one, "encode_first", encode_first)
+    subject = Subject(images=subject_photos, class_noun="toy", description="triangular")
+    config = load_config("tiny-sd3", ["runtime.report_to=none", "personalize.max_train_steps=2",
+                                      "personalize.validation_steps=2", "personalize.offload_encoders=true",
+                                      "personalize.with_prior_preservation=true", "personalize.num_class_images=2",
+                                      f"personalize.class_data_dir={tmp_path / 'class'}"])
+    stage_one.personalize(config, subject, tmp_path / "out")
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+    assert (tmp_path / "out" / "samples" / "step-2.png").is_file()
+    assert forward  # the encoders were put out of use
+    monkeypatch.undo()
+    cfg = config.personalize
+    plain = generate_class_images(load_pipeline(config.model), subject.prompt(cfg.class_prompt, with_identifier=False),
+                                  tmp_path / "plain", 2, seed=config.runtime.seed,
+                                  num_inference_steps=cfg.class_generation_steps,
+                                  guidance_scale=cfg.class_guidance_scale, batch_size=cfg.class_batch_size,
+                                  accelerator=Accelerator(cpu=True))
+    assert [p.read_bytes() for p in plain] == [p.read_bytes() for p in sorted((tmp_path / "class").glob("*.png"))]
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_stage_one_frozen_weights_reach_the_device_in_the_runs_16_bit_dtype(mode, tmp_path, subject_photos,
+                                                                            monkeypatch):
+    """The frozen components are cast before they move (a bf16 run never holds T5's fp32 copy on the device),
+    and the trained ones stay fp32."""
+    from rlbooth.config import load_config
+    from rlbooth.personalize import train as stage_one
+    from rlbooth.subject import Subject
+
+    moved = {}
+    real = stage_one.to_device
+
+    def to_device(pipe, device, but):
+        for name in ("vae", "text_encoder", "unet"):
+            moved[name] = {p.dtype for p in getattr(pipe, name).parameters()}
+        real(pipe, device, but)
+
+    monkeypatch.setattr(stage_one, "to_device", to_device)
+    config = load_config("tiny", ["runtime.report_to=none", "runtime.mixed_precision=bf16",
+                                  "personalize.max_train_steps=1", "personalize.validation_steps=0",
+                                  f"personalize.mode={mode}"])
+    stage_one.personalize(config, Subject(images=subject_photos, class_noun="toy"), tmp_path / "out")
+    assert moved["vae"] == moved["text_encoder"] == {torch.bfloat16}
+    assert moved["unet"] == ({torch.bfloat16} if mode == "lora" else {torch.float32})

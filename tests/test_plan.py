@@ -81,10 +81,14 @@ def test_memory_arithmetic(tiny_plans: dict[str, list]) -> None:
     assert int8.bytes == rows["unet"].bytes - 3 * linear  # 4 bytes -> 1 byte per Linear weight
     assert one.peak == one.training == sum(r.bytes for r in one.rows) + one.activations
     off_one, off_two = tiny_plans["offload"]
-    for off, on in ((off_one, one), (off_two, two)):  # the encoders leave the training phase, not the set-up
+    for off, on in ((off_one, one), (off_two, two)):  # the encoders leave the training phase
         gone = [r.name for r in off.rows if not r.resident]
         assert off.training == on.training - sum(r.bytes for r in on.rows if r.name in gone)
-        assert off.setup == on.setup
+    # Both stages encode before the denoiser and its training state come, and draw from the embeddings: stage
+    # one with the text encoders alone on the device, stage two with the VAE beside them.
+    assert off_one.setup == sum(r.bytes for r in one.rows if r.name == "text_encoder")
+    assert off_two.setup == sum(r.bytes for r in two.rows if r.name in ("vae", "text_encoder"))
+    assert off_one.peak == off_one.training and off_two.peak == off_two.training
     assert {r.name for r in off_one.rows if not r.resident} == {"vae", "text_encoder"}
     assert {r.name for r in off_two.rows if not r.resident} == {"text_encoder"}
     assert [r.bytes for r in two.rows] == [r.bytes for r in one.rows]  # LoRA of the same rank in both stages

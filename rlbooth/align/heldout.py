@@ -13,7 +13,7 @@ An evaluation row: `epoch` (epochs done), `train_reward` (that epoch's training 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from rlbooth.config import AlignConfig
 from rlbooth.prompts import Prompt, read_prompt_file
 from rlbooth.rewards import CompositeReward
 from rlbooth.subject import Subject
+
+if TYPE_CHECKING:
+    from rlbooth.sampling import Encoded
 
 Row = dict[str, Any]
 
@@ -66,12 +69,14 @@ class HeldoutEvaluator:
         self.guidance_scale = cfg.guidance_scale
 
     @torch.no_grad()
-    def __call__(self, pipe, autocast_dtype: torch.dtype | None, resolution: int | None) -> dict[str, float]:
+    def __call__(self, pipe, autocast_dtype: torch.dtype | None, resolution: int | None,
+                 encoded: Encoded | None = None) -> dict[str, float]:
         """Held-out mean of each evaluation reward, `heldout/<name>`, and the selection metric."""
         from rlbooth.sampling import draw
 
         texts = [p.text for p in self.prompts]
-        images = draw(pipe, texts, self.seeds, self.num_steps, self.guidance_scale, autocast_dtype, resolution)
+        images = draw(pipe, texts, self.seeds, self.num_steps, self.guidance_scale, autocast_dtype, resolution,
+                      encoded)
         pixels = torch.from_numpy(np.stack([np.asarray(im, np.float32) / 255 for im in images])).permute(0, 3, 1, 2)
         rows = [p for p in self.prompts for _ in self.seeds]
         metadata = [{"subject": self.subject, "with_identifier": True, "template": p.template} for p in rows]

@@ -47,7 +47,7 @@ from rlbooth.checkpoint import (latest_checkpoint, load_checkpoint, load_extra_t
 from rlbooth.config import AlignConfig, Config, ConfigError
 from rlbooth.images import save_image_atomic
 from rlbooth.models import add_lora, save_lora
-from rlbooth.memory import frozen_modules, offload, on_device
+from rlbooth.memory import frozen_modules, offload, to_device
 from rlbooth.optim import adamw
 from rlbooth.families import Conditioning, family_of
 from rlbooth.families.base import latent_channels, square_geometry
@@ -55,7 +55,7 @@ from rlbooth.prompts import Prompt, PromptSampler, default_prompt_set, expand, h
 from rlbooth.quantize import is_quantized
 from rlbooth.rewards import CompositeReward
 from rlbooth.rewards.composite import check_composite
-from rlbooth.sampling import draw_grid, fixed_resolution
+from rlbooth.sampling import Encoded, draw_grid, fixed_resolution
 from rlbooth.subject import Subject
 from rlbooth.stages import ALIGN_ADAPTER, StageOutput, check_output_dir, load_stage_pipeline, publish, read_stage
 
@@ -178,9 +178,10 @@ class DDPOTrainer:
         self.seed = config.runtime.seed
         self.pipe = load_stage_pipeline(stage_one, fuse=True)
         self.family = family_of(self.pipe)
-        self.pipe.to(accelerator.device)
         denoiser = getattr(self.pipe, self.family.denoiser)  # the UNet, or the transformer of a flow model
-        self._freeze_and_add_lora(denoiser, weight_dtype(accelerator))
+        self._freeze(denoiser, weight_dtype(accelerator))
+        self._encode_prompts(templates, denoiser, eval_reward or reward)
+        self._add_lora(denoiser)
         params = [p for p in denoiser.parameters() if p.requires_grad]
         optimizer = adamw(params, config.runtime.optimizer_impl, lr=self.cfg.learning_rate,
                           weight_decay=self.cfg.adam_weight_decay)
@@ -195,30 +196,41 @@ class DDPOTrainer:
         self.tracker = PerPromptStatTracker(self.cfg.stat_buffer_size, self.cfg.stat_min_count)
         self.history: list[dict[str, float]] = []
         self.watch = Watch(self.cfg, output_dir / "best")
-        self.evaluator = HeldoutEvaluator(self.cfg, self.subject, eval_prompt_file(config, self.subject),
-                                          eval_reward or reward) if self.cfg.eval_every else None
-        vae = self.pipe.vae
+        self.pass_key = (0, 0)  # (epoch, inner epoch) of the training pass running: keys NFT's noise
+        self.algorithm = make_algorithm(self.cfg.algorithm, self)
+
+    def _freeze(self, denoiser: torch.nn.Module, frozen_dtype: torch.dtype) -> None:
+        for module in (self.pipe.vae, *self.family.text_encoder_modules(self.pipe), denoiser):
+            module.requires_grad_(False)
+            if frozen_dtype != torch.float32 and not is_quantized(module):
+                module.to(dtype=frozen_dtype)
+
+    def _encode_prompts(self, templates: list[str], denoiser: torch.nn.Module, eval_reward: CompositeReward) -> None:
+        """Puts the pipeline on the device and makes the unconditional input; with `align.offload_text_encoders`,
+        encodes every prompt the run will draw (training, grid, held-out) before the denoiser comes to the
+        device, then moves the text encoders to host memory for good: the two never share the device."""
+        device, offloading = self.acc.device, self.cfg.offload_text_encoders
+        to_device(self.pipe, device, but=[self.family.denoiser] if offloading else [])
         factor = self.pipe.vae_scale_factor
         # FLUX's transformer has no native size: it samples at the resolution stage one trained at.
-        size = denoiser.config.get("sample_size") or stage_one.metadata["config"]["personalize"]["resolution"] // factor
-        self.latent_shape = (latent_channels(vae), size, size)
+        size = denoiser.config.get("sample_size") or \
+            self.stage_one.metadata["config"]["personalize"]["resolution"] // factor
+        self.latent_shape = (latent_channels(self.pipe.vae), size, size)
         self.resolution = size * factor
         self.geometry = square_geometry(self.resolution)
         self._embeds: dict[str, Conditioning] = {}
         with torch.no_grad():
             self.uncond = self.family.with_geometry(self.family.unconditional(self.pipe), self.geometry)
-        self.pass_key = (0, 0)  # (epoch, inner epoch) of the training pass running: keys NFT's noise
-        self.algorithm = make_algorithm(self.cfg.algorithm, self)
-        if self.cfg.offload_text_encoders:  # every prompt the sampler can draw, encoded while they are here
-            self.embed([p.text for p in expand(templates, self.subject)])
+        self.evaluator = HeldoutEvaluator(self.cfg, self.subject, eval_prompt_file(self.config, self.subject),
+                                          eval_reward) if self.cfg.eval_every else None
+        if offloading:
+            self.embed([p.text for p in expand(templates, self.subject)] + self.grid_texts +
+                       ([p.text for p in self.evaluator.prompts] if self.evaluator else []))
             offload(self.offloaded)
+            denoiser.to(device)
 
-    def _freeze_and_add_lora(self, denoiser: torch.nn.Module, frozen_dtype: torch.dtype) -> None:
-        pipe, cfg = self.pipe, self.cfg
-        for module in (pipe.vae, *self.family.text_encoder_modules(pipe), denoiser):
-            module.requires_grad_(False)
-            if frozen_dtype != torch.float32 and not is_quantized(module):
-                module.to(dtype=frozen_dtype)
+    def _add_lora(self, denoiser: torch.nn.Module) -> None:
+        cfg = self.cfg
         torch.manual_seed(self.seed)
         add_lora(denoiser, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, adapter_name=ALIGN_ADAPTER,
                  init=cfg.lora_init)
@@ -232,8 +244,17 @@ class DDPOTrainer:
 
     @property
     def offloaded(self) -> list[torch.nn.Module]:
-        """The text encoders `align.offload_text_encoders` keeps in host memory between sample grids."""
+        """The text encoders `align.offload_text_encoders` keeps in host memory after the start."""
         return frozen_modules(self.pipe, list(self.family.text_encoders), []) if self.cfg.offload_text_encoders else []
+
+    @property
+    def encoded(self) -> Encoded | None:
+        """What grids and held-out sets draw from while the text encoders are offloaded."""
+        return Encoded(self.embed, self.uncond) if self.cfg.offload_text_encoders else None
+
+    @property
+    def grid_texts(self) -> list[str]:
+        return [self.subject.prompt(t) for t in self.cfg.grid_prompts]
 
     def models(self) -> dict[str, torch.nn.Module]:
         return {self.family.denoiser: self.unet}
@@ -466,9 +487,8 @@ class DDPOTrainer:
         """The held-out evaluation after `done` epochs (every process draws it, so all agree on the stop)."""
         self.unet.eval()
         dtype = weight_dtype(self.acc)
-        with on_device(self.offloaded, self.acc.device):  # the held-out prompts are encoded as it draws
-            scores = self.evaluator(self.pipe, None if dtype == torch.float32 else dtype,
-                                    fixed_resolution(self.pipe, self.resolution))
+        scores = self.evaluator(self.pipe, None if dtype == torch.float32 else dtype,
+                                fixed_resolution(self.pipe, self.resolution), self.encoded)
         row = {"epoch": done, "train_reward": train_reward} | scores
         alarm = self.watch.record(row, trainable_parameters(self.acc, self.models()))
         if self.acc.is_main_process:
@@ -496,11 +516,9 @@ class DDPOTrainer:
         acc = self.acc
         if acc.is_main_process:
             dtype = weight_dtype(acc)
-            with on_device(self.offloaded, acc.device):
-                grid = draw_grid(self.pipe, [self.subject.prompt(t) for t in self.cfg.grid_prompts],
-                                 self.cfg.grid_seeds, self.cfg.num_steps, self.cfg.guidance_scale,
-                                 autocast_dtype=None if dtype == torch.float32 else dtype,
-                                 resolution=fixed_resolution(self.pipe, self.resolution))
+            grid = draw_grid(self.pipe, self.grid_texts, self.cfg.grid_seeds, self.cfg.num_steps,
+                             self.cfg.guidance_scale, autocast_dtype=None if dtype == torch.float32 else dtype,
+                             resolution=fixed_resolution(self.pipe, self.resolution), encoded=self.encoded)
             save_image_atomic(grid, self.output_dir / "samples" / f"epoch-{epoch}.png")
             log_grid(acc, "samples", grid, epoch)
         acc.wait_for_everyone()

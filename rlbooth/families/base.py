@@ -132,6 +132,11 @@ class Family(ABC):
         """Arguments the pipeline's `__call__` takes to guide at `guidance_scale` as `guide` does."""
         return {"guidance_scale": guidance_scale}
 
+    def embeds_kwargs(self, cond: Conditioning, uncond: Conditioning) -> dict[str, Any]:
+        """The pipeline's prompt arguments from conditioning encoded earlier (`uncond`: `unconditional()`'s row),
+        so that drawing runs no text encoder: they can wait in host memory (T5-XXL is 8.9 GiB)."""
+        return {"prompt_embeds": cond.hidden, "negative_prompt_embeds": _rows(uncond, len(cond)).hidden}
+
     @property
     def lora_text_encoders(self) -> tuple[str, ...]:
         """The text encoders that `personalize.train_text_encoder` trains and the LoRA files carry."""
@@ -170,6 +175,11 @@ class Family(ABC):
         kwargs = {f"{name}_lora_layers": layers.get(name) for name in self.lora_components}
         kwargs |= {f"{name}_lora_adapter_metadata": configs.get(name) for name in self.lora_components}
         self.pipeline_class.save_lora_weights(folder, safe_serialization=True, **kwargs)
+
+
+def _rows(cond: Conditioning, n: int) -> Conditioning:
+    """A one-row conditioning repeated to `n` rows."""
+    return cond.map(lambda t: t.expand(n, *t.shape[1:]))
 
 
 def square_geometry(resolution: int) -> torch.Tensor:

@@ -59,6 +59,10 @@ class Flux(FlowMatchingFamily):
         hidden = t5(t5_ids.to(t5.device), output_hidden_states=False)[0].to(t5.dtype)
         return Conditioning(hidden, {"pooled_projections": pooled.to(hidden.device)})
 
+    def embeds_kwargs(self, cond: Conditioning, uncond: Conditioning) -> dict[str, Any]:
+        """FLUX.1-dev guides by its distilled input, so no negative prompt."""
+        return {"prompt_embeds": cond.hidden, "pooled_prompt_embeds": cond.added["pooled_projections"]}
+
     def with_guidance(self, cond: Conditioning, scale: float) -> Conditioning:
         guidance = torch.full((len(cond),), scale, device=cond.hidden.device, dtype=torch.float32)
         return Conditioning(cond.hidden, cond.added | {"guidance": guidance})

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rlbooth.families.base import Conditioning
+from rlbooth.families.base import Conditioning, _rows
 from rlbooth.families.flowmatch import FlowMatchingFamily, linear_sigmas
 from rlbooth.families.flux import pack, unpack
 
@@ -69,6 +69,13 @@ class QwenImage(FlowMatchingFamily):
         """True CFG at `guidance_scale` against the negative prompt; the pipeline's `guidance_scale` is for
         guidance-distilled transformers only."""
         return {"true_cfg_scale": guidance_scale, "negative_prompt": NEGATIVE_PROMPT}
+
+    def embeds_kwargs(self, cond: Conditioning, uncond: Conditioning) -> dict[str, Any]:
+        """The negative prompt's embedding replaces its text (`guidance_kwargs`)."""
+        negative = _rows(uncond, len(cond))
+        return {"prompt_embeds": cond.hidden, "prompt_embeds_mask": cond.added[MASK],
+                "negative_prompt": None, "negative_prompt_embeds": negative.hidden,
+                "negative_prompt_embeds_mask": negative.added[MASK]}
 
     def denoise(self, transformer: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
                 cond: Conditioning) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from rlbooth.families.base import Conditioning, tokenize
+from rlbooth.families.base import Conditioning, _rows, tokenize
 from rlbooth.families.flowmatch import FlowMatchingFamily
 
 if TYPE_CHECKING:
@@ -70,6 +70,12 @@ class StableDiffusion3(FlowMatchingFamily):
         if t5 is None:
             t5 = AbsentT5(pipe.transformer.config.joint_attention_dim, clip.dtype).to(clip.device)
         return [clip, pipe.text_encoder_2, t5]
+
+    def embeds_kwargs(self, cond: Conditioning, uncond: Conditioning) -> dict[str, Any]:
+        negative = _rows(uncond, len(cond))
+        return {"prompt_embeds": cond.hidden, "pooled_prompt_embeds": cond.added["pooled_projections"],
+                "negative_prompt_embeds": negative.hidden,
+                "negative_pooled_prompt_embeds": negative.added["pooled_projections"]}
 
     def encode(self, text_encoders: list[torch.nn.Module], ids: list[torch.Tensor]) -> Conditioning:
         clip_l, clip_g, t5 = text_encoders

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rlbooth.families.base import Conditioning, Family
+from rlbooth.families.base import Conditioning, Family, _rows
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
@@ -39,6 +39,12 @@ class StableDiffusionXL(Family):
         if pipe.config.force_zeros_for_empty_prompt:  # what the pipeline does without a negative prompt
             return cond.map(torch.zeros_like)
         return cond
+
+    def embeds_kwargs(self, cond: Conditioning, uncond: Conditioning) -> dict[str, Any]:
+        negative = _rows(uncond, len(cond))
+        return {"prompt_embeds": cond.hidden, "pooled_prompt_embeds": cond.added["text_embeds"],
+                "negative_prompt_embeds": negative.hidden,
+                "negative_pooled_prompt_embeds": negative.added["text_embeds"]}
 
     def with_geometry(self, cond: Conditioning, geometry: torch.Tensor) -> Conditioning:
         time_ids = geometry.to(cond.hidden.device, cond.hidden.dtype).expand(len(cond), 6)

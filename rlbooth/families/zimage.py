@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rlbooth.families.base import Conditioning
+from rlbooth.families.base import Conditioning, _rows
 from rlbooth.families.flowmatch import FlowMatchingFamily
 
 if TYPE_CHECKING:
@@ -54,12 +54,15 @@ class ZImage(FlowMatchingFamily):
                          output_hidden_states=True).hidden_states[-2]
         return Conditioning(hidden * mask.unsqueeze(-1).to(hidden.dtype), {MASK: mask})
 
+    def embeds_kwargs(self, cond: Conditioning, uncond: Conditioning) -> dict[str, Any]:
+        """The pipeline takes each prompt's tokens without the padding, as `denoise` gives them."""
+        return {"prompt_embeds": captions(cond), "negative_prompt_embeds": captions(_rows(uncond, len(cond)))}
+
     def denoise(self, transformer: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
                 cond: Conditioning) -> torch.Tensor:
         """The velocity eps - x0 of (B, C, H, W) latents at `timesteps` on the scheduler's scale (sigma * 1000)."""
-        captions = [hidden[mask.bool()] for hidden, mask in zip(cond.hidden, cond.added[MASK])]
         out = transformer(list(latents.unsqueeze(2).unbind(0)), (1000 - timesteps.to(latents.dtype)) / 1000,
-                          captions, return_dict=False)[0]
+                          captions(cond), return_dict=False)[0]
         return -torch.stack(out).squeeze(2)
 
     def guide(self, uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -91,3 +94,8 @@ class ZImage(FlowMatchingFamily):
         return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer,
                               vae=tiny_flow_vae(cfg, scaling_factor=0.3611, shift_factor=0.1159),  # FLUX's VAE
                               text_encoder=tiny_qwen3(cfg, tokenizer), tokenizer=tokenizer)
+
+
+def captions(cond: Conditioning) -> list[torch.Tensor]:
+    """Each prompt's token states without the padding: the transformer's and the pipeline's input."""
+    return [hidden[mask.bool()] for hidden, mask in zip(cond.hidden, cond.added[MASK])]

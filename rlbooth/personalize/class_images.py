@@ -8,12 +8,14 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from rlbooth.families import family_of
 from rlbooth.images import is_readable_image, save_image_atomic
+from rlbooth.sampling import call_kwargs
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from diffusers import DiffusionPipeline
+
+    from rlbooth.sampling import Encoded
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ def generate_class_images(
     guidance_scale: float,
     batch_size: int,
     accelerator: "Accelerator",
+    encoded: "Encoded | None" = None,
 ) -> list[Path]:
     """Fill `folder` with `count` images of `prompt`; image i always comes from seed `seed + i`.
 
@@ -63,9 +66,8 @@ def generate_class_images(
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             generators = [torch.Generator(device=pipe.device).manual_seed(seed + i) for i in chunk]
-            images = pipe([prompt] * len(chunk), num_inference_steps=num_inference_steps,
-                          generator=generators, **family_of(pipe).guidance_kwargs(guidance_scale),
-                          **family_of(pipe).call_kwargs(pipe)).images
+            images = pipe(num_inference_steps=num_inference_steps, generator=generators,
+                          **call_kwargs(pipe, prompt, len(chunk), guidance_scale, encoded)).images
             for index, image in zip(chunk, images):
                 save_image_atomic(image, class_image_path(folder, index))
             bar.update(len(chunk))

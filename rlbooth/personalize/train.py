@@ -31,9 +31,9 @@ from rlbooth.optim import OptimizerImpl, adamw
 from rlbooth.personalize.class_images import generate_class_images
 from rlbooth.personalize.data import DreamBoothData, encode_images
 from rlbooth.personalize.objective import Objective, objective_for
-from rlbooth.memory import frozen_modules, offload, on_device
+from rlbooth.memory import frozen_modules, offload, on_device, to_device
 from rlbooth.quantize import is_quantized
-from rlbooth.sampling import draw_grid, fixed_resolution
+from rlbooth.sampling import Encoded, draw_grid, fixed_resolution
 from rlbooth.lock import output_lock
 from rlbooth.stages import check_output_dir, claim_output, publish, stage_request
 from rlbooth.subject import Subject
@@ -59,9 +59,13 @@ def train(config: Config, subject: Subject, output_dir: Path, instance_paths: li
     # A quantized denoiser cannot be cast later: its other weights load in the frozen dtype.
     pipe = load_pipeline(config.model, weight_dtype(accelerator) if config.model.quantization != "none" else None)
     family = family_of(pipe)
-    pipe.to(accelerator.device)
     instance_prompt = subject.prompt(cfg.instance_prompt)
     class_prompt = subject.prompt(cfg.class_prompt, with_identifier=False)
+    cast_frozen(pipe, family, cfg, weight_dtype(accelerator))
+    encoded, prompts = None, None
+    if encodes_first(cfg):
+        encoded, prompts = encode_first(pipe, family, cfg, accelerator.device, instance_prompt, class_prompt, subject)
+    to_device(pipe, accelerator.device, but=list(family.text_encoders) if encoded else [])
 
     class_paths = None
     if cfg.with_prior_preservation:
@@ -69,13 +73,14 @@ def train(config: Config, subject: Subject, output_dir: Path, instance_paths: li
         class_paths = generate_class_images(
             pipe, class_prompt, folder, cfg.num_class_images, seed=config.runtime.seed,
             num_inference_steps=cfg.class_generation_steps, guidance_scale=cfg.class_guidance_scale,
-            batch_size=cfg.class_batch_size, accelerator=accelerator)
+            batch_size=cfg.class_batch_size, accelerator=accelerator, encoded=encoded)
 
-    params = setup_trainable(pipe, family, cfg, weight_dtype(accelerator), config.runtime.seed)
+    params = setup_trainable(pipe, family, cfg, config.runtime.seed)
     objective = objective_for(family, pipe, cfg)
     data = build_data(pipe, cfg, config.runtime.seed, instance_paths, class_paths, objective)
-    prompts = PromptInputs.build(pipe, family, cfg.train_text_encoder, instance_prompt,
-                                 class_prompt if class_paths else None)
+    if prompts is None:
+        prompts = PromptInputs.build(pipe, family, cfg.train_text_encoder, instance_prompt,
+                                     class_prompt if class_paths else None)
     offload(offloaded(pipe, family, cfg))
 
     optimizer = make_optimizer(params, cfg, config.runtime.optimizer_impl)
@@ -101,7 +106,7 @@ def train(config: Config, subject: Subject, output_dir: Path, instance_paths: li
                     cfg.gradient_accumulation_steps, accelerator.num_processes)
 
     loop = TrainLoop(accelerator, pipe, family, cfg, data, prompts, models, optimizer, lr_scheduler, subject,
-                     output_dir, config.runtime.seed, objective)
+                     output_dir, config.runtime.seed, objective, encoded)
     loop.run(start_step)
     model_dir = save_output(accelerator, config, subject, family, models, output_dir, instance_prompt, class_prompt)
     accelerator.end_training()
@@ -126,33 +131,42 @@ def default_class_dir(config: Config, class_prompt: str) -> Path:
     return cache_dir() / "class_images" / model_key(config.model) / f"{slug}-seed{config.runtime.seed}"
 
 
-def setup_trainable(pipe: Any, family: Family, cfg: PersonalizeConfig, frozen_dtype: torch.dtype, seed: int
-                    ) -> list[torch.nn.Parameter]:
-    """Freeze, attach LoRA (seeded init) or unfreeze; frozen weights cast to `frozen_dtype`, trainable ones fp32."""
+def trained_encoders(pipe: Any, family: Family, cfg: PersonalizeConfig) -> list[torch.nn.Module]:
+    return [getattr(pipe, name) for name in family.lora_text_encoders] if cfg.train_text_encoder else []
+
+
+def cast_frozen(pipe: Any, family: Family, cfg: PersonalizeConfig, frozen_dtype: torch.dtype) -> None:
+    """The weights that stay frozen, in `frozen_dtype` (quantized ones as they are) before they reach the device,
+    so a 16-bit run never holds their full-precision copies there (class images are drawn in that dtype too)."""
+    if frozen_dtype == torch.float32:
+        return
+    trained = trained_encoders(pipe, family, cfg) if cfg.mode == "full" else []
+    frozen = [pipe.vae, *(e for e in family.text_encoder_modules(pipe) if not any(e is t for t in trained))]
+    for module in frozen + ([getattr(pipe, family.denoiser)] if cfg.mode == "lora" else []):
+        if not is_quantized(module):
+            module.to(dtype=frozen_dtype)
+
+
+def setup_trainable(pipe: Any, family: Family, cfg: PersonalizeConfig, seed: int) -> list[torch.nn.Parameter]:
+    """Freeze, attach LoRA (seeded init) or unfreeze; trainable weights in fp32 (frozen ones: `cast_frozen`)."""
     denoiser = getattr(pipe, family.denoiser)
     text_encoders = family.text_encoder_modules(pipe)
-    trained_encoders = [getattr(pipe, name) for name in family.lora_text_encoders] if cfg.train_text_encoder else []
-    cast = (lambda m: m if is_quantized(m) else m.to(dtype=frozen_dtype)) if frozen_dtype != torch.float32 \
-        else (lambda m: m)
-    cast(pipe.vae.requires_grad_(False))
+    trained = trained_encoders(pipe, family, cfg)
+    pipe.vae.requires_grad_(False)
     denoiser.requires_grad_(cfg.mode == "full")
     for encoder in text_encoders:
-        full = cfg.mode == "full" and any(encoder is e for e in trained_encoders)
-        encoder.requires_grad_(full)
-        if not full:
-            cast(encoder)
+        encoder.requires_grad_(cfg.mode == "full" and any(encoder is e for e in trained))
     if cfg.mode == "lora":
-        cast(denoiser)
         torch.manual_seed(seed)
         add_lora(denoiser, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
-        for encoder in trained_encoders:
+        for encoder in trained:
             add_lora(encoder, cfg.lora_rank, cfg.lora_alpha, TEXT_ENCODER_LORA_TARGETS)
     params = [p for m in (denoiser, *text_encoders) for p in m.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
     if cfg.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-        for encoder in trained_encoders:
+        for encoder in trained:
             encoder.gradient_checkpointing_enable()
     return params
 
@@ -196,6 +210,35 @@ class PromptInputs:
         return self.family.encode(text_encoders, [ids.repeat_interleave(batch_size, dim=0) for ids in self.ids])
 
 
+def encodes_first(cfg: PersonalizeConfig) -> bool:
+    """Whether every prompt is encoded before the denoiser comes to the device (frozen encoders, offloaded)."""
+    return cfg.offload_encoders and not cfg.train_text_encoder
+
+
+def encode_first(pipe: Any, family: Family, cfg: PersonalizeConfig, device: Any, instance_prompt: str,
+                 class_prompt: str, subject: Subject) -> tuple[Encoded, PromptInputs]:
+    """The training prompts' conditioning and the embeddings of every prompt the run draws (class images,
+    validation grids), from the text encoders alone on the device: the encoders and the denoiser never share
+    the device (SD3.5's T5-XXL alone is 8.9 GiB)."""
+    encoders = family.text_encoder_modules(pipe)
+    for encoder in encoders:
+        encoder.requires_grad_(False).to(device)
+    texts = [class_prompt, *(subject.prompt(t) for t in cfg.validation_prompts)]
+    with torch.no_grad():
+        table = {text: family.encode_prompts(pipe, [text]) for text in dict.fromkeys(texts)}
+        uncond = family.unconditional(pipe)
+    prompts = PromptInputs.build(pipe, family, False, instance_prompt,
+                                 class_prompt if cfg.with_prior_preservation else None)
+    offload(encoders)
+    denoiser = getattr(pipe, family.denoiser)
+
+    def cond(batch: list[str]) -> Conditioning:  # in the denoiser's dtype of the moment (full precision until cast)
+        return Conditioning.cat([table[t] for t in batch]).map(
+            lambda t: t.to(denoiser.dtype) if t.is_floating_point() else t)
+
+    return Encoded(cond, uncond.map(lambda t: t.to(denoiser.dtype) if t.is_floating_point() else t)), prompts
+
+
 def offloaded(pipe: Any, family: Family, cfg: PersonalizeConfig) -> list[torch.nn.Module]:
     """What `personalize.offload_encoders` keeps in host memory: the VAE and the text encoders not trained."""
     if not cfg.offload_encoders:
@@ -226,8 +269,10 @@ class TrainLoop:
 
     def __init__(self, accelerator, pipe, family: Family, cfg: PersonalizeConfig, data: DreamBoothData,
                  prompts: PromptInputs, models: dict[str, torch.nn.Module], optimizer, lr_scheduler,
-                 subject: Subject, output_dir: Path, seed: int, objective: Objective) -> None:
+                 subject: Subject, output_dir: Path, seed: int, objective: Objective, encoded: Encoded | None = None
+                 ) -> None:
         self.accelerator, self.pipe, self.family, self.cfg = accelerator, pipe, family, cfg
+        self.encoded = encoded  # the validation prompts' embeddings, where the text encoders stay in host memory
         self.data, self.prompts, self.objective = data, prompts, objective
         self.models, self.optimizer, self.lr_scheduler = models, optimizer, lr_scheduler
         self.subject, self.output_dir, self.seed = subject, output_dir, seed
@@ -297,10 +342,11 @@ class TrainLoop:
         prompts = [self.subject.prompt(t) for t in cfg.validation_prompts]
         dtype = weight_dtype(acc)
         self.train_mode(False)
-        with on_device(offloaded(self.pipe, self.family, cfg), acc.device):
+        back = [self.pipe.vae] if self.encoded else offloaded(self.pipe, self.family, cfg)
+        with on_device(back, acc.device):
             grid = draw_grid(self.pipe, prompts, cfg.validation_seeds, cfg.validation_inference_steps,
                              cfg.validation_guidance_scale, autocast_dtype=None if dtype == torch.float32 else dtype,
-                             resolution=fixed_resolution(self.pipe, cfg.resolution))
+                             resolution=fixed_resolution(self.pipe, cfg.resolution), encoded=self.encoded)
         self.train_mode(True)
         save_image_atomic(grid, self.output_dir / "samples" / f"step-{step}.png")
         log_grid(acc, "validation", grid, step)

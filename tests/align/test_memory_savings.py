@@ -50,3 +50,17 @@ def test_offloaded_text_encoders_are_not_used_while_training_and_change_nothing(
     for k, v in trainer.denoiser.named_parameters():
         if v.requires_grad:
             assert torch.equal(v, plain[k]), k
+
+
+def test_offloaded_text_encoders_stay_off_for_grids_and_held_out_sets(stage_one_sd3, tmp_path, monkeypatch):
+    """Grid and held-out prompts are encoded at the start too, so drawing them needs no text encoder either:
+    the encoders and the transformer never share the device (SD3.5's T5-XXL alone is 8.9 GiB)."""
+    config = align_config("align.offload_text_encoders=true", "align.grid_every=1", "align.grid_seeds=[0]",
+                          "align.eval_every=1", "align.eval_num_prompts=2", "align.eval_seeds=[0]")
+    trainer = make_trainer(config, stage_one_sd3, tmp_path)
+    for encoder in trainer.offloaded:
+        monkeypatch.setattr(encoder, "forward", lambda *a, **k: pytest.fail("a text encoder ran after the start"))
+    trainer.draw_grid(1)
+    assert (tmp_path / "samples" / "epoch-1.png").is_file()
+    scores = trainer.evaluate(1, 0.0)
+    assert scores["heldout/brightness"] > 0
