@@ -1,9 +1,10 @@
 """Memory savings that move frozen components off the device, and the measured peak memory of one training
 pass of a denoiser with a LoRA (what `rlbooth plan` estimates).
 
-Offloading: once stage one has cached the photos' latents and the prompts' embeddings (and stage two every
-training prompt's), the VAE and frozen text encoders are only needed to draw sample grids; they wait in host
-memory and come back for the grids (`on_device`).
+Offloading: each stage encodes every prompt it will use first, with the denoiser not yet on the device
+(`to_device` leaves it out), then the frozen text encoders wait in host memory for good: grids and class images
+are drawn from the embeddings. Stage one's VAE leaves once the photos' latents are cached and comes back to
+decode validation grids (`on_device`).
 
 A pass is the denoiser's forward and backward at a stage's batch: stage one's rows are the photos and the
 prior-preservation images, stage two's the CFG pair of each trajectory (the PPO loss on top is a few
