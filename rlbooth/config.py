@@ -333,6 +333,9 @@ class AlignConfig:
     """Encode every prompt of the run (training, sample grids, held-out set) at the start, before the denoiser
     comes to the device, then keep the text encoders in host memory (T5-XXL is about 9.5 GB in bf16): grids and
     held-out sets are drawn from the embeddings."""
+    decode_slice: int = 0
+    """Samples the VAE decodes per call for the rewards (0: a whole sampling batch at once); the decoder's
+    activations at full resolution are the largest transient of sampling (SDXL at 1024 px: about 1 GB per image)."""
     compile_denoiser: bool = False
     """torch.compile the UNet used for sampling (training stays eager); the first epoch pays the compile."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
@@ -459,6 +462,7 @@ class AlignConfig:
         _check(bool(self.reward), "align.reward", "name at least one reward, e.g. {jpeg_compressibility: 1.0}")
         for name in self.reward_standardize:
             _check(name in self.reward, "align.reward_standardize", f"{name!r} is not a weighted reward in align.reward")
+        _check(self.decode_slice >= 0, "align.decode_slice", f"must be 0 (no slicing) or positive, got {self.decode_slice}")
         _check(self.sample_batch_size % self.samples_per_noise == 0, "align.samples_per_noise",
                f"must divide align.sample_batch_size ({self.sample_batch_size}), got {self.samples_per_noise}")
         samples = self.sample_batch_size * self.num_batches_per_epoch

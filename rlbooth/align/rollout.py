@@ -76,8 +76,10 @@ def sample_rollout(family: Family, unet: torch.nn.Module, policy: StepPolicy, co
 
 
 @torch.no_grad()
-def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """Latents to images in [0, 1], float32."""
+def decode(vae: torch.nn.Module, latents: torch.Tensor, slice_size: int = 0) -> torch.Tensor:
+    """Latents to images in [0, 1], float32; `slice_size` rows per VAE call (0: all at once)."""
+    if slice_size and len(latents) > slice_size:
+        return torch.cat([decode(vae, part) for part in latents.split(slice_size)])
     param = next(vae.parameters())
     images = decode_latents(vae, from_latents(vae, latents).to(param.dtype))
     return (images.float() / 2 + 0.5).clamp(0, 1)

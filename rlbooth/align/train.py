@@ -329,7 +329,7 @@ class DDPOTrainer:
                 rollout = sample_rollout(self.family, denoiser, self.algorithm.policy, inputs, generators,
                                          self.latent_shape, num_steps=cfg.num_steps, guidance_scale=guidance_scale,
                                          start_generators=starts)
-            images = decode(self.pipe.vae, rollout.final)
+            images = decode(self.pipe.vae, rollout.final, cfg.decode_slice)
             futures.append(self.reward.submit(images, [p.text for p in prompts], self.metadata(prompts)))
             rollouts.append(self.algorithm.keep(rollout))
             embeds.append(cond)

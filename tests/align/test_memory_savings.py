@@ -64,3 +64,18 @@ def test_offloaded_text_encoders_stay_off_for_grids_and_held_out_sets(stage_one_
     assert (tmp_path / "samples" / "epoch-1.png").is_file()
     scores = trainer.evaluate(1, 0.0)
     assert scores["heldout/brightness"] > 0
+
+
+def test_sliced_decoding_gives_the_same_images_one_slice_per_call(stage_one, tmp_path, monkeypatch):
+    """Equal up to the decoder's float sums over a different batch (1e-6 per pixel); the rewards then move by
+    as much, which PPO's per-prompt normalization can amplify, so the trained LoRA is not compared."""
+    from rlbooth.align.rollout import decode
+
+    trainer = make_trainer(align_config("align.decode_slice=2"), stage_one, tmp_path / "t")
+    latents = torch.randn(5, *trainer.latent_shape, generator=torch.Generator().manual_seed(0))
+    whole = decode(trainer.pipe.vae, latents)
+    torch.testing.assert_close(decode(trainer.pipe.vae, latents, 2), whole, rtol=0, atol=1e-6)
+    rows, real = [], trainer.pipe.vae.decode
+    monkeypatch.setattr(trainer.pipe.vae, "decode", lambda z, *a, **k: rows.append(len(z)) or real(z, *a, **k))
+    trainer.sample_epoch(0)
+    assert rows and max(rows) == 2 and sum(rows) == trainer.cfg.sample_batch_size * trainer.cfg.num_batches_per_epoch
