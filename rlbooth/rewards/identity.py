@@ -33,7 +33,8 @@ from rlbooth.images import list_images, to_rgb
 from rlbooth.rewards import RewardError, register, validate_batch
 from rlbooth.rewards import common
 from rlbooth.rewards.hub import load_or_explain
-from rlbooth.rewards.pil_resize import normalize, resize_bicubic, to_8bit
+from rlbooth.rewards.grad_path import place, resize, wanted
+from rlbooth.rewards.pil_resize import normalize, to_8bit
 from rlbooth.subject import Subject
 
 logger = logging.getLogger(__name__)
@@ -92,10 +93,11 @@ def reference_embedding(embeddings: torch.Tensor) -> torch.Tensor:
 def dino_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> (B, 3, size, size) float32: the whole 8-bit image resized, ImageNet mean/std.
 
-    The resize is PIL's bicubic (as DINO's own evaluation transforms), straight to size x size: no
-    256-then-224 centre crop, so a subject near the edge of a (square) image stays in view.
+    The resize is PIL's bicubic (as DINO's own evaluation transforms; torch's when gradients are wanted, see
+    `rlbooth.rewards.grad_path`), straight to size x size: no 256-then-224 centre crop, so a subject near the
+    edge of a (square) image stays in view.
     """
-    return normalize(resize_bicubic(images, (size, size)), IMAGENET_MEAN, IMAGENET_STD)
+    return normalize(resize(images, (size, size)), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def _center_square(img: Image.Image) -> torch.Tensor:
@@ -107,7 +109,10 @@ def _center_square(img: Image.Image) -> torch.Tensor:
 
 
 class DinoIdentityReward:
-    """Cosine of an image's DINO CLS embedding to the subject's reference embedding, in [-1, 1]."""
+    """Cosine of an image's DINO CLS embedding to the subject's reference embedding, in [-1, 1].
+
+    Differentiable: images that want gradients (`grad_path.wanted`) get scores connected to them.
+    """
 
     identifier_only = True
 
@@ -119,21 +124,22 @@ class DinoIdentityReward:
         self.image_size = int(model.config.image_size)
         self.reference = reference_embedding(torch.cat([self.embed(photo) for photo in photos]))
 
-    @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, D) unnormalized CLS embeddings, float32 on the CPU."""
-        pixels = dino_preprocess(images.to(self.device), self.image_size).to(self.dtype)
-        hidden = self.model(pixel_values=pixels).last_hidden_state
-        return hidden[:, 0].float().cpu()
+        """(B, 3, H, W) in [0, 1] -> (B, D) unnormalized CLS embeddings, float32 on the CPU (with gradients: on the
+        images' device, connected to them)."""
+        with torch.set_grad_enabled(wanted(images)):
+            pixels = dino_preprocess(images.to(self.device), self.image_size).to(self.dtype)
+            hidden = self.model(pixel_values=pixels).last_hidden_state
+            return place(hidden[:, 0], images)
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         if validate_batch(images, prompts, metadata) == 0:
             return torch.zeros(0, dtype=torch.float32)
-        return (_normalize_rows(self.embed(images)) @ self.reference).float()
+        embeds = self.embed(images)
+        return place(_normalize_rows(embeds) @ self.reference.to(embeds.device), images)
 
 
-@register("identity_dino")
+@register("identity_dino", differentiable=True)
 def identity_dino(model: str = "facebook/dino-vits16", device: str = "cpu", dtype: str = "float32",
                   subject: Subject | None = None) -> DinoIdentityReward:
     """DINO ViT-S/16 subject fidelity (DreamBench's DINO score): cosine of CLS embeddings.
