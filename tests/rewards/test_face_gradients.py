@@ -61,10 +61,10 @@ def write_resnet_arcface(path: Path, mxnet_style: bool, seed: int = 0, dim: int 
                                       strides=[stride, stride], pads=[pad] * 4))
         return name
 
-    def bn(x: str, name: str, channels: int) -> str:
+    def bn(x: str, name: str, channels: int, variance: float = 1.0) -> str:
         params = [const(f"{name}.{key}", value) for key, value in (
             ("scale", 1 + 0.1 * rng.standard_normal(channels)), ("bias", 0.1 * rng.standard_normal(channels)),
-            ("mean", 0.1 * rng.standard_normal(channels)), ("var", 1 + 0.2 * rng.random(channels)))]
+            ("mean", 0.1 * rng.standard_normal(channels)), ("var", variance * (1 + 0.2 * rng.random(channels))))]
         nodes.append(helper.make_node("BatchNormalization", [x, *params], [name], name=name, epsilon=2e-5))
         return name
 
@@ -96,7 +96,7 @@ def write_resnet_arcface(path: Path, mxnet_style: bool, seed: int = 0, dim: int 
         nodes.append(helper.make_node("Flatten", ["dropped"], ["flat"], axis=1))
         nodes.append(helper.make_node("Gemm", ["flat", const("fc.w", fc_weight.T.copy()),
                                                const("fc.b", 0.1 * rng.standard_normal(dim))], ["fc"], transB=1))
-    features = bn("fc", "features", dim)
+    features = bn("fc", "features", dim, variance=1e-3)  # small: the epsilon (2e-5, not torch's 1e-5) matters
     graph = helper.make_graph(
         nodes, "random_iresnet", [helper.make_tensor_value_info(nodes[0].input[0], TensorProto.FLOAT,
                                                                 ["N", 3, 112, 112])],
@@ -205,10 +205,12 @@ def subject_faces(sample_images, tmp_path) -> list[Path]:
 
 
 def small_faces(sample_images: Path, size: int = 40, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The sample face at `size` px, its mirror, and a dark image (no face for the stub detector), in [0, 1]."""
+    """The sample face at `size` px, its mirror with the colour channels apart (so that swapping them shows), and a
+    dark image (no face for the stub detector), in [0, 1]."""
     face = to_tensor([read_bgr(sample_images / "Tom_Hanks_54745.png")]).to(dtype)
     face = torch.nn.functional.interpolate(face, size=(size, size), mode="area")
-    return torch.cat([face, face.flip(-1), torch.full_like(face, 0.05)])
+    apart = face.flip(-1) * torch.tensor([1.0, 0.6, 0.2], dtype=dtype).view(1, 3, 1, 1)
+    return torch.cat([face, apart, torch.full_like(face, 0.05)])
 
 
 def test_face_gradient_matches_finite_differences(iresnet, subject_faces, sample_images):
