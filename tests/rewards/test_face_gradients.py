@@ -29,7 +29,6 @@ from tests.rewards.test_identity import (  # noqa: F401  (fixtures)
     sample_images,
     textures,
     to_tensor,
-    write_tiny_arcface,
 )
 
 WIDTH = 8  # channels of the random residual networks
@@ -139,7 +138,7 @@ def test_converted_arcface_equals_onnxruntime(recognition_files, sample_images, 
     expected = identity.embed_aligned(model, crops)  # onnxruntime, normalized as the reward does
     with torch.no_grad():
         ours = arcface(to_tensor(crops))
-    assert ours.shape == expected.shape
+    assert ours.shape == expected.shape  # seen: at most 6e-7 apart
     np.testing.assert_allclose(ours.numpy(), expected, atol=1e-4, rtol=0)
     assert float(np.abs(expected[0] - expected[2]).max()) > 1e-2  # the embeddings differ: a real comparison
 
@@ -240,7 +239,7 @@ def test_face_gradient_matches_finite_differences(iresnet, subject_faces, sample
 
 def test_face_reward_without_grad_is_the_onnx_path(iresnet, subject_faces, sample_images):
     """Without gradients the torch model is not used (the same numbers as a reward without it); with them the
-    scores are within 2e-3 of the ONNX path's (seen: 2e-4; the torch crop is not rounded to 8 bits)."""
+    scores are within 2e-3 of the ONNX path's (seen: 5e-4; the torch crop is not rounded to 8 bits)."""
     onnx_only = FaceIdentityReward(InsightfaceBackend(bright_centre_detector, iresnet), subject_faces)
     both = FaceIdentityReward(InsightfaceBackend(bright_centre_detector, iresnet, load_torch_arcface(iresnet, "f")),
                               subject_faces)

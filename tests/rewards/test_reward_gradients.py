@@ -14,7 +14,7 @@ import torch
 
 from rlbooth.rewards import build_reward, reward_is_differentiable
 from rlbooth.rewards import image_reward as ir
-from rlbooth.rewards.clip_models import CLIP_STD, ClipPreprocess, load_clip_encoder, load_aesthetic_head
+from rlbooth.rewards.clip_models import CLIP_STD, ClipPreprocess, load_aesthetic_head, load_clip_encoder
 from rlbooth.rewards.grad_path import resize_smooth
 from rlbooth.rewards.identity import IMAGENET_STD, dino_preprocess
 from rlbooth.subject import Subject
