@@ -21,10 +21,15 @@ def wanted(images: torch.Tensor) -> bool:
 
 
 def resize_smooth(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> (B, 3, height, width), differentiable; images already at `size` are kept."""
+    """(B, 3, H, W) in [0, 1] -> (B, 3, height, width), differentiable; images already at `size` are kept.
+
+    Half-precision images (a VAE decoding in bf16) are resized in float32: torch has no antialiased bicubic
+    for them on the CPU.
+    """
     if tuple(images.shape[-2:]) == tuple(size):
         return images
-    resized = torch.nn.functional.interpolate(images, size=tuple(size), mode="bicubic", antialias=True,
+    exact = images if images.dtype in (torch.float32, torch.float64) else images.float()
+    resized = torch.nn.functional.interpolate(exact, size=tuple(size), mode="bicubic", antialias=True,
                                               align_corners=False)
     return resized.clamp(0, 1)
 

@@ -353,12 +353,14 @@ class FaceIdentityReward:
                                faces: list[DetectedFace]) -> torch.Tensor:
         """(B,) on the images' device: cosines of the torch embeddings of the faces in `rows`, connected to the images."""
         dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
-        scores = torch.full((len(images),), self.no_face_score, dtype=dtype, device=images.device)
+        # a batch without faces is still connected (with a zero gradient), so a loss on it can backpropagate
+        scores = torch.full((len(images),), self.no_face_score, dtype=dtype, device=images.device) \
+            + 0 * images.sum(dim=(1, 2, 3)).to(dtype)
         if not rows:
             return scores
-        device = next(arcface.buffers()).device
-        embeds = arcface.embed_faces(images[rows].to(device), [face.kps for face in faces])
-        cosines = embeds @ torch.from_numpy(self.reference).to(device, embeds.dtype)
+        weights = next(arcface.buffers())  # the images go to the model's device and dtype (a VAE may decode in bf16)
+        embeds = arcface.embed_faces(images[rows].to(weights.device, weights.dtype), [face.kps for face in faces])
+        cosines = embeds @ torch.from_numpy(self.reference).to(weights.device, embeds.dtype)
         return scores.index_put((torch.tensor(rows, device=images.device),), cosines.to(images.device, dtype))
 
     def log_stats(self) -> dict[str, float]:

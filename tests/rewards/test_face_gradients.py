@@ -226,6 +226,9 @@ def test_face_gradient_matches_finite_differences(iresnet, subject_faces, sample
         assert scores.requires_grad and scores.dtype == torch.float64 and scores[2] == -0.5
         (gradient,) = torch.autograd.grad((weights * scores).sum(), x)
     assert gradient[:2].abs().sum() > 0 and gradient[2].abs().sum() == 0
+    with torch.enable_grad():  # a batch without a face: constant scores, still connected (a zero gradient)
+        faceless = reward(x[2:], *rows(1))
+        assert faceless.requires_grad and torch.autograd.grad(faceless.sum(), x)[0].abs().sum() == 0
     generator, step = torch.Generator().manual_seed(2), 1e-6
     for _ in range(3):
         direction = torch.randn(x.shape, generator=generator, dtype=torch.float64)
@@ -252,7 +255,11 @@ def test_face_reward_without_grad_is_the_onnx_path(iresnet, subject_faces, sampl
         smooth = both(x.clone().requires_grad_(True), *rows(3))
     assert smooth.requires_grad and smooth.dtype == torch.float32
     torch.testing.assert_close(smooth.detach(), plain, atol=2e-3, rtol=0)
-    assert both.log_stats()["identity_face/scored"] == 6  # 3 calls, 2 faces each: the torch path counts alike
+    with torch.enable_grad():  # images decoded in bf16 are embedded in the model's float32, scored in float32
+        half = both(x.bfloat16().requires_grad_(True), *rows(3))
+    assert half.requires_grad and half.dtype == torch.float32
+    torch.testing.assert_close(half.detach(), plain, atol=0.02, rtol=0)
+    assert both.log_stats()["identity_face/scored"] == 8  # 4 calls, 2 faces each: the torch path counts alike
 
 
 def test_factory_option_and_registry(pack, textures, tmp_path):

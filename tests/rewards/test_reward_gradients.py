@@ -98,6 +98,10 @@ def test_without_grad_the_score_is_the_pil_path_and_close_to_the_torch_path(rewa
     assert smooth.requires_grad
     assert not torch.equal(smooth.detach(), plain)  # a different resize ran
     torch.testing.assert_close(smooth.detach(), plain, atol=1e-3, rtol=0.05)
+    with torch.enable_grad():  # images a VAE decoded in bf16: resized in float32, scored in float32
+        half = score(reward, x.bfloat16().requires_grad_(True))
+    assert half.requires_grad and half.dtype == torch.float32
+    torch.testing.assert_close(half.detach(), plain, atol=0.02, rtol=0.1)
 
 
 def test_reward_weights_stay_frozen(rewards: dict, tiny_clip: Path, head_file: Path):  # noqa: F811
