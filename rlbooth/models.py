@@ -122,7 +122,43 @@ def check_model(config: Config) -> "Family":
     if cfg.vae and Path(cfg.vae).expanduser().is_dir():
         _check_vae_folder(Path(cfg.vae).expanduser())
     check_family_switches(config, family)
+    targets = {"align.lora_target_modules": config.align.lora_target_modules}
+    if config.personalize.mode == "lora":
+        targets["personalize.lora_target_modules"] = config.personalize.lora_target_modules
+    check_lora_targets(cfg, family, targets)
     return family
+
+
+def check_lora_targets(cfg: ModelConfig, family: "Family", targets: dict[str, list[str]]) -> None:
+    """Each LoRA target must name a layer of the denoiser, as peft matches it (the name or its last parts), or
+    peft stops the run after the weights have loaded. The denoiser is built on the meta device from its
+    config (no weights); a hub model whose shapes `rlbooth.plan` does not know is left to peft."""
+    import torch
+
+    from rlbooth.plan import ARCHITECTURES, architecture, build_meta
+
+    if cfg.pretrained in SHIPPED:
+        source: Path | None = toyworld_folder(cfg.pretrained)
+    elif cfg.pretrained == "tiny":
+        source = tiny_pipeline_folder(cfg.tiny, family)
+    else:
+        source = Path(cfg.pretrained).expanduser() if Path(cfg.pretrained).expanduser().is_dir() else None
+    if source is None and cfg.pretrained not in ARCHITECTURES:
+        return
+    spec = architecture(cfg.pretrained) if source is None else architecture(str(source))
+    if family.denoiser not in spec:
+        return
+    denoiser = build_meta(*spec[family.denoiser])
+    layers = [name for name, m in denoiser.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    for key, names in targets.items():
+        for target in names:
+            if not any(name == target or name.endswith("." + target) for name in layers):
+                leaves = sorted({".".join(name.split(".")[-2 if name.split(".")[-1].isdigit() else -1:])
+                                 for name in layers})
+                raise ModelLoadError(f"{key}: {target!r} names no layer of the {family.denoiser} of "
+                                     f"{cfg.pretrained!r}; its layers end in: {', '.join(leaves[:40])}"
+                                     f"{' ...' if len(leaves) > 40 else ''} (a name or its last parts, e.g. "
+                                     "to_q or attn1.to_q)")
 
 
 def _looks_local(source: str) -> bool:

@@ -200,6 +200,13 @@ MUTATIONS: list[Mutation] = [
     Mutation("stage-one-frozen-weights-moved-uncast", "rlbooth/personalize/train.py",
              "    cast_frozen(pipe, family, cfg, weight_dtype(accelerator))\n", "",
              ("tests/test_memory.py::test_stage_one_frozen_weights_reach_the_device_in_the_runs_16_bit_dtype",)),
+    Mutation("lora-targets-unchecked", "rlbooth/models.py",
+             'if not any(name == target or name.endswith("." + target) for name in layers):', "if False:",
+             ("tests/align/test_lora_targets.py",)),
+    Mutation("lora-targets-exact-names-only", "rlbooth/models.py",
+             'if not any(name == target or name.endswith("." + target) for name in layers):',
+             "if not any(name == target for name in layers):",
+             ("tests/align/test_lora_targets.py",)),
     # The toy worlds' guards: stage two's gain must vanish with the update's sign flipped (README, the toy world).
     Mutation("ppo-surrogate-sign-toy-worlds", "rlbooth/align/ppo.py",
              "loss = torch.mean(torch.maximum(unclipped, clipped))",

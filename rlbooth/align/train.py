@@ -46,7 +46,7 @@ from rlbooth.checkpoint import (latest_checkpoint, load_checkpoint, load_extra_t
                                 trainable_parameters)
 from rlbooth.config import AlignConfig, Config, ConfigError
 from rlbooth.images import save_image_atomic
-from rlbooth.models import add_lora, save_lora
+from rlbooth.models import add_lora, check_lora_targets, resolve_family, save_lora
 from rlbooth.memory import frozen_modules, offload, to_device
 from rlbooth.optim import adamw
 from rlbooth.families import Conditioning, family_of
@@ -157,6 +157,8 @@ def preflight(config: Config, stage_one_dir: Path, output_dir: Path, resume: boo
     merges_lora(config)
     check_composite(config.align.reward, config.align.reward_options, config.align.reward_modules)
     stage_one = read_stage(stage_one_dir, "personalize")
+    base = stage_one.base_model
+    check_lora_targets(base, resolve_family(base), {"align.lora_target_modules": config.align.lora_target_modules})
     templates = read_prompt_file(config.align.prompt_file or default_prompt_set(stage_one.subject))
     if config.align.eval_every:
         read_prompt_file(eval_prompt_file(config, stage_one.subject))
