@@ -85,6 +85,9 @@ class ModelConfig:
     """Store the frozen denoiser's Linear weights quantized (QLoRA; rlbooth.quantize), LoRA trains on top in
     fp32: `int8` torchao's int8 weight-only (CPU or CUDA; `pip install 'rlbooth[quantize]'`), `nf4` bitsandbytes'
     4-bit NormalFloat (CUDA; the `8bit` extra). Needs LoRA in both stages; the LoRA loads on the unquantized base."""
+    quantize_text_encoders: bool = False
+    """Also store the family's large frozen text encoder (T5-XXL of SD3 and FLUX, Qwen-Image's and Z-Image's Qwen)
+    with `quantization`'s scheme, through transformers' quantization configs; on families without one, an error."""
 
 
 @dataclass
@@ -563,6 +566,8 @@ class Config:
     """The sample sheet and report of `rlbooth run`."""
 
     def __post_init__(self) -> None:
+        _check(not self.model.quantize_text_encoders or self.model.quantization != "none",
+               "model.quantize_text_encoders", "quantizes with model.quantization's scheme: set it to int8 or nf4")
         if self.model.quantization != "none":
             _check(self.personalize.mode == "lora", "model.quantization",
                    "a quantized base trains LoRA only: set personalize.mode=lora, or model.quantization=none")

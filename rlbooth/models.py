@@ -122,6 +122,9 @@ def check_model(config: Config) -> "Family":
     if cfg.vae and Path(cfg.vae).expanduser().is_dir():
         _check_vae_folder(Path(cfg.vae).expanduser())
     check_family_switches(config, family)
+    if cfg.quantize_text_encoders and not family.large_text_encoders:
+        raise ConfigError(f"model.quantize_text_encoders: the {family.name} family has no large text encoder to "
+                          "quantize (SD3 and FLUX have T5-XXL, Qwen-Image and Z-Image a Qwen); remove it")
     targets = {"align.lora_target_modules": config.align.lora_target_modules}
     if config.personalize.mode == "lora":
         targets["personalize.lora_target_modules"] = config.personalize.lora_target_modules
@@ -235,7 +238,7 @@ def load_pipeline(cfg: ModelConfig, torch_dtype: "torch.dtype | None" = None) ->
     extra = {"vae": load_vae(cfg.vae, torch_dtype)} if cfg.vae else {}
     quantized = cfg.quantization != "none"
     if quantized:
-        from rlbooth.quantize import load_quantized_denoiser, require
+        from rlbooth.quantize import load_quantized_denoiser, load_quantized_text_encoder, require
 
         require(cfg.quantization)  # a missing package is not a missing model
     try:
@@ -243,6 +246,9 @@ def load_pipeline(cfg: ModelConfig, torch_dtype: "torch.dtype | None" = None) ->
             extra[family.denoiser] = load_quantized_denoiser(source, family.denoiser, cfg.quantization,
                                                              revision=None if local else cfg.revision,
                                                              variant=cfg.variant, torch_dtype=torch_dtype)
+            for name in family.large_text_encoders if cfg.quantize_text_encoders else ():
+                extra[name] = load_quantized_text_encoder(source, name, cfg.quantization, torch_dtype=torch_dtype,
+                                                          revision=None if local else cfg.revision, variant=cfg.variant)
         return family.load(source, revision=None if local else cfg.revision, variant=cfg.variant,
                            torch_dtype=torch_dtype, **extra)
     except Exception as err:  # hub, network and file errors come in many classes; all mean "no weights"

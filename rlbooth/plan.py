@@ -282,8 +282,9 @@ class StagePlan:
 
 
 def stage_rows(components: dict[str, torch.nn.Module], denoiser: str, frozen: int, quantization: str,
-               full: bool, offloaded: tuple[str, ...]) -> list[Row]:
-    """Weights of every component; the denoiser's Linear weights at the quantized size when quantized."""
+               full: bool, offloaded: tuple[str, ...], quantized: tuple[str, ...] = ()) -> list[Row]:
+    """Weights of every component; the Linear weights of the denoiser and of the `quantized` components at the
+    quantized size when quantized."""
     names = {2: "16-bit", 4: "fp32"}
     rows = []
     for name, model in components.items():
@@ -292,7 +293,7 @@ def stage_rows(components: dict[str, torch.nn.Module], denoiser: str, frozen: in
             rows.append(Row(name, n, "fp32 (trained)", 4 * n))
             continue
         nbytes, dtype = float(frozen * n), names[frozen]
-        if name == denoiser and QUANTIZED_BYTES[quantization] is not None:
+        if name in (denoiser, *quantized) and QUANTIZED_BYTES[quantization] is not None:
             linear = linear_weights(model)
             nbytes, dtype = QUANTIZED_BYTES[quantization] * linear + frozen * (n - linear), f"{quantization} + {names[frozen]}"
         rows.append(Row(name, n, dtype, nbytes, resident=not name.startswith(offloaded)))
@@ -308,6 +309,7 @@ def training_rows(trainable: int, optimizer_bytes: int, counted_weights: bool) -
 
 def plan(config: "Config") -> list[StagePlan]:
     """Stage one's and stage two's memory for this config, from the components built on the meta device."""
+    from rlbooth.families import get_family
     from rlbooth.models import resolve_family, tiny_pipeline_folder
 
     model_cfg = config.model
@@ -343,14 +345,16 @@ def plan(config: "Config") -> list[StagePlan]:
             checkpointing, optimizer_bytes = two.gradient_checkpointing, 8
             rank, targets, mode = two.lora_rank, two.lora_target_modules, "lora"
             offloaded = ("text_encoder",) if two.offload_text_encoders else ()
-        rows = stage_rows(components, denoiser, frozen, config.model.quantization, mode == "full", offloaded)
+        rows = stage_rows(components, denoiser, frozen, config.model.quantization, mode == "full", offloaded,
+                          get_family(family_name).large_text_encoders if model_cfg.quantize_text_encoders else ())
         rows += training_rows(trainable, optimizer_bytes, counted_weights=mode == "full")
         if frozen != 4:
             model.to(dtype=torch.bfloat16)
         saved = activations(family_name, model, batch, resolution // vae_factor, rank,
                             targets if mode == "lora" else None, tokens)
         savings = {"gradient checkpointing": checkpointing, f"quantized base ({config.model.quantization})":
-                   config.model.quantization != "none", "8-bit AdamW": optimizer_bytes == 2,
+                   config.model.quantization != "none", "quantized text encoder": model_cfg.quantize_text_encoders,
+                   "8-bit AdamW": optimizer_bytes == 2,
                    "encoders offloaded after caching": bool(offloaded)}
         apart = ()  # stage one encodes with the text encoders alone, stage two with the VAE beside them
         if offloaded and (stage == "align" or not one.train_text_encoder):

@@ -52,6 +52,26 @@ def quantization_config(kind: str, compute_dtype: "torch.dtype | None" = None) -
                               bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16)
 
 
+def load_quantized_text_encoder(source: str, name: str, kind: str, **kwargs: Any) -> "torch.nn.Module":
+    """The pipeline folder's text encoder `name` (a transformers model) with its Linear weights quantized."""
+    import diffusers
+    import torch
+    import transformers
+
+    require(kind)
+    index = diffusers.DiffusionPipeline.load_config(source, **{k: v for k, v in kwargs.items() if k == "revision"})
+    cls = getattr(transformers, index[name][1])
+    dtype = kwargs.pop("torch_dtype", None) or torch.float32
+    if kind == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        config = transformers.TorchAoConfig(Int8WeightOnlyConfig())
+    else:
+        config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
+    return cls.from_pretrained(source, subfolder=name, quantization_config=config, torch_dtype=dtype, **kwargs)
+
+
 def load_quantized_denoiser(source: str, denoiser: str, kind: str, **kwargs: Any) -> "torch.nn.Module":
     """The pipeline folder's denoiser (`unet` or `transformer`) with its Linear weights quantized."""
     import diffusers

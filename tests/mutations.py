@@ -207,6 +207,10 @@ MUTATIONS: list[Mutation] = [
              'if not any(name == target or name.endswith("." + target) for name in layers):',
              "if not any(name == target for name in layers):",
              ("tests/align/test_lora_targets.py",)),
+    Mutation("text-encoder-not-quantized", "rlbooth/models.py",
+             "for name in family.large_text_encoders if cfg.quantize_text_encoders else ():",
+             "for name in ():",
+             ("tests/test_quantize.py::test_large_text_encoder_quantized_encodes_trains_and_the_lora_loads_unquantized",)),
     # The toy worlds' guards: stage two's gain must vanish with the update's sign flipped (README, the toy world).
     Mutation("ppo-surrogate-sign-toy-worlds", "rlbooth/align/ppo.py",
              "loss = torch.mean(torch.maximum(unclipped, clipped))",

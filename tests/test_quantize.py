@@ -84,3 +84,40 @@ def test_a_missing_package_is_named_before_any_weight_is_read() -> None:
         pytest.skip("bitsandbytes is installed")
     with pytest.raises(QuantizationError, match=r"model.quantization=nf4 needs bitsandbytes: pip install 'rlbooth\[8bit\]'"):
         load_pipeline(ModelConfig(pretrained="tiny", quantization="nf4"))
+
+
+def test_large_text_encoder_quantized_encodes_trains_and_the_lora_loads_unquantized(tmp_path: Path,
+                                                                                   subject_photos: Path) -> None:
+    """`model.quantize_text_encoders` stores SD3's T5 in int8 (transformers' torchao config): it encodes close to
+    the fp32 T5, stage one trains through it, it stays as loaded, and the LoRA loads on the plain base."""
+    from rlbooth.plan import linear_weights, plan
+
+    config = load_config("tiny-sd3", ["runtime.report_to=none", "personalize.validation_steps=0",
+                                      "model.quantization=int8", "model.quantize_text_encoders=true",
+                                      "personalize.max_train_steps=2", "personalize.with_prior_preservation=false"])
+    pipe, plain = load_pipeline(config.model), load_pipeline(ModelConfig(pretrained="tiny", family="sd3"))
+    t5 = pipe.text_encoder_3
+    assert "Int8" in type(t5.encoder.block[0].layer[0].SelfAttention.q.weight).__name__
+    assert "Int8" not in type(pipe.text_encoder.text_model.encoder.layers[0].self_attn.q_proj.weight).__name__
+    family = family_of(pipe)
+    with torch.no_grad():
+        ours, full = (family.encode_prompts(p, ["a sks dog on the beach"]).hidden for p in (pipe, plain))
+    assert (ours - full).norm() < 0.1 * full.norm()  # int8 rounding of a random tiny T5
+    before = {k: _plain(v).clone() for k, v in t5.state_dict().items()}
+    model_dir = personalize(config, Subject(images=subject_photos, class_noun="toy"), tmp_path / "one")
+    after = load_pipeline(config.model).text_encoder_3.state_dict()
+    assert all(torch.equal(_plain(after[k]), v) for k, v in before.items())
+    plain.load_lora_weights(model_dir)  # plain diffusers, unquantized base
+    assert any("lora" in k for k in plain.transformer.state_dict())
+    rows = {r.name: r for r in plan(config)[0].rows}
+    n, linear = sum(p.numel() for p in plain.text_encoder_3.parameters()), linear_weights(plain.text_encoder_3)
+    assert rows["text_encoder_3"].bytes == linear + 4 * (n - linear)  # int8 Linear weights, the rest fp32
+
+
+def test_text_encoder_quantization_needs_a_scheme_and_a_large_encoder() -> None:
+    from rlbooth.models import check_model
+
+    with pytest.raises(ConfigError, match="model.quantize_text_encoders.*int8 or nf4"):
+        load_config("tiny-sd3", ["model.quantize_text_encoders=true"])
+    with pytest.raises(ConfigError, match="model.quantize_text_encoders: the sd family has no large text encoder"):
+        check_model(load_config("tiny", ["model.quantization=int8", "model.quantize_text_encoders=true"]))

@@ -72,6 +72,8 @@ class Family(ABC):
     """Pipeline attributes of the text encoders, in the order their features are concatenated."""
     tokenizers: tuple[str, ...] = ("tokenizer",)
     """Pipeline attributes of the tokenizers, one per text encoder."""
+    large_text_encoders: tuple[str, ...] = ()
+    """The multi-billion-parameter text encoders, never trained, that `model.quantize_text_encoders` quantizes."""
     load_kwargs: dict[str, Any] = {}
     """Extra `from_pretrained` arguments (no safety checker, no watermark)."""
     denoiser: str = "unet"

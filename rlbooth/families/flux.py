@@ -45,6 +45,7 @@ class Flux(FlowMatchingFamily):
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
     lora_text_encoders = ("text_encoder",)  # FLUX's LoRA loader carries CLIP's, never T5's
+    large_text_encoders = ("text_encoder_2",)  # T5-XXL
     max_sequence_length = 512
     script_timestep_density = "uniform"  # train_dreambooth_lora_flux.py: --weighting_scheme none, u ~ U[0, 1)
     t5_tokenizer, t5_encoder = "tokenizer_2", "text_encoder_2"

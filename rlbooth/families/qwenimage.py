@@ -37,6 +37,7 @@ class QwenImage(FlowMatchingFamily):
     script_timestep_density = "uniform"  # train_dreambooth_lora_qwen_image.py: --weighting_scheme none
     pipeline_class_name = "QwenImagePipeline"
     lora_text_encoders = ()  # diffusers' Qwen-Image LoRA loader carries the transformer only
+    large_text_encoders = ("text_encoder",)  # Qwen2.5-VL-7B
     max_sequence_length = 512
 
     def text_length(self, pipe: Any) -> int:

@@ -48,6 +48,7 @@ class StableDiffusion3(FlowMatchingFamily):
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     tokenizers = ("tokenizer", "tokenizer_2", "tokenizer_3")
     lora_text_encoders = ("text_encoder", "text_encoder_2")  # what SD3's LoRA loader carries; never T5
+    large_text_encoders = ("text_encoder_3",)  # T5-XXL
     max_sequence_length = 256
     script_timestep_density = "logit_normal"  # train_dreambooth_lora_sd3.py: --weighting_scheme logit_normal
     t5_tokenizer, t5_encoder = "tokenizer_3", "text_encoder_3"

@@ -29,6 +29,7 @@ class ZImage(FlowMatchingFamily):
     script_timestep_density = "uniform"  # no Z-Image DreamBooth script compared here: Qwen-Image's default
     pipeline_class_name = "ZImagePipeline"
     lora_text_encoders = ()  # diffusers' Z-Image LoRA loader carries the transformer only
+    large_text_encoders = ("text_encoder",)  # Qwen3-4B
     max_sequence_length = 512
 
     def text_length(self, pipe: Any) -> int:
