@@ -78,6 +78,11 @@ def sample_rollout(family: Family, unet: torch.nn.Module, policy: StepPolicy, co
 @torch.no_grad()
 def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """Latents to images in [0, 1], float32."""
+    return to_images(vae, latents)
+
+
+def to_images(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """`decode` with gradients to the latents where grad mode is on (reward feedback learning)."""
     param = next(vae.parameters())
     images = decode_latents(vae, from_latents(vae, latents).to(param.dtype))
     return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -155,7 +155,8 @@ def preflight(config: Config, stage_one_dir: Path, output_dir: Path, resume: boo
     """Everything checkable before a model is loaded: runtime, rewards, stage-one folder, prompts, output state."""
     check_runtime(config.runtime)
     merges_lora(config)
-    check_composite(config.align.reward, config.align.reward_options, config.align.reward_modules)
+    check_composite(config.align.reward, config.align.reward_options, config.align.reward_modules,
+                    differentiable=config.align.algorithm == "refl")
     stage_one = read_stage(stage_one_dir, "personalize")
     templates = read_prompt_file(config.align.prompt_file or default_prompt_set(stage_one.subject))
     if config.align.eval_every:
