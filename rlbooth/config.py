@@ -413,6 +413,10 @@ class AlignConfig:
     (`relu`), which stops pushing a sample once its reward passes the margin."""
     refl_relu_margin: float = 2.0
     """ReFL: the margin of refl_shaping=relu (the reference's 2, on ImageReward's scale)."""
+    refl_pretrain_weight: float = 0.0
+    """ReFL: weight of stage one's denoising loss on the subject photos (its objective, resolution and instance
+    prompt, one batch of align.train_batch_size photos per training batch) added to the loss, the regularizer
+    ReFL and ID-Aligner add; 0 = off."""
     advantage_mode: Literal["sum", "per_reward"] = "sum"
     """`sum`: advantages of the weighted reward sum (DDPO). `per_reward`: each component standardized within
     its group first (initial-noise groups, else prompts with per_prompt_stat_tracking, else the epoch), then
@@ -512,6 +516,7 @@ class AlignConfig:
         _check(len(self.refl_window) == 2 and 1 <= first <= last, "align.refl_window",
                f"must be [first, last] steps from the end with 1 <= first <= last, got {self.refl_window}")
         _check(self.refl_backprop_steps > 0, "align.refl_backprop_steps", "must be positive")
+        _check(self.refl_pretrain_weight >= 0, "align.refl_pretrain_weight", "must not be negative (0 turns it off)")
         _check(bool(self.train_steps), "align.refl_window",
                f"{self.refl_window} leaves no step of the {self.num_steps} from which "
                f"{self.refl_backprop_steps} steps (align.refl_backprop_steps) fit before the end")

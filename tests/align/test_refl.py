@@ -121,6 +121,26 @@ def test_gradient_reaches_the_lora_only(stage, request, tmp_path):
         assert torch.equal(modules[name].state_dict()[k], v), (name, k)
 
 
+def test_pretrain_term_is_stage_ones_loss_and_training_lowers_it(stage_one, tmp_path):
+    """align.refl_pretrain_weight adds stage one's denoising loss on the subject photos: alone (reward weight
+    0) a few updates lower it on a fixed batch of photos, noise and timesteps."""
+    config = align_config(*REFL, "align.reward={brightness: 0.0}", "align.refl_pretrain_weight=2.0",
+                          "align.learning_rate=1e-2", "align.num_batches_per_epoch=1")
+    trainer = make_trainer(config, stage_one, tmp_path)
+    pretrain = trainer.algorithm.pretrain
+    samples = trainer.sample_epoch(0)
+    rows, step = torch.arange(4), torch.full((4,), 3)
+    loss, info = trainer.algorithm.loss(samples, rows, step, torch.zeros(4))
+    assert loss.item() == pytest.approx(2.0 * info["pretrain_loss"].item(), rel=1e-6)
+    with torch.no_grad():
+        before = pretrain(12345).item()
+    for epoch in range(3):
+        trainer.train_epoch(epoch, samples, torch.zeros(len(samples.indices)))
+    with torch.no_grad():
+        after = pretrain(12345).item()
+    assert after < before, (before, after)
+
+
 SIGN_SETTINGS = {"sdxl": ("1e-3", 256, 4)}
 """(learning rate, evaluation seeds, epochs) where the defaults (1e-2, 32, 2) do not fit the tiny model."""
 

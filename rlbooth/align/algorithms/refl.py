@@ -6,12 +6,14 @@ the trajectories. Training restarts each one at a step drawn from a late window 
 (seed, epoch, pass, sample) like every draw, so a resumed run repeats), runs align.refl_backprop_steps steps
 with gradients, the last of them the family's one-step x0 prediction, decodes it with the VAE, scores it with
 the composite reward's differentiable path, and minimizes minus the weighted reward (or ReFL's shaping
-relu(margin - r)). With the sampling and the gradient step in the same epoch, the restart point is what the
+relu(margin - r)), optionally plus stage one's denoising loss on the subject photos (align.refl_pretrain_weight).
+With the sampling and the gradient step in the same epoch, the restart point is what the
 current weights sampled, up to the optimizer steps the epoch has already taken.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any
 
@@ -34,12 +36,44 @@ def refl_loss(total: Tensor, shaping: str, margin: float) -> Tensor:
     return -total.mean()
 
 
+class PretrainLoss:
+    """Stage one's denoising loss on the subject photos (ReFL's and ID-Aligner's regularizer), with stage one's
+    objective, data and instance prompt as its config recorded them; batches keyed like stage one's."""
+
+    def __init__(self, trainer: Any) -> None:
+        from rlbooth.config import PersonalizeConfig, from_dict
+        from rlbooth.images import check_images
+        from rlbooth.personalize.objective import objective_for
+        from rlbooth.personalize.train import PromptInputs, build_data
+
+        t = trainer
+        recorded = from_dict(PersonalizeConfig, t.stage_one.metadata["config"]["personalize"], "personalize.")
+        cfg = dataclasses.replace(recorded, train_batch_size=t.cfg.train_batch_size)
+        self.trainer, self.cfg = t, cfg
+        self.objective = objective_for(t.family, t.pipe, cfg)
+        self.data = build_data(t.pipe, cfg, t.seed, check_images(t.subject.images, cfg.resolution), None,
+                               self.objective)
+        self.prompts = PromptInputs.build(t.pipe, t.family, False, t.subject.prompt(cfg.instance_prompt), None)
+
+    def __call__(self, key: int) -> Tensor:
+        """The loss of batch `key` (one per training batch of the run), with gradients to the LoRA."""
+        t, family = self.trainer, self.trainer.family
+        batch = self.data.batch(key, t.acc.process_index)
+        latents, noise, index = (x.to(t.acc.device) for x in (batch.latents, batch.noise, batch.timesteps))
+        cond = family.with_geometry(self.prompts.conditioning([], len(latents)).to(t.acc.device), batch.geometry)
+        noisy, timesteps = self.objective.inputs(latents, noise, index)
+        with t.acc.autocast():
+            pred = family.denoise(t.unet, noisy, timesteps, family.with_guidance(cond, self.cfg.training_guidance))
+        return self.objective.loss(pred.float(), latents, noise, index, with_prior=False)[0]
+
+
 class ReFL(Algorithm):
     name = "refl"
 
     def __init__(self, trainer: Any) -> None:
         super().__init__(trainer)
         self.policy = ode_policy_for(trainer.family, trainer.pipe, trainer.latent_shape[1:], fixed_steps=True)
+        self.pretrain = PretrainLoss(trainer) if trainer.cfg.refl_pretrain_weight > 0 else None
 
     def sampling_inputs(self, cond: Conditioning) -> tuple[Conditioning, float]:
         t = self.trainer
@@ -84,6 +118,11 @@ class ReFL(Algorithm):
         total, _ = t.reward.differentiable_total(images, [p.text for p in prompts], t.metadata(prompts))
         loss = refl_loss(total, cfg.refl_shaping, cfg.refl_relu_margin)
         info = {"refl_reward": total.detach().mean()}
+        if self.pretrain is not None:
+            epoch, inner = t.pass_key
+            pretrain = self.pretrain(hash((epoch, inner, int(samples.indices[rows[0]]))) % 2**62)
+            loss = loss + cfg.refl_pretrain_weight * pretrain
+            info["pretrain_loss"] = pretrain.detach()
         if cfg.kl_coef > 0:
             with t.adapters_off() as unet:
                 ref_output = guided_noise(t.family, unet, x_t, samples.timesteps[step], inputs, cfg.guidance_scale)
