@@ -102,6 +102,31 @@ def test_loss_is_minus_the_weighted_reward_of_the_decoded_x0_prediction(stage_on
     assert info["refl_reward"].item() == pytest.approx(-hand.item(), rel=1e-4, abs=1e-6)
 
 
+def test_flow_loss_is_minus_the_reward_of_the_decoded_velocity_x0(stage_one_sd3, tmp_path):
+    """The same on the tiny SD3 written out: CFG on the transformer, x0 = x_t - sigma v, the VAE's shift and
+    scale undone before decoding."""
+    config = align_config(*REFL, "align.num_steps=6", "align.refl_window=[1, 4]")
+    trainer = make_trainer(config, stage_one_sd3, tmp_path)
+    samples = trainer.sample_epoch(0)
+    rows, step = torch.tensor([1, 2]), torch.tensor([2, 5])
+    loss, _ = trainer.algorithm.loss(samples, rows, step, torch.zeros(2))
+    pipe, transformer = trainer.pipe, trainer.acc.unwrap_model(trainer.unet)
+    cond, uncond = samples.embeds[rows], trainer.uncond
+    with torch.no_grad():
+        x, t = samples.latents[rows, step], samples.timesteps[step]
+        v_cond = transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond.hidden,
+                             pooled_projections=cond.added["pooled_projections"]).sample
+        v_uncond = transformer(hidden_states=x, timestep=t, encoder_hidden_states=uncond.hidden.expand(2, -1, -1),
+                               pooled_projections=uncond.added["pooled_projections"].expand(2, -1)).sample
+        v = v_uncond + config.align.guidance_scale * (v_cond - v_uncond)
+        sigma = (t / 1000).view(-1, 1, 1, 1)
+        x0 = x - sigma * v
+        vae = pipe.vae
+        decoded = vae.decode(x0 / vae.config.scaling_factor + vae.config.shift_factor).sample
+        hand = -((decoded / 2 + 0.5).clamp(0, 1).mean(dim=(1, 2, 3))).mean()
+    assert loss.item() == pytest.approx(hand.item(), rel=1e-4, abs=1e-6)
+
+
 @pytest.mark.parametrize("stage", FAMILIES)
 def test_gradient_reaches_the_lora_only(stage, request, tmp_path):
     config = align_config(*REFL, "align.learning_rate=1e-2", "align.kl_coef=1e-2", "align.refl_backprop_steps=2",
