@@ -520,6 +520,9 @@ class AlignConfig:
         _check(bool(self.train_steps), "align.refl_window",
                f"{self.refl_window} leaves no step of the {self.num_steps} from which "
                f"{self.refl_backprop_steps} steps (align.refl_backprop_steps) fit before the end")
+        _check(self.samples_per_noise == 1 or self.group_noise == "independent", "align.samples_per_noise",
+               "must be 1 with align.algorithm=refl (or align.group_noise independent): its deterministic sampler "
+               "draws one image per x_T, so a group sharing x_T would train on copies of one sample")
         _check(self.window_shift_every == 0, "align.window_shift_every",
                "slides the ppo/nft window; with align.algorithm=refl set align.refl_window and leave this 0")
 

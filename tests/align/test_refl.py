@@ -39,6 +39,7 @@ def test_refl_loss_shapings() -> None:
     ([*REFL, "align.refl_window=[1, 1]", "align.refl_backprop_steps=2"], "align.refl_window"),
     ([*REFL, "align.refl_backprop_steps=0"], "align.refl_backprop_steps"),
     ([*REFL, "align.window_shift_every=1"], "align.window_shift_every"),
+    ([*REFL, "align.samples_per_noise=2"], "align.samples_per_noise"),
     ([*REFL, "align.nft_beta=0.5"], "align.nft_beta"),
 ])
 def test_bad_refl_settings_name_their_field(overrides, field):
