@@ -132,7 +132,7 @@ def test_flow_loss_is_minus_the_reward_of_the_decoded_velocity_x0(stage_one_sd3,
 @pytest.mark.parametrize("stage", FAMILIES)
 def test_gradient_reaches_the_lora_only(stage, request, tmp_path):
     config = align_config(*REFL, "align.learning_rate=1e-2", "align.kl_coef=1e-2", "align.refl_backprop_steps=2",
-                          "align.num_batches_per_epoch=1")
+                          "align.num_batches_per_epoch=1", "align.sample_batch_size=2", "align.train_batch_size=2")
     trainer = make_trainer(config, request.getfixturevalue(stage), tmp_path)
     samples = trainer.sample_epoch(0)
     assert samples.latents.shape[1] == config.align.num_steps + 1  # the trajectories: training restarts them
