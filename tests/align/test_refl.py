@@ -65,6 +65,16 @@ def test_non_differentiable_reward_is_refused_by_name_before_any_model_loads(sta
     assert "'brightness'" not in str(err.value) and "ppo or nft" in str(err.value)
 
 
+def test_rlbooth_run_refuses_it_before_stage_one(tmp_path):
+    from rlbooth.run import run
+    from rlbooth.subject import Subject
+
+    config = align_config(*REFL, "align.reward={jpeg_incompressibility: 1.0}")
+    with pytest.raises(RewardError, match="'jpeg_incompressibility' is not differentiable"):
+        run(config, Subject(images=tmp_path / "photos", class_noun="toy"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def by_hand_sd(trainer, samples, rows, step, weights: dict[str, float], k: int) -> torch.Tensor:
     """ReFL's loss on the tiny SD 1.x written out with diffusers' modules: CFG on the UNet, epsilon -> x0,
     K - 1 DDIM (eta 0) steps first, the VAE's decode, then brightness and saturation by their formulas."""
