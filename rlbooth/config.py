@@ -415,7 +415,7 @@ class AlignConfig:
     """ReFL: the margin of refl_shaping=relu (the reference's 2, on ImageReward's scale)."""
     refl_pretrain_weight: float = 0.0
     """ReFL: weight of stage one's denoising loss on the subject photos (its objective, resolution and instance
-    prompt, one batch of align.train_batch_size photos per training batch) added to the loss, the regularizer
+    prompt; one photo, noise and timestep per trained sample) added to the loss, the regularizer
     ReFL and ID-Aligner add; 0 = off."""
     advantage_mode: Literal["sum", "per_reward"] = "sum"
     """`sum`: advantages of the weighted reward sum (DDPO). `per_reward`: each component standardized within

@@ -38,7 +38,8 @@ def refl_loss(total: Tensor, shaping: str, margin: float) -> Tensor:
 
 class PretrainLoss:
     """Stage one's denoising loss on the subject photos (ReFL's and ID-Aligner's regularizer), with stage one's
-    objective, data and instance prompt as its config recorded them; batches keyed like stage one's."""
+    objective, data and instance prompt as its config recorded them; one photo, noise and timestep per trained
+    sample, keyed by the sample, so the draws do not depend on how samples are split over processes."""
 
     def __init__(self, trainer: Any) -> None:
         from rlbooth.config import PersonalizeConfig, from_dict
@@ -48,19 +49,21 @@ class PretrainLoss:
 
         t = trainer
         recorded = from_dict(PersonalizeConfig, t.stage_one.metadata["config"]["personalize"], "personalize.")
-        cfg = dataclasses.replace(recorded, train_batch_size=t.cfg.train_batch_size)
+        cfg = dataclasses.replace(recorded, train_batch_size=1)
         self.trainer, self.cfg = t, cfg
         self.objective = objective_for(t.family, t.pipe, cfg)
         self.data = build_data(t.pipe, cfg, t.seed, check_images(t.subject.images, cfg.resolution), None,
                                self.objective)
         self.prompts = PromptInputs.build(t.pipe, t.family, False, t.subject.prompt(cfg.instance_prompt), None)
 
-    def __call__(self, key: int) -> Tensor:
-        """The loss of batch `key` (one per training batch of the run), with gradients to the LoRA."""
+    def __call__(self, keys: list[int]) -> Tensor:
+        """The loss of one photo per key, with gradients to the LoRA."""
         t, family = self.trainer, self.trainer.family
-        batch = self.data.batch(key, t.acc.process_index)
-        latents, noise, index = (x.to(t.acc.device) for x in (batch.latents, batch.noise, batch.timesteps))
-        cond = family.with_geometry(self.prompts.conditioning([], len(latents)).to(t.acc.device), batch.geometry)
+        rows = [self.data.batch(key) for key in keys]
+        latents, noise, index = (torch.cat([getattr(b, name) for b in rows]).to(t.acc.device)
+                                 for name in ("latents", "noise", "timesteps"))
+        geometry = torch.cat([b.geometry for b in rows])
+        cond = family.with_geometry(self.prompts.conditioning([], len(latents)).to(t.acc.device), geometry)
         noisy, timesteps = self.objective.inputs(latents, noise, index)
         with t.acc.autocast():
             pred = family.denoise(t.unet, noisy, timesteps, family.with_guidance(cond, self.cfg.training_guidance))
@@ -120,7 +123,7 @@ class ReFL(Algorithm):
         info = {"refl_reward": total.detach().mean()}
         if self.pretrain is not None:
             epoch, inner = t.pass_key
-            pretrain = self.pretrain(hash((epoch, inner, int(samples.indices[rows[0]]))) % 2**62)
+            pretrain = self.pretrain([hash((epoch, inner, int(i))) % 2**62 for i in samples.indices[rows.cpu()]])
             loss = loss + cfg.refl_pretrain_weight * pretrain
             info["pretrain_loss"] = pretrain.detach()
         if cfg.kl_coef > 0:
