@@ -32,6 +32,10 @@ LORA_INITS = ("ddpo", "peft")
 """The LoRA initializations `rlbooth.models.add_lora` offers (see `AlignConfig.lora_init`)."""
 
 
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
@@ -382,11 +386,14 @@ class AlignConfig:
     group_std: Literal["residuals", "rewards"] = "residuals"
     """With samples_per_noise > 1: the group advantages' divisor, the std of the rewards minus their group's mean
     (`residuals`), or the std of all the epoch's rewards + 1e-4 (`rewards`, Flow-GRPO's global_std)."""
-    algorithm: Literal["ppo", "nft"] = "ppo"
+    algorithm: Literal["ppo", "nft", "refl"] = "ppo"
     """Stage two's algorithm (rlbooth.align.algorithms; README, choosing an algorithm). `ppo`: DDPO (DDPM
     families) or Flow-GRPO (flow families), the importance-clipped objective over stored trajectories of the
     stochastic sampler. `nft`: DiffusionNFT, trained on the forward process at the sampling timesteps from the
-    clean latents alone, sampled by a lagging "old" copy of the LoRA; the nft_* fields are its settings."""
+    clean latents alone, sampled by a lagging "old" copy of the LoRA; the nft_* fields are its settings.
+    `refl`: reward feedback learning (ImageReward's ReFL; DRaFT-K), the reward's own gradient through the
+    decoded x0 prediction of a late step of the deterministic sampler; every weighted reward must be
+    differentiable; the refl_* fields are its settings."""
     nft_beta: float = 1.0
     """DiffusionNFT's beta: the implicit policies are beta v + (1 - beta) v_old and (1 + beta) v_old - beta v
     (the reference uses 1.0; 0.1 for OCR)."""
@@ -403,6 +410,21 @@ class AlignConfig:
     nft_guidance_scale: float = 1.0
     """DiffusionNFT's guidance while sampling; 1 runs the conditional prediction alone (CFG-free, the reference's
     point); training is always CFG-free. align.guidance_scale stays ppo's and the grids'."""
+    refl_window: list[int] = field(default_factory=lambda: [1, 10])
+    """ReFL: [first, last] of the steps whose x0 prediction is trained, counted from the end (1: the last step);
+    one is drawn per sample and epoch. The reference draws one of the last 10 of 40 steps."""
+    refl_backprop_steps: int = 1
+    """ReFL: denoising steps backpropagated through, the drawn one and those after it (each gradient-checkpointed
+    when above 1), the last predicting x0: 1 is ReFL, K > 1 DRaFT-K. Activation memory grows with K."""
+    refl_shaping: Literal["linear", "relu"] = "linear"
+    """ReFL: the loss of the weighted reward r, -r (`linear`) or the reference's relu(refl_relu_margin - r)
+    (`relu`), which stops pushing a sample once its reward passes the margin."""
+    refl_relu_margin: float = 2.0
+    """ReFL: the margin of refl_shaping=relu (the reference's 2, on ImageReward's scale)."""
+    refl_pretrain_weight: float = 0.0
+    """ReFL: weight of stage one's denoising loss on the subject photos (its objective, resolution and instance
+    prompt; one photo, noise and timestep per trained sample) added to the loss, the regularizer
+    ReFL and ID-Aligner add; 0 = off."""
     advantage_mode: Literal["sum", "per_reward"] = "sum"
     """`sum`: advantages of the weighted reward sum (DDPO). `per_reward`: each component standardized within
     its group first (initial-noise groups, else prompts with per_prompt_stat_tracking, else the epoch), then
@@ -447,7 +469,7 @@ class AlignConfig:
                f"must be in (0, 1], got {self.timestep_fraction}")
         _check(len(self.timestep_window) == 2 and 0 <= self.timestep_window[0] < self.timestep_window[1] <= 1,
                "align.timestep_window", f"must be [start, end] with 0 <= start < end <= 1, got {self.timestep_window}")
-        _check(bool(self.train_steps), "align.timestep_window",
+        _check(self.algorithm == "refl" or bool(self.train_steps), "align.timestep_window",
                f"{self.timestep_window} holds none of the {self.num_steps} steps (step i sits at i / num_steps)")
         _check(0 <= self.identifier_ratio <= 1, "align.identifier_ratio", "must be in [0, 1]")
         _check(self.window_shift_every >= 0, "align.window_shift_every", "must not be negative (0: a static window)")
@@ -476,7 +498,8 @@ class AlignConfig:
         _check(batches % self.gradient_accumulation_steps == 0, "align.gradient_accumulation_steps",
                f"must divide the training batches per epoch and process ({batches}), "
                f"got {self.gradient_accumulation_steps}")
-        _check(self.algorithm in ("ppo", "nft"), "align.algorithm", f"must be ppo or nft, got {self.algorithm!r}")
+        _check(self.algorithm in ("ppo", "nft", "refl"), "align.algorithm",
+               f"must be ppo, nft or refl, got {self.algorithm!r}")
         _check(self.nft_beta > 0, "align.nft_beta", f"must be positive, got {self.nft_beta}")
         _check(self.nft_decay_type in (0, 1, 2), "align.nft_decay_type",
                f"must be 0, 1 or 2, got {self.nft_decay_type}")
@@ -485,15 +508,32 @@ class AlignConfig:
         _check(not (self.algorithm == "nft" and self.nft_sampler == "ode" and self.samples_per_noise > 1),
                "align.samples_per_noise", "must be 1 with align.algorithm=nft and nft_sampler=ode: the deterministic "
                "sampler draws one image per x_T, so a group's advantages would all be 0")
-        if self.algorithm == "ppo":
+        for prefix, owner in (("nft", "DiffusionNFT"), ("refl", "ReFL")):
             changed = [f"align.{f.name}" for f in dataclasses.fields(self)
-                       if f.name.startswith("nft_") and getattr(self, f.name) != f.default]
-            _check(not changed, changed[0] if changed else "", "is DiffusionNFT's and read only with "
-                   "align.algorithm=nft; set that or remove the field")
+                       if f.name.startswith(f"{prefix}_") and getattr(self, f.name) != _default(f)]
+            _check(self.algorithm == prefix or not changed, changed[0] if changed else "", f"is {owner}'s and "
+                   f"read only with align.algorithm={prefix}; set that or remove the field")
+        if self.algorithm == "refl":
+            self._check_refl()
         _check(self.num_train_timesteps % self.timesteps_per_pass == 0, "align.timesteps_per_pass",
                f"must divide the trained timesteps per trajectory ({self.num_train_timesteps}: align.num_steps, "
                f"timestep_window and timestep_fraction), got {self.timesteps_per_pass}")
         self._check_evaluation()
+
+    def _check_refl(self) -> None:
+        first, last = (self.refl_window + [0, 0])[:2]
+        _check(len(self.refl_window) == 2 and 1 <= first <= last, "align.refl_window",
+               f"must be [first, last] steps from the end with 1 <= first <= last, got {self.refl_window}")
+        _check(self.refl_backprop_steps > 0, "align.refl_backprop_steps", "must be positive")
+        _check(self.refl_pretrain_weight >= 0, "align.refl_pretrain_weight", "must not be negative (0 turns it off)")
+        _check(bool(self.train_steps), "align.refl_window",
+               f"{self.refl_window} leaves no step of the {self.num_steps} from which "
+               f"{self.refl_backprop_steps} steps (align.refl_backprop_steps) fit before the end")
+        _check(self.samples_per_noise == 1 or self.group_noise == "independent", "align.samples_per_noise",
+               "must be 1 with align.algorithm=refl (or align.group_noise independent): its deterministic sampler "
+               "draws one image per x_T, so a group sharing x_T would train on copies of one sample")
+        _check(self.window_shift_every == 0, "align.window_shift_every",
+               "slides the ppo/nft window; with align.algorithm=refl set align.refl_window and leave this 0")
 
     def _check_evaluation(self) -> None:
         _check(self.eval_every >= 0, "align.eval_every", "must not be negative (0 turns the evaluation off)")
@@ -514,13 +554,20 @@ class AlignConfig:
 
     @property
     def train_steps(self) -> list[int]:
-        """Indices (0 = first) of the steps in the timestep window, the pool trained steps are drawn from."""
+        """Indices (0 = first) of the steps in the timestep window, the pool trained steps are drawn from; with
+        align.algorithm=refl, the steps of align.refl_window from which refl_backprop_steps steps fit."""
+        if self.algorithm == "refl":
+            first, last = self.refl_window
+            return [i for i in range(self.num_steps - self.refl_backprop_steps + 1)
+                    if first <= self.num_steps - i <= last]
         start, end = self.timestep_window
         return [i for i in range(self.num_steps) if start <= i / self.num_steps < end]
 
     @property
     def num_train_timesteps(self) -> int:
-        """Steps trained per trajectory."""
+        """Steps trained per trajectory (one for refl: its drawn step, and the refl_backprop_steps - 1 after it)."""
+        if self.algorithm == "refl":
+            return 1
         return max(1, int(len(self.train_steps) * self.timestep_fraction))
 
     @property

@@ -36,7 +36,8 @@ def run(config: Config, subject: Subject, run_dir: Path) -> Path:
 
     # Everything checkable is checked before the first stage spends compute.
     check_runtime(config.runtime)
-    check_composite(config.align.reward, config.align.reward_options, config.align.reward_modules)
+    check_composite(config.align.reward, config.align.reward_options, config.align.reward_modules,
+                    differentiable=config.align.algorithm == "refl")
     check_images(subject.images, config.personalize.resolution)
     read_prompt_file(config.align.prompt_file or default_prompt_set(subject))
     read_prompt_file(config.report.prompt_file or heldout_prompt_set(subject))

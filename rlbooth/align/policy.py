@@ -129,11 +129,12 @@ class FlowSDEPolicy(StepPolicy):
 
     def __init__(self, family: "Family", pipe: Any, latent_size: tuple[int, int], *, noise_level: float,
                  schedule: NoiseSchedule = "flow_grpo", sde_steps: Sequence[int] | None = None,
-                 kl_form: KLForm = "gaussian") -> None:
+                 kl_form: KLForm = "gaussian", fixed_steps: bool = False) -> None:
         self.family, self.pipe, self.latent_size = family, pipe, latent_size
         self.scheduler = family.flow_scheduler(pipe)
         self.noise_level, self.schedule, self.kl_form = noise_level, schedule, kl_form
         self.sde_steps = None if sde_steps is None else frozenset(sde_steps)
+        self.fixed_steps = fixed_steps  # sde_steps stay as given whatever the trained window
 
     def set_timesteps(self, num_steps: int, device: Any = None) -> Tensor:
         self.timesteps = self.family.set_timesteps(self.pipe, self.scheduler, num_steps, self.latent_size,
@@ -154,7 +155,7 @@ class FlowSDEPolicy(StepPolicy):
                              schedule=self.schedule, sigma_max=self.sigma_max)
 
     def use_window(self, steps: Sequence[int]) -> None:
-        if self.sde_steps is not None:
+        if self.sde_steps is not None and not self.fixed_steps:
             self.sde_steps = frozenset(steps)
 
     def kl(self, mean: Tensor, ref_mean: Tensor, std: Tensor, step: Tensor) -> Tensor:
@@ -167,9 +168,10 @@ class FlowSDEPolicy(StepPolicy):
     def step(self, model_output: Tensor, step: Tensor, sample: Tensor, *, prev_sample: Tensor | None = None,
              generator: Generators = None) -> tuple[Tensor, Tensor]:
         index = torch.as_tensor(step)
-        if index.ndim == 0 and self.sde_steps is not None and int(index) not in self.sde_steps:
+        if self.sde_steps is not None and not any(int(i) in self.sde_steps for i in index.reshape(-1)):
             sigma, sigma_next = self._sigmas(index)  # the Euler ODE step: no noise, no log-prob
-            x = sample.float() + (sigma_next - sigma).to(sample.device) * model_output.float()
+            dt = (sigma_next - sigma).to(sample.device)
+            x = sample.float() + (dt if index.ndim == 0 else _per_sample(dt, sample)) * model_output.float()
             return x.to(sample.dtype), torch.zeros(sample.shape[0], device=sample.device)
         sigma, sigma_next = self._sigmas(index)
         return flow_step_with_logprob(model_output, sample, sigma, sigma_next, noise_level=self.noise_level,
@@ -196,10 +198,12 @@ def x0_prediction(prediction_type: str, output: Tensor, x_t: Tensor, alpha: Tens
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
-def ode_policy_for(family: "Family", pipe: Any, latent_size: tuple[int, int]) -> StepPolicy:
-    """The family's deterministic sampler: DDIM at eta = 0, or the Euler ODE on the flow sigmas."""
+def ode_policy_for(family: "Family", pipe: Any, latent_size: tuple[int, int], *, fixed_steps: bool = False
+                   ) -> StepPolicy:
+    """The family's deterministic sampler: DDIM at eta = 0, or the Euler ODE on the flow sigmas; unless
+    `fixed_steps`, a flow policy turns the trained window's steps into SDE steps (`use_window`)."""
     if family.flow_matching:
-        return FlowSDEPolicy(family, pipe, latent_size, noise_level=1.0, sde_steps=())
+        return FlowSDEPolicy(family, pipe, latent_size, noise_level=1.0, sde_steps=(), fixed_steps=fixed_steps)
     return DDIMODEPolicy(family.ddim_scheduler(pipe))
 
 

@@ -79,7 +79,12 @@ def sample_rollout(family: Family, unet: torch.nn.Module, policy: StepPolicy, co
 def decode(vae: torch.nn.Module, latents: torch.Tensor, slice_size: int = 0) -> torch.Tensor:
     """Latents to images in [0, 1], float32; `slice_size` rows per VAE call (0: all at once)."""
     if slice_size and len(latents) > slice_size:
-        return torch.cat([decode(vae, part) for part in latents.split(slice_size)])
+        return torch.cat([to_images(vae, part) for part in latents.split(slice_size)])
+    return to_images(vae, latents)
+
+
+def to_images(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """`decode` with gradients to the latents where grad mode is on (reward feedback learning)."""
     param = next(vae.parameters())
     images = decode_latents(vae, from_latents(vae, latents).to(param.dtype))
     return (images.float() / 2 + 0.5).clamp(0, 1)

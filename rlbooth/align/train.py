@@ -1,5 +1,5 @@
 """Stage two, end to end: a stage-two algorithm (`align.algorithm`: DDPO / Flow-GRPO's importance-clipped PPO
-objective, or DiffusionNFT; rlbooth.align.algorithms) on a personalized model.
+objective, DiffusionNFT, or reward feedback learning; rlbooth.align.algorithms) on a personalized model.
 
 Each epoch samples (rewards of one batch computed while the next one samples), turns global rewards into
 per-prompt advantages, then trains a fresh LoRA on what the algorithm stored. The loop is the same for every
@@ -70,8 +70,8 @@ def _seed(*parts: int) -> int:
 class Samples:
     """One epoch's samples on this process, as the algorithm keeps them, with nothing recomputed."""
 
-    latents: torch.Tensor      # (N, T+1, C, H, W) trajectories (ppo); (N, 1, C, H, W) clean latents (nft)
-    log_probs: torch.Tensor    # (N, T); (N, 0) for nft
+    latents: torch.Tensor      # (N, T+1, C, H, W) trajectories (ppo, refl); (N, 1, C, H, W) clean latents (nft)
+    log_probs: torch.Tensor    # (N, T) (zeros for refl's deterministic steps); (N, 0) for nft
     timesteps: torch.Tensor    # (T,)
     embeds: Conditioning       # (N rows) conditional prompt inputs of the denoiser
     indices: torch.Tensor      # (N,) global sample indices within the epoch
@@ -155,7 +155,8 @@ def preflight(config: Config, stage_one_dir: Path, output_dir: Path, resume: boo
     """Everything checkable before a model is loaded: runtime, rewards, stage-one folder, prompts, output state."""
     check_runtime(config.runtime)
     merges_lora(config)
-    check_composite(config.align.reward, config.align.reward_options, config.align.reward_modules)
+    check_composite(config.align.reward, config.align.reward_options, config.align.reward_modules,
+                    differentiable=config.align.algorithm == "refl")
     stage_one = read_stage(stage_one_dir, "personalize")
     base = stage_one.base_model
     check_lora_targets(base, resolve_family(base), {"align.lora_target_modules": config.align.lora_target_modules})

@@ -11,13 +11,15 @@ inside the factory body, so importing a reward module stays cheap.
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import importlib.util
 import inspect
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, Union
@@ -40,10 +42,11 @@ class RewardFn(Protocol):
     the prompt names the subject's identifier). Returns (B,) float32 on the CPU, without
     gradients: rewards are constants to the policy gradient.
 
-    A reward registered with `differentiable=True` also backpropagates: called under
-    `torch.enable_grad()` with images that require grad, it returns (B,) float32 on the images'
-    device, connected to them (torch ops only: no PIL, numpy or ONNX on that path). Reward
-    feedback learning (`align.algorithm: refl`) needs every weighted reward to be so.
+    A reward registered with `differentiable=True` also backpropagates: called inside
+    `backpropagating()` with images that require grad (`backpropagates(images)`), it returns (B,)
+    float32 on the images' device, connected to them (torch ops only: no PIL, numpy or ONNX on that
+    path). Reward feedback learning (`align.algorithm: refl`) needs every weighted reward to be so.
+    Any other call, images that require grad included, gets the detached CPU scores above.
     """
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor: ...
@@ -238,18 +241,53 @@ def validate_batch(images: torch.Tensor, prompts: list[str], metadata: list[dict
     return batch
 
 
+_BACKPROPAGATING: contextvars.ContextVar[bool] = contextvars.ContextVar("rlbooth_backpropagating", default=False)
+
+
+@contextmanager
+def backpropagating() -> Iterator[None]:
+    """Grad mode, and rewards told that this call backpropagates (`CompositeReward.differentiable_total`): outside
+    it a reward's scores stay detached on the CPU even for images that require grad, as scoring samples wants."""
+    token = _BACKPROPAGATING.set(True)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        _BACKPROPAGATING.reset(token)
+
+
+def backpropagates(images: torch.Tensor) -> bool:
+    """Whether a reward call is differentiable: inside `backpropagating()`, grad mode on, images that require grad."""
+    return _BACKPROPAGATING.get() and torch.is_grad_enabled() and images.requires_grad
+
+
+def reward_output(scores: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """A torch reward's (B,) scores as `RewardFn` returns them: connected to `images` on their device in a
+    differentiable call (`backpropagates`), else detached on the CPU."""
+    return scores if backpropagates(images) else scores.detach().cpu()
+
+
+def as_float(images: torch.Tensor) -> torch.Tensor:
+    """Images at float32 or wider: half precision computes in float32, float64 stays (finite-difference checks)."""
+    return images.to(torch.promote_types(images.dtype, torch.float32))
+
+
 from rlbooth.rewards.composite import CompositeReward  # noqa: E402
 
 __all__ = [
     "CompositeReward",
     "RewardError",
     "RewardFn",
+    "as_float",
     "available_rewards",
+    "backpropagates",
+    "backpropagating",
     "build_reward",
     "check_reward_options",
     "import_reward_modules",
     "load_reward_plugins",
     "register",
+    "reward_output",
     "reward_is_differentiable",
     "validate_batch",
 ]

@@ -10,8 +10,8 @@ from types import TracebackType
 
 import torch
 
-from rlbooth.rewards import (RewardError, build_reward, check_reward_options, import_reward_modules,
-                             reward_parameters, validate_batch)
+from rlbooth.rewards import (RewardError, backpropagating, build_reward, check_reward_options,
+                             import_reward_modules, reward_is_differentiable, reward_parameters, validate_batch)
 
 Result = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
@@ -77,24 +77,55 @@ class CompositeReward:
     def _compute(self, images: torch.Tensor, prompts: list[str], metadata: list[dict], batch: int) -> Result:
         components = {}
         for name, reward in self.components.items():
-            rows = list(range(batch))
-            if getattr(reward, "identifier_only", False):
-                rows = [i for i, m in enumerate(metadata) if m.get("with_identifier", True)]
+            rows = self._rows(reward, metadata, batch)
             component = torch.full((batch,), float("nan"))
             if rows:
                 score = reward(images[rows], [prompts[i] for i in rows], [metadata[i] for i in rows])
-                if not isinstance(score, torch.Tensor) or score.shape != (len(rows),):
-                    got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
-                    raise RewardError(f"reward {name!r} returned {got} for {len(rows)} images; "
-                                      f"expected shape ({len(rows)},)")
-                score = score.detach().to("cpu", torch.float32)
-                bad = (~torch.isfinite(score)).nonzero().flatten().tolist()
-                if bad:
-                    raise RewardError(f"reward {name!r} returned non-finite values {score[bad].tolist()} for "
-                                      f"{len(bad)} of {len(rows)} images, first prompt: {prompts[rows[bad[0]]]!r}")
-                component[rows] = score
+                component[rows] = self._checked(name, score, rows, prompts).detach().to("cpu", torch.float32)
             components[name] = component
         return self.total(components), components
+
+    def differentiable_total(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> Result:
+        """The (B,) weighted total connected to `images` on their device (reward feedback learning), and the
+        detached raw components on the CPU as `__call__` gives them; `identifier_only` and absent rows as there."""
+        batch = validate_batch(images, prompts, metadata)
+        total = torch.zeros(batch, device=images.device)
+        components = {}
+        with backpropagating():
+            for name, reward in self.components.items():
+                rows = self._rows(reward, metadata, batch)
+                component = torch.full((batch,), float("nan"))
+                if rows:
+                    score = self._checked(name, reward(images[rows], [prompts[i] for i in rows],
+                                                       [metadata[i] for i in rows]), rows, prompts)
+                    if not score.requires_grad:
+                        raise RewardError(f"reward {name!r} returned scores without a gradient to the images; "
+                                          "it is not differentiable: remove it or use align.algorithm ppo or nft")
+                    index = torch.tensor(rows, device=images.device)
+                    total = total.index_add(0, index, self.weights[name] * score.to(images.device, torch.float32))
+                    component[rows] = score.detach().to("cpu", torch.float32)
+                components[name] = component
+        return total, components
+
+    @staticmethod
+    def _rows(reward: object, metadata: list[dict], batch: int) -> list[int]:
+        """The rows a reward scores: all, or for `identifier_only` those whose prompt names the subject."""
+        if getattr(reward, "identifier_only", False):
+            return [i for i, m in enumerate(metadata) if m.get("with_identifier", True)]
+        return list(range(batch))
+
+    @staticmethod
+    def _checked(name: str, score: object, rows: list[int], prompts: list[str]) -> torch.Tensor:
+        """A component's scores, checked for shape and finiteness."""
+        if not isinstance(score, torch.Tensor) or score.shape != (len(rows),):
+            got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+            raise RewardError(f"reward {name!r} returned {got} for {len(rows)} images; "
+                              f"expected shape ({len(rows)},)")
+        bad = (~torch.isfinite(score.detach())).nonzero().flatten().tolist()
+        if bad:
+            raise RewardError(f"reward {name!r} returned non-finite values {score.detach()[bad].tolist()} for "
+                              f"{len(bad)} of {len(rows)} images, first prompt: {prompts[rows[bad[0]]]!r}")
+        return score
 
     def total(self, components: dict[str, torch.Tensor],
               standardize: dict[str, tuple[float, float]] | None = None) -> torch.Tensor:
@@ -116,11 +147,13 @@ class CompositeReward:
         return stats
 
 
-def check_composite(weights: dict[str, float], options: dict[str, dict], modules: list[str] = ()) -> None:
+def check_composite(weights: dict[str, float], options: dict[str, dict], modules: list[str] = (),
+                    differentiable: bool = False) -> None:
     """Everything about a composite reward that can be checked without building it: run before any model loads.
 
     Imports the user's reward `modules` first (their rewards must be registered to be checked), then checks
-    the weights, that options go to weighted rewards, and each reward's name, option names and option types.
+    the weights, that options go to weighted rewards, and each reward's name, option names and option types;
+    with `differentiable` (align.algorithm refl), that every weighted reward backpropagates.
     """
     import_reward_modules(list(modules))
     if not weights:
@@ -136,6 +169,18 @@ def check_composite(weights: dict[str, float], options: dict[str, dict], modules
             raise RewardError(f"align.reward_options.{name}: expected a mapping of option: value, "
                               f"got {options[name]!r}")
         check_reward_options(name, options.get(name, {}))
+    if differentiable:
+        check_differentiable(weights, options)
+
+
+def check_differentiable(weights: dict[str, float], options: dict[str, dict]) -> None:
+    """Reward feedback learning backpropagates through every weighted reward: name those that cannot."""
+    blocked = [name for name in weights if not reward_is_differentiable(name, options.get(name, {}))]
+    if blocked:
+        raise RewardError(f"align.algorithm=refl backpropagates through the rewards, and {', '.join(map(repr, blocked))} "
+                          f"{'is' if len(blocked) == 1 else 'are'} not differentiable: remove "
+                          f"{'it' if len(blocked) == 1 else 'them'} from align.reward, or use align.algorithm ppo "
+                          "or nft, which need only the rewards' values")
 
 
 def _start_executor(workers: int) -> ThreadPoolExecutor:

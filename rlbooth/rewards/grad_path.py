@@ -1,8 +1,8 @@
 """The differentiable path of the model rewards: when it runs, its resize, and where its scores go.
 
 A model reward scores an image's 8-bit copy resized by PIL (`rlbooth.rewards.pil_resize`): exact, but
-rounding and PIL cut the graph. Called under grad mode with images that require grad (reward feedback
-learning), it resizes the float images with torch's antialiased bicubic instead (the same kernel as
+rounding and PIL cut the graph. Called inside `rlbooth.rewards.backpropagating()` with images that
+require grad (reward feedback learning), it resizes the float images with torch's antialiased bicubic instead (the same kernel as
 PIL's, a = -0.5, clamped to [0, 1] as PIL clips) and keeps its scores on the images' device, connected
 to them. On the real photos in `tests/data/faces/` resized to 224 px the two resizes differ by 3.3-5.7
 pixel levels at most and 0.3 on average. Called any other way, a reward is what it was.
@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import torch
 
+from rlbooth.rewards import backpropagates
 from rlbooth.rewards.pil_resize import resize_bicubic
 
 
 def wanted(images: torch.Tensor) -> bool:
-    """Whether a reward is asked for gradients: grad mode is on and the images require grad."""
-    return torch.is_grad_enabled() and images.requires_grad
+    """Whether a reward is asked for gradients (`rlbooth.rewards.backpropagates`)."""
+    return backpropagates(images)
 
 
 def resize_smooth(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 They let the RL loop run and be tested offline on CPU: JPEG compressibility is DDPO's first
 task, and brightness and saturation are trivially learnable, so a test can see the reward rise.
+Brightness and saturation are torch all the way, so they backpropagate (reward feedback learning);
+JPEG sizes come from PIL's encoder and do not.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import io
 import torch
 from PIL import Image
 
-from rlbooth.rewards import RewardError, RewardFn, register, validate_batch
+from rlbooth.rewards import RewardError, RewardFn, as_float, register, reward_output, validate_batch
 
 
 def _to_uint8(images: torch.Tensor) -> list[Image.Image]:
@@ -53,28 +55,26 @@ def jpeg_incompressibility(quality: int = 95) -> RewardFn:
     return _jpeg_reward(quality, 1.0)
 
 
-@torch.no_grad()
 def _brightness(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
     validate_batch(images, prompts, metadata)
-    return images.float().mean(dim=(1, 2, 3)).cpu()
+    return reward_output(as_float(images).mean(dim=(1, 2, 3)), images)
 
 
-@torch.no_grad()
 def _saturation(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
     validate_batch(images, prompts, metadata)
-    images = images.float()
-    top, bottom = images.amax(dim=1), images.amin(dim=1)
+    pixels = as_float(images)
+    top, bottom = pixels.amax(dim=1), pixels.amin(dim=1)
     # HSV saturation; black has top == bottom == 0, so the clamp turns 0/0 into 0.
-    return ((top - bottom) / top.clamp_min(1e-12)).mean(dim=(1, 2)).cpu()
+    return reward_output(((top - bottom) / top.clamp_min(1e-12)).mean(dim=(1, 2)), images)
 
 
-@register("brightness")
+@register("brightness", differentiable=True)
 def brightness() -> RewardFn:
     """Mean pixel value in [0, 1]."""
     return _brightness
 
 
-@register("saturation")
+@register("saturation", differentiable=True)
 def saturation() -> RewardFn:
     """Mean HSV saturation in [0, 1]: grey is 0, pure colours are 1."""
     return _saturation

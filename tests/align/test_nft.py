@@ -117,8 +117,8 @@ def test_old_decay_follows_the_reference_schedules(steps, decay_type, d):
 
 
 def test_registry_names_both_algorithms():
-    assert set(ALGORITHMS) == {"ppo", "nft"}
-    with pytest.raises(KeyError, match="known: ppo, nft"):
+    assert set(ALGORITHMS) == {"ppo", "nft", "refl"}
+    with pytest.raises(KeyError, match="known: ppo, nft, refl"):
         make_algorithm("grpo", None)
 
 

@@ -82,7 +82,6 @@ def meta(batch: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", ["aesthetic", "clip_t", "pickscore"])
-@torch.no_grad()  # with grad mode on, images that require grad get the differentiable path (test_reward_gradients)
 def test_contract_determinism_and_batching(rewards: dict, name: str):
     reward = rewards[name]
     x = images().requires_grad_(True)

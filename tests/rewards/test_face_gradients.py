@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlbooth.rewards import RewardError, build_reward, identity, reward_is_differentiable
+from rlbooth.rewards import RewardError, backpropagating, build_reward, identity, reward_is_differentiable
 from rlbooth.rewards.face_torch import TorchArcFace, alignment_matrices, load_torch_arcface, warp_crops
 from rlbooth.rewards.identity import FaceIdentityReward, InsightfaceBackend
 from tests.rewards.test_identity import (  # noqa: F401  (fixtures)
@@ -221,19 +221,19 @@ def test_face_gradient_matches_finite_differences(iresnet, subject_faces, sample
                                 no_face_score=-0.5)
     weights = torch.tensor([0.6, -1.1, 2.0], dtype=torch.float64)
     x = small_faces(sample_images, dtype=torch.float64).requires_grad_(True)
-    with torch.enable_grad():
+    with backpropagating():
         scores = reward(x, *rows(3))
         assert scores.requires_grad and scores.dtype == torch.float64 and scores[2] == -0.5
         (gradient,) = torch.autograd.grad((weights * scores).sum(), x)
     assert gradient[:2].abs().sum() > 0 and gradient[2].abs().sum() == 0
-    with torch.enable_grad():  # a batch without a face: constant scores, still connected (a zero gradient)
+    with backpropagating():  # a batch without a face: constant scores, still connected (a zero gradient)
         faceless = reward(x[2:], *rows(1))
         assert faceless.requires_grad and torch.autograd.grad(faceless.sum(), x)[0].abs().sum() == 0
     generator, step = torch.Generator().manual_seed(2), 1e-6
     for _ in range(3):
         direction = torch.randn(x.shape, generator=generator, dtype=torch.float64)
         direction /= direction.norm()
-        with torch.enable_grad():
+        with backpropagating():
             ahead = reward((x + step * direction).detach().requires_grad_(True), *rows(3)).detach()
             behind = reward((x - step * direction).detach().requires_grad_(True), *rows(3)).detach()
         numeric = float((weights * (ahead - behind)).sum() / (2 * step))
@@ -251,11 +251,11 @@ def test_face_reward_without_grad_is_the_onnx_path(iresnet, subject_faces, sampl
     assert torch.equal(both(x, *rows(3)), plain)
     with torch.no_grad():
         assert torch.equal(both(x.clone().requires_grad_(True), *rows(3)), plain)
-    with torch.enable_grad():
+    with backpropagating():
         smooth = both(x.clone().requires_grad_(True), *rows(3))
     assert smooth.requires_grad and smooth.dtype == torch.float32
     torch.testing.assert_close(smooth.detach(), plain, atol=2e-3, rtol=0)
-    with torch.enable_grad():  # images decoded in bf16 are embedded in the model's float32, scored in float32
+    with backpropagating():  # images decoded in bf16 are embedded in the model's float32, scored in float32
         half = both(x.bfloat16().requires_grad_(True), *rows(3))
     assert half.requires_grad and half.dtype == torch.float32
     torch.testing.assert_close(half.detach(), plain, atol=0.02, rtol=0)
@@ -273,7 +273,7 @@ def test_factory_option_and_registry(pack, textures, tmp_path):
 
     own = torch.from_numpy(bright_texture(0)).permute(2, 0, 1)[None].float() / 255
     x = torch.cat([own, own.flip(-1)]).requires_grad_(True)
-    with torch.enable_grad():
+    with backpropagating():
         scores = reward(x, *rows(2))
         scores.sum().backward()
     assert scores.requires_grad and x.grad.abs().sum() > 0

@@ -65,7 +65,6 @@ def test_reference_is_the_normalized_mean_of_normalized_embeddings():
     torch.testing.assert_close(reference, torch.tensor([0.5 ** 0.5, 0.5 ** 0.5]))
 
 
-@torch.no_grad()  # with grad mode on, images that require grad get the differentiable path (test_reward_gradients)
 def test_dino_returns_cpu_float32_scores_without_grad(dino):
     images = noise(4).requires_grad_()
     scores = dino(images, *rows(4))

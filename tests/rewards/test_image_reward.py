@@ -268,7 +268,6 @@ def test_checkpoint_folder_is_accepted(files):
 # ---------------------------------------------------------------- the reward
 
 
-@torch.no_grad()  # with grad mode on, images that require grad get the differentiable path (test_reward_gradients)
 def test_output_contract(scorer: ir.ImageRewardScorer):
     pixels = images(4).requires_grad_(True)
     out = score(scorer, pixels, PROMPTS)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlbooth.rewards import build_reward, reward_is_differentiable
+from rlbooth.rewards import backpropagating, build_reward, reward_is_differentiable
 from rlbooth.rewards import image_reward as ir
 from rlbooth.rewards.clip_models import CLIP_STD, ClipPreprocess, load_aesthetic_head, load_clip_encoder
 from rlbooth.rewards.grad_path import resize_smooth
@@ -65,7 +65,7 @@ def test_gradient_matches_finite_differences(rewards: dict, name: str):
     """
     reward, weights = rewards[name], torch.tensor([0.7, -1.3])
     x = tiny_images().requires_grad_(True)
-    with torch.enable_grad():
+    with backpropagating():
         scores = score(reward, x)
         assert scores.requires_grad and scores.shape == (2,) and scores.dtype == torch.float32
         (gradient,) = torch.autograd.grad((weights * scores).sum(), x)
@@ -74,7 +74,7 @@ def test_gradient_matches_finite_differences(rewards: dict, name: str):
     for _ in range(4):
         direction = torch.randn(x.shape, generator=generator)
         direction /= direction.norm()
-        with torch.enable_grad():  # the same (torch-resize) path as the gradient's
+        with backpropagating():  # the same (torch-resize) path as the gradient's
             ahead = score(reward, (x + step * direction).detach().requires_grad_(True)).detach()
             behind = score(reward, (x - step * direction).detach().requires_grad_(True)).detach()
         numeric = float((weights * (ahead - behind)).sum() / (2 * step))
@@ -93,12 +93,12 @@ def test_without_grad_the_score_is_the_pil_path_and_close_to_the_torch_path(rewa
     with torch.no_grad():
         asked = score(reward, x.clone().requires_grad_(True))
     assert torch.equal(plain, asked) and not plain.requires_grad and plain.device.type == "cpu"
-    with torch.enable_grad():
+    with backpropagating():
         smooth = score(reward, x.clone().requires_grad_(True))
     assert smooth.requires_grad
     assert not torch.equal(smooth.detach(), plain)  # a different resize ran
     torch.testing.assert_close(smooth.detach(), plain, atol=1e-3, rtol=0.05)
-    with torch.enable_grad():  # images a VAE decoded in bf16: resized in float32, scored in float32
+    with backpropagating():  # images a VAE decoded in bf16: resized in float32, scored in float32
         half = score(reward, x.bfloat16().requires_grad_(True))
     assert half.requires_grad and half.dtype == torch.float32
     torch.testing.assert_close(half.detach(), plain, atol=0.02, rtol=0.1)
@@ -111,7 +111,7 @@ def test_reward_weights_stay_frozen(rewards: dict, tiny_clip: Path, head_file: P
     head = load_aesthetic_head(str(head_file), encoder.model.config.projection_dim)
     scorer, dino = rewards["image_reward"], rewards["identity_dino"]
     x = tiny_images().requires_grad_(True)
-    with torch.enable_grad():
+    with backpropagating():
         total = head(encoder.images(x)).sum() + score(scorer, x).sum() + score(dino, x).sum()
         total.backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
@@ -130,7 +130,7 @@ def test_torch_preprocessing_is_close_to_the_pil_path_on_a_real_photo(layout: st
              (lambda images: dino_preprocess(images, 224), IMAGENET_STD)]
     for preprocess, std in pairs:
         exact = preprocess(x)
-        with torch.enable_grad():
+        with backpropagating():
             smooth = preprocess(x.clone().requires_grad_(True))
         assert smooth.requires_grad and smooth.shape == exact.shape
         assert max_level_difference(smooth.detach(), exact, std) < 6.0

@@ -1,5 +1,5 @@
-"""Stage-two algorithms behind one interface (`Algorithm`): `ppo` (DDPO / Flow-GRPO) and `nft`
-(DiffusionNFT), chosen by `align.algorithm`. Adding one is adding a module here."""
+"""Stage-two algorithms behind one interface (`Algorithm`): `ppo` (DDPO / Flow-GRPO), `nft` (DiffusionNFT)
+and `refl` (reward feedback learning), chosen by `align.algorithm`. Adding one is adding a module here."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Any
 from rlbooth.align.algorithms.base import Algorithm
 from rlbooth.align.algorithms.nft import NFT
 from rlbooth.align.algorithms.ppo import PPO
+from rlbooth.align.algorithms.refl import ReFL
 
-ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (PPO, NFT)}
+ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (PPO, NFT, ReFL)}
 """Every algorithm by its `align.algorithm` name."""
 
 
