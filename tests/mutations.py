@@ -235,6 +235,9 @@ MUTATIONS: list[Mutation] = [
     Mutation("onnx-prelu-as-relu", "rlbooth/rewards/onnx_torch.py",
              "return torch.where(x >= 0, x, x * slope)", "return torch.relu(x)",
              ("tests/rewards/test_face_gradients.py::test_converted_arcface_equals_onnxruntime",)),
+    Mutation("ode-sampler-sde-in-window", "rlbooth/align/policy.py",
+             "noise_level=1.0, sde_steps=(), fixed_steps=True)", "noise_level=1.0, sde_steps=(), fixed_steps=False)",
+             ("tests/align/test_policy.py::test_the_ode_sampler_stays_the_euler_ode_in_the_trained_window",)),
     # The toy worlds' guards: stage two's gain must vanish with the update's sign flipped (README, the toy world).
     Mutation("ppo-surrogate-sign-toy-worlds", "rlbooth/align/ppo.py",
              "loss = torch.mean(torch.maximum(unclipped, clipped))",

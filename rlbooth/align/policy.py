@@ -198,12 +198,11 @@ def x0_prediction(prediction_type: str, output: Tensor, x_t: Tensor, alpha: Tens
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
-def ode_policy_for(family: "Family", pipe: Any, latent_size: tuple[int, int], *, fixed_steps: bool = False
-                   ) -> StepPolicy:
-    """The family's deterministic sampler: DDIM at eta = 0, or the Euler ODE on the flow sigmas; unless
-    `fixed_steps`, a flow policy turns the trained window's steps into SDE steps (`use_window`)."""
+def ode_policy_for(family: "Family", pipe: Any, latent_size: tuple[int, int]) -> StepPolicy:
+    """The family's deterministic sampler: DDIM at eta = 0, or the Euler ODE on the flow sigmas at every step,
+    whatever the trained window (`use_window` leaves it as it is)."""
     if family.flow_matching:
-        return FlowSDEPolicy(family, pipe, latent_size, noise_level=1.0, sde_steps=(), fixed_steps=fixed_steps)
+        return FlowSDEPolicy(family, pipe, latent_size, noise_level=1.0, sde_steps=(), fixed_steps=True)
     return DDIMODEPolicy(family.ddim_scheduler(pipe))
 
 

@@ -60,3 +60,22 @@ def test_flow_policy_first_step_is_finite_under_flow_grpos_noise(sd3):
     assert policy.sigmas[0] == 1.0
     mean, std = policy.mean_std(torch.randn(1, 16, 4, 4), torch.tensor([0]), torch.randn(1, 16, 4, 4))
     assert torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()
+
+
+def test_the_ode_sampler_stays_the_euler_ode_in_the_trained_window(sd3):
+    """NFT's and ReFL's deterministic sampler: the loop sets each epoch's trained window on the policy, which
+    turned the window's steps into SDE steps at noise level 1 (found in review, 2026-12-06); it must not."""
+    from rlbooth.align.policy import ode_policy_for
+
+    family = family_of(sd3)
+    policy = ode_policy_for(family, sd3, (16, 16))
+    policy.set_timesteps(6)
+    policy.use_window([0, 1, 2, 3])
+    x, v = torch.randn(2, 16, 16, 16), torch.randn(2, 16, 16, 16)
+    euler = family.flow_scheduler(sd3)
+    family.set_timesteps(sd3, euler, 6, (16, 16))
+    for step in range(6):
+        a, _ = policy.step(v, torch.tensor(step), x, generator=torch.Generator().manual_seed(0))
+        b, log_prob = policy.step(v, torch.tensor(step), x, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(a, b) and torch.equal(log_prob, torch.zeros(2)), step
+        torch.testing.assert_close(a, euler.step(v, euler.timesteps[step], x).prev_sample)

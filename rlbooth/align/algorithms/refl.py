@@ -75,7 +75,7 @@ class ReFL(Algorithm):
 
     def __init__(self, trainer: Any) -> None:
         super().__init__(trainer)
-        self.policy = ode_policy_for(trainer.family, trainer.pipe, trainer.latent_shape[1:], fixed_steps=True)
+        self.policy = ode_policy_for(trainer.family, trainer.pipe, trainer.latent_shape[1:])
         self.pretrain = PretrainLoss(trainer) if trainer.cfg.refl_pretrain_weight > 0 else None
 
     def sampling_inputs(self, cond: Conditioning) -> tuple[Conditioning, float]:
