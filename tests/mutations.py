@@ -238,6 +238,13 @@ MUTATIONS: list[Mutation] = [
     Mutation("ode-sampler-sde-in-window", "rlbooth/align/policy.py",
              "noise_level=1.0, sde_steps=(), fixed_steps=True)", "noise_level=1.0, sde_steps=(), fixed_steps=False)",
              ("tests/align/test_policy.py::test_the_ode_sampler_stays_the_euler_ode_in_the_trained_window",)),
+    Mutation("ddim-ode-prev-timestep-off-by-one", "rlbooth/align/policy.py",
+             "prev_t = t - self.scheduler.config.num_train_timesteps // self.scheduler.num_inference_steps",
+             "prev_t = t - self.scheduler.config.num_train_timesteps // self.scheduler.num_inference_steps + 1",
+             ("tests/align/test_nft.py::test_ddpm_sampler_and_forward_process_are_diffusers_ddim_at_every_sampling_step",)),
+    Mutation("ddpm-alpha-at-previous-timestep", "rlbooth/align/policy.py",
+             "alphas_cumprod.float()[self._t(step)]", "alphas_cumprod.float()[self._t(step) - 1]",
+             ("tests/align/test_nft.py::test_ddpm_sampler_and_forward_process_are_diffusers_ddim_at_every_sampling_step",)),
     # The toy worlds' guards: stage two's gain must vanish with the update's sign flipped (README, the toy world).
     Mutation("ppo-surrogate-sign-toy-worlds", "rlbooth/align/ppo.py",
              "loss = torch.mean(torch.maximum(unclipped, clipped))",
