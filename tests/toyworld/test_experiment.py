@@ -8,6 +8,13 @@ DreamBooth does, lose part of the prompt's scene; stage two must win the scene b
 prompts and its own, drawn from noise it never trained on, and keep the subject. What it does to unseen
 scenes depends on the seed (README, the toy world), so that is scored, not asserted. It runs on both base
 models: the UNet world (`toy`, DDPO) and the flow-matching one (`toy-flow`, Flow-GRPO on the SD3-class model).
+
+Each guard's effect and the standard error of its measurement, on the UNet world (2026-12-06; 8 prompts x 32
+seeds = 256 images a model and prompt set, differences paired by prompt and seed): stage one's identity gain
++0.37 (bound 0.2, SE 0.014); its alignment loss +0.45 held-out and trained (bound 0.15, SE 0.014); stage two's
+alignment gain +0.16 held-out, +0.19 trained (bound 0.1, SE 0.015 and 0.014: 4.2 and 6.5 SE above it); its
+identity change +0.03 (bound -0.1, SE 0.013). The held-out gain is the tightest: on 16 seeds it measured
++0.14 with SE 0.022, 1.8 SE above its bound, so the scoring keeps 32 seeds.
 """
 
 from __future__ import annotations
