@@ -1,4 +1,4 @@
-"""A finished stage-one output (tiny, LoRA) shared by the stage-two tests."""
+"""What the stage-two tests share: finished stage-one outputs (tiny, LoRA) of every family, and a kill-and-resume."""
 
 from __future__ import annotations
 
