@@ -35,8 +35,9 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-@pytest.fixture(scope="module", params=["tiny", "tiny-sd3", *(pytest.param(preset, marks=pytest.mark.slow) for preset in
-                                                               ("tiny-sdxl", "tiny-flux", "tiny-qwenimage", "tiny-zimage"))])
+@pytest.fixture(scope="module", params=["tiny", "tiny-sd3", *(
+    pytest.param(preset, marks=pytest.mark.slow) for preset in ("tiny-sdxl", "tiny-flux", "tiny-qwenimage",
+                                                                "tiny-zimage"))])
 def finished_run(tmp_path_factory, request) -> Path:
     """The tiny run of each model family, through the real CLI. The quick tier runs one UNet and one flow family:
     the other four's runs took 77 s of its 1,021 (measured on the 2-core machine under load)."""

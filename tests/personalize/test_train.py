@@ -32,7 +32,8 @@ def tiny_config(*overrides: str, preset: str = "tiny"):
 FAMILY_PRESETS = pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-qwenimage",
                                                     "tiny-zimage"])
 QUICK_TIER_PRESETS = pytest.mark.parametrize("preset", ["tiny", "tiny-sd3", *(
-    pytest.param(preset, marks=pytest.mark.slow) for preset in ("tiny-sdxl", "tiny-flux", "tiny-qwenimage", "tiny-zimage"))])
+    pytest.param(preset, marks=pytest.mark.slow) for preset in ("tiny-sdxl", "tiny-flux", "tiny-qwenimage",
+                                                                "tiny-zimage"))])
 """Every family, the quick tier one UNet and one flow family: for tests whose other four cases cost it most."""
 
 
