@@ -164,6 +164,13 @@ MUTATIONS: list[Mutation] = [
     Mutation("keep-best-ignored", "rlbooth/align/train.py",
              "        self.keep_best()\n", "",
              ("tests/align/test_heldout.py::test_keep_best_outputs_the_best_epochs_lora",)),
+    # Issue 28: the kill-and-resume helper's guards (tests/align/conftest.py).
+    Mutation("resume-forgets-heldout-table", "rlbooth/align/train.py",
+             'self.watch.load_state_dict(state.get("heldout", {"table": []}))', "pass",
+             ("tests/align/test_heldout.py::test_resume_keeps_the_table_and_the_best_lora",)),
+    Mutation("resume-forgets-reward-tracker", "rlbooth/align/train.py",
+             'self.tracker.load_state_dict(state["tracker"])', "pass",
+             ("tests/align/test_train.py::test_killed_run_resumes_to_the_same_result[sd]",), slow=True),
     # Issue 34: LoRA files, reuse, locks, export metadata.
     Mutation("lora-mixed-layout", "rlbooth/models.py",
              'return {key.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): value\n'

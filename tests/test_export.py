@@ -22,10 +22,10 @@ PROMPT, SEEDS, STEPS, GUIDANCE = "a sks triangular toy on the beach", [0, 1], 4,
 QUICK = ["runtime.report_to=none", "personalize.validation_steps=0", "align.grid_every=0", "align.num_steps=4"]
 
 
-@pytest.fixture(scope="module", params=["tiny", "tiny-sdxl"])
+@pytest.fixture(scope="module", params=["tiny", pytest.param("tiny-sdxl", marks=pytest.mark.slow)])
 def stages(tmp_path_factory, request) -> tuple[Path, Path]:
     """A LoRA stage one (UNet and text encoder(s), alpha = 2 x rank) and a stage two on it (alpha = rank / 2),
-    for each model family."""
+    for each model family. The quick tier exports SD's here and SDXL's kohya names below."""
     root = tmp_path_factory.mktemp("export")
     subject = Subject(images=draw_subject_photos(root / "photos"), class_noun="toy", description="triangular")
     config = load_config(request.param, QUICK + [

@@ -1,13 +1,17 @@
-"""A finished stage-one output (tiny, LoRA) shared by the stage-two tests."""
+"""What the stage-two tests share: finished stage-one outputs (tiny, LoRA) of every family, and a kill-and-resume."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from rlbooth.align.train import DDPOTrainer, align
 from rlbooth.config import load_config
 from rlbooth.personalize.train import personalize
+from rlbooth.stages import OutputError
 from rlbooth.subject import Subject
 from tests.conftest import draw_subject_photos
 
@@ -25,6 +29,39 @@ def make_stage_one(root: Path, resolution: int, preset: str = "tiny") -> Path:
                                   f"model.tiny.resolution={resolution}", f"personalize.resolution={resolution}"])
     personalize(config, subject, root / "out")
     return root / "out"
+
+
+class Killed(Exception):
+    """Raised where a killed run would stop."""
+
+
+def kill_and_resume(config, stage_one: Path, folder: Path, die_in_epoch: int, monkeypatch: pytest.MonkeyPatch
+                    ) -> Path:
+    """Runs stage two until it dies as `die_in_epoch` starts (the epochs since its last checkpoint are lost),
+    checks a rerun without --resume is refused, then resumes it; returns the resumed model folder."""
+    run_epoch = DDPOTrainer.run_epoch
+
+    def dies(self, epoch):
+        if epoch == die_in_epoch:
+            raise Killed
+        run_epoch(self, epoch)
+
+    monkeypatch.setattr(DDPOTrainer, "run_epoch", dies)
+    with pytest.raises(Killed):
+        align(config, stage_one, folder)
+    monkeypatch.setattr(DDPOTrainer, "run_epoch", run_epoch)
+    with pytest.raises(OutputError, match="--resume"):
+        align(config, stage_one, folder)
+    return align(config, stage_one, folder, resume=True)
+
+
+def assert_same_lora(a_folder: Path, b_folder: Path) -> None:
+    """The two model folders hold the same LoRA tensors (a resumed run's, to float rounding)."""
+    a = load_file(str(a_folder / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(b_folder / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from rlbooth.prompts import read_prompt_file
 from rlbooth.report import heldout_curves, heldout_section, plot_curves
 from rlbooth.sampling import sample_stage
 from rlbooth.stages import read_stage
-from tests.align.conftest import align_config
+from tests.align.conftest import align_config, assert_same_lora, kill_and_resume
 
 # Trained on brightness, selected by minus the held-out brightness. On the random tiny model the scores move
 # by chance (seed 0: selection -0.527, -0.506, -0.513), but they differ, and the best epoch (2) is not the last.
@@ -122,29 +122,11 @@ def test_early_stop_stops_after_patience_evaluations(stage_one, hacked_run, tmp_
     assert [r["epoch"] for r in meta["heldout"]["table"]] == list(range(1, best + 2))
 
 
-class Killed(Exception):
-    pass
-
-
 def test_resume_keeps_the_table_and_the_best_lora(stage_one, hacked_run, tmp_path, monkeypatch):
-    run_epoch = DDPOTrainer.run_epoch
-
-    def dies_in_last_epoch(self, epoch):
-        if epoch == 2:
-            raise Killed
-        run_epoch(self, epoch)
-
-    monkeypatch.setattr(DDPOTrainer, "run_epoch", dies_in_last_epoch)
     config = align_config(*HACKED, "align.keep=best", "align.checkpoints_total_limit=1")
-    with pytest.raises(Killed):
-        align(config, stage_one, tmp_path / "resumed")
-    monkeypatch.setattr(DDPOTrainer, "run_epoch", run_epoch)
-    resumed = align(config, stage_one, tmp_path / "resumed", resume=True).parent
+    resumed = kill_and_resume(config, stage_one, tmp_path / "resumed", 2, monkeypatch).parent
     assert heldout(resumed) == heldout(hacked_run)
-    a = load_file(str(hacked_run / "model" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(resumed / "model" / "pytorch_lora_weights.safetensors"))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    assert_same_lora(hacked_run / "model", resumed / "model")
 
 
 @pytest.mark.parametrize("overrides, message", [

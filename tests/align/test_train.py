@@ -16,7 +16,6 @@ from rlbooth.align import train as train_module
 from rlbooth.align.policy import policy_for
 from rlbooth.align.rollout import decode, guidance_inputs, sample_rollout
 from rlbooth.align.train import DDPOTrainer, align
-from rlbooth.stages import OutputError
 from rlbooth.models import load_pipeline
 from rlbooth.families import family_of
 from rlbooth.families.base import latent_channels, square_geometry
@@ -24,7 +23,7 @@ from rlbooth.prompts import read_prompt_file
 from rlbooth.rewards import CompositeReward
 from rlbooth.sampling import draw_grid, fixed_resolution
 from rlbooth.stages import load_stage_pipeline, read_stage
-from tests.align.conftest import align_config
+from tests.align.conftest import align_config, assert_same_lora, kill_and_resume
 from rlbooth.config import AlignConfig
 
 PROMPT = "a sks triangular toy playing soccer"
@@ -150,8 +149,14 @@ def brightness_gain(stage_one: Path, stage_two: Path, seeds: list[int]) -> torch
     return scores[1] - scores[0]
 
 
-SIGN_TEST_SETTINGS = {"sdxl": ("3e-3", 128)}
-"""(learning rate, evaluation seeds) of the sign test where the defaults (1e-2, 32) do not fit the tiny model."""
+SIGN_TEST = ("align.num_epochs=3", "align.sample_batch_size=32", "align.num_batches_per_epoch=2",
+             "align.train_batch_size=64", "align.samples_per_noise=8", "align.learning_rate=1e-2")
+"""64 samples an epoch in 8 groups of 8 sharing prompt and x_T: the group advantage removes x_T's share of the
+reward's variance, which is no action of the policy, so a quarter of the samples carries the signal 256
+ungrouped samples did."""
+SIGN_TEST_SETTINGS = {"sdxl": ((*SIGN_TEST, "align.num_batches_per_epoch=4", "align.gradient_accumulation_steps=2",
+                                "align.learning_rate=3e-3"), 128)}
+"""(overrides, evaluation seeds) of the sign test where `SIGN_TEST` and 32 seeds do not fit the tiny model."""
 
 
 @pytest.mark.slow
@@ -160,20 +165,21 @@ def test_training_climbs_the_reward_in_its_sign(any_stage_one_8px, tmp_path, wei
     """+brightness must brighten, -brightness darken: fails if the update sign or the ratio is wrong.
 
     The score-function gradient's signal-to-noise ratio scales like sqrt(samples / action dims), so on
-    a random tiny model the reward only moves reliably with few latent dims and many samples: 8 px
-    images (64 latent dims), 256 samples and one small optimizer step per epoch. With these settings
-    the brightness moved in the reward's direction in all 8 runs tried (seeds 0-3, both signs); the
-    change is measured on 32 fixed seeds, stage one and stage two drawing from the same noise. The tiny
-    SD3 and FLUX (flow SDE sampler; 4x4x16 latents) follow the sign with z = +6.5 / -5.9 and +102 / -99;
-    with the PPO surrogate's sign flipped all four flow cases fail (checked once). The tiny SDXL overshoots
-    at lr 1e-2: brightness moved against the reward in both signs (z -1.3 / +1.8 with four times the
-    samples); at 3e-3 it follows the sign (z +1.6 / -1.7 on 32 seeds, +2.6 / -3.5 on 128, the settings here).
+    a random tiny model the reward only moves reliably with few latent dims and a strong signal: 8 px
+    images (64 latent dims), groups sharing x_T (`SIGN_TEST`) and one small optimizer step per epoch. The
+    change is measured on 32 fixed seeds, stage one and stage two drawing from the same noise. Measured on
+    2026-12-06 with `SIGN_TEST` (runtime.seed 0): z = +4.5 / -8.7 on the tiny SD, +5.8 / -6.3 on SD3,
+    +18.4 / -17.8 on FLUX, +14.6 / -14.7 on Qwen-Image and +19.5 / -20.7 on Z-Image, a quarter of the
+    samples of the earlier 256 ungrouped ones (z +6.5 / -5.9 on SD3, +102 / -99 on FLUX). The surrogate's
+    sign flipped is the other weight's run exactly (group advantages negate exactly), so it fails every
+    family (on SD, z -8.7 with it). The tiny SDXL overshoots at lr 1e-2 and is noisy: with `SIGN_TEST`,
+    z +4.0 / +0.2 at lr 1e-2 and +1.8 / -1.6 at 1e-3 (128 seeds). It takes twice the samples (128 an
+    epoch) at lr 3e-3: z +4.2 / -3.7 on 128 seeds, the settings here (256 ungrouped samples at 3e-3 gave
+    +2.6 / -3.5).
     """
     family = read_stage(any_stage_one_8px).metadata["family"]
-    learning_rate, eval_seeds = SIGN_TEST_SETTINGS.get(family, ("1e-2", 32))
-    config = align_config(f"align.reward={{brightness: {weight}}}", "runtime.seed=0", "align.num_epochs=3",
-                          "align.sample_batch_size=32", "align.num_batches_per_epoch=8", "align.train_batch_size=64",
-                          "align.gradient_accumulation_steps=4", f"align.learning_rate={learning_rate}")
+    overrides, eval_seeds = SIGN_TEST_SETTINGS.get(family, (SIGN_TEST, 32))
+    config = align_config(f"align.reward={{brightness: {weight}}}", "runtime.seed=0", *overrides)
     out = align(config, any_stage_one_8px, tmp_path / "out")
     gain = brightness_gain(any_stage_one_8px, out.parent, seeds=list(range(100, 100 + eval_seeds)))
     z = gain.mean() / (gain.std() / len(gain) ** 0.5)
@@ -246,35 +252,14 @@ def test_output_loads_on_top_of_stage_one_with_diffusers(any_stage_one, tmp_path
     assert np.abs(np.asarray(grid, dtype=np.int16) - in_memory).max() <= 2
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(any_stage_one, tmp_path, monkeypatch):
-    overrides = ("align.num_epochs=4", "align.checkpointing_epochs=2", "align.checkpoints_total_limit=null",
-                 "align.learning_rate=1e-2", "align.stat_min_count=1")
-    whole = align(align_config(*overrides), any_stage_one, tmp_path / "whole")
-
-    run_epoch = DDPOTrainer.run_epoch
-
-    def dies_in_epoch_three(self, epoch):
-        if epoch == 3:
-            raise Killed
-        run_epoch(self, epoch)
-
-    monkeypatch.setattr(DDPOTrainer, "run_epoch", dies_in_epoch_three)
-    with pytest.raises(Killed):
-        align(align_config(*overrides), any_stage_one, tmp_path / "resumed")
-    monkeypatch.setattr(DDPOTrainer, "run_epoch", run_epoch)
-    with pytest.raises(OutputError, match="--resume"):
-        align(align_config(*overrides), any_stage_one, tmp_path / "resumed")
-    resumed = align(align_config(*overrides), any_stage_one, tmp_path / "resumed", resume=True)
-
-    a = load_file(str(whole / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    """Killed in epoch 3 with the last checkpoint after epoch 2: epoch 3 is lost and redone on resume."""
+    config = align_config("align.num_epochs=4", "align.checkpointing_epochs=2", "align.checkpoints_total_limit=null",
+                          "align.learning_rate=1e-2", "align.stat_min_count=1")
+    whole = align(config, any_stage_one, tmp_path / "whole")
+    resumed = kill_and_resume(config, any_stage_one, tmp_path / "resumed", 3, monkeypatch)
+    assert_same_lora(whole, resumed)
     history = lambda folder: json.loads((folder.parent / "rlbooth.json").read_text())["history"]
     assert history(whole) == history(resumed)
 

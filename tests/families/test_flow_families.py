@@ -14,8 +14,7 @@ from rlbooth.families import Conditioning, FlowMatchingFamily, family_of, get_fa
 from rlbooth.families.flux import image_ids, pack, unpack
 from rlbooth.families.base import from_latents, to_latents
 from rlbooth.models import TEXT_ENCODER_LORA_TARGETS, add_lora, save_lora
-
-PROMPTS = ["a sks dog on the beach", "A dog, 2 cats!"]
+from tests.families.conftest import PROMPTS, capture_timesteps
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +36,6 @@ def latents_of(pipe, batch: int = 1, seed: int = 0) -> torch.Tensor:
     size = TinyModelConfig().resolution // pipe.vae_scale_factor
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, pipe.vae.config.latent_channels, size, size, generator=g)
-
-
-def capture_timesteps(pipe, steps: int, **kwargs) -> torch.Tensor:
-    """The timesteps the pipeline's own loop visits."""
-    seen = []
-
-    def record(_pipe, _i, t, tensors):
-        seen.append(t)
-        return tensors
-
-    pipe("a dog", num_inference_steps=steps, height=32, width=32, output_type="latent",
-         callback_on_step_end=record, **kwargs)
-    return torch.stack(seen)
 
 
 @pytest.mark.parametrize("with_t5", [True, False])

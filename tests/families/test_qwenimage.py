@@ -14,10 +14,8 @@ from rlbooth.families import family_of, get_family
 from rlbooth.families.base import decode_latents, from_latents, latent_dist, to_latents
 from rlbooth.families.flux import pack, unpack
 from rlbooth.families.qwenimage import DROPPED_TOKENS
-from rlbooth.models import add_lora, save_lora
+from tests.families.conftest import PROMPTS, assert_saved_lora_reloads, capture_timesteps
 
-PROMPTS = ["a sks dog on the beach", "A dog, 2 cats!"]
-TRANSFORMER_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +70,9 @@ def test_two_true_cfg_steps_equal_the_pipelines(qwen):
 
 def test_sampling_timesteps_equal_the_pipelines(qwen):
     """Linear sigmas, the dynamic shift from the packed image tokens, the terminal stretch."""
-    family, scheduler, seen = family_of(qwen), family_of(qwen).flow_scheduler(qwen), []
-
-    def record(_pipe, _i, t, tensors):
-        seen.append(t)
-        return tensors
-
-    qwen("a dog", num_inference_steps=5, height=32, width=32, output_type="latent", callback_on_step_end=record)
-    torch.testing.assert_close(family.set_timesteps(qwen, scheduler, 5, (16, 16)), torch.stack(seen))
+    family = family_of(qwen)
+    torch.testing.assert_close(family.set_timesteps(qwen, family.flow_scheduler(qwen), 5, (16, 16)),
+                               capture_timesteps(qwen, 5))
 
 
 def test_latents_decode_as_the_pipeline_decodes(qwen):
@@ -145,25 +138,5 @@ def test_stage_one_loss_equals_the_diffusers_script(qwen, with_prior):
 
 
 def test_saved_lora_reloads_with_load_lora_weights(tmp_path):
-    """A transformer LoRA with non-zero B, saved by the family, loaded by plain diffusers into a fresh tiny
-    pipeline: the same pixels through the pipeline, different from the base model's."""
-    family, cfg = get_family("qwenimage"), TinyModelConfig()
-    trained, fresh = family.build_tiny(cfg), family.build_tiny(cfg)
-    assert set(family.lora_components) <= set(fresh._lora_loadable_modules) and family.lora_components == [
-        "transformer"]
-    add_lora(trained.transformer, 4, 4, TRANSFORMER_TARGETS)
-    g = torch.Generator().manual_seed(1)
-    for name, param in trained.transformer.named_parameters():
-        if "lora_B" in name:
-            param.data.copy_(torch.randn(param.shape, generator=g) * 0.1)
-    save_lora(tmp_path, family, {"transformer": trained.transformer})
-
-    def draw(pipe):
-        return pipe(PROMPTS[0], num_inference_steps=2, height=32, width=32, output_type="pt",
-                    generator=torch.Generator().manual_seed(0), **family.guidance_kwargs(4.0),
-                    **family.call_kwargs(pipe)).images
-
-    base = draw(fresh)
-    fresh.load_lora_weights(tmp_path)
-    torch.testing.assert_close(draw(fresh), draw(trained))
-    assert not torch.allclose(draw(fresh), base, atol=1e-3)
+    assert set(get_family("qwenimage").lora_components) <= set(QwenImagePipeline._lora_loadable_modules)
+    assert_saved_lora_reloads("qwenimage", tmp_path, 4.0)

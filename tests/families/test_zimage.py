@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import ZImagePipeline
 
 from rlbooth.align.rollout import guidance_inputs, guided_noise
 from rlbooth.config import TinyModelConfig
 from rlbooth.families import family_of, get_family
 from rlbooth.families.base import from_latents, to_latents
-from rlbooth.models import add_lora, save_lora
+from tests.families.conftest import PROMPTS, assert_saved_lora_reloads, capture_timesteps
 
-PROMPTS = ["a sks dog on the beach", "A dog, 2 cats!"]
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +58,9 @@ def test_two_cfg_steps_equal_the_pipelines(zimage):
 
 
 def test_sampling_timesteps_equal_the_pipelines(zimage):
-    family, scheduler, seen = family_of(zimage), family_of(zimage).flow_scheduler(zimage), []
-
-    def record(_pipe, _i, t, tensors):
-        seen.append(t)
-        return tensors
-
-    zimage("a dog", num_inference_steps=5, height=32, width=32, output_type="latent", callback_on_step_end=record,
-           **family.call_kwargs(zimage))
-    torch.testing.assert_close(family.set_timesteps(zimage, scheduler, 5, (16, 16)), torch.stack(seen))
+    family = family_of(zimage)
+    torch.testing.assert_close(family.set_timesteps(zimage, family.flow_scheduler(zimage), 5, (16, 16)),
+                               capture_timesteps(zimage, 5, **family.call_kwargs(zimage)))
 
 
 def test_latents_decode_as_the_pipeline_decodes(zimage):
@@ -80,24 +74,5 @@ def test_latents_decode_as_the_pipeline_decodes(zimage):
 
 
 def test_saved_lora_reloads_with_load_lora_weights(tmp_path):
-    """A transformer LoRA with non-zero B, saved by the family, loaded by plain diffusers into a fresh tiny
-    pipeline: the same pixels, different from the base model's."""
-    family, cfg = get_family("zimage"), TinyModelConfig()
-    trained, fresh = family.build_tiny(cfg), family.build_tiny(cfg)
-    assert family.lora_components == ["transformer"] == list(fresh._lora_loadable_modules)
-    add_lora(trained.transformer, 4, 4, ["to_k", "to_q", "to_v", "to_out.0"])
-    g = torch.Generator().manual_seed(1)
-    for name, param in trained.transformer.named_parameters():
-        if "lora_B" in name:
-            param.data.copy_(torch.randn(param.shape, generator=g) * 0.1)
-    save_lora(tmp_path, family, {"transformer": trained.transformer})
-
-    def draw(pipe):
-        return pipe(PROMPTS[0], num_inference_steps=2, height=32, width=32, output_type="pt",
-                    generator=torch.Generator().manual_seed(0), **family.guidance_kwargs(3.0),
-                    **family.call_kwargs(pipe)).images
-
-    base = draw(fresh)
-    fresh.load_lora_weights(tmp_path)
-    torch.testing.assert_close(draw(fresh), draw(trained))
-    assert not torch.allclose(draw(fresh), base, atol=1e-3)
+    assert list(ZImagePipeline._lora_loadable_modules) == ["transformer"]
+    assert_saved_lora_reloads("zimage", tmp_path, 3.0)

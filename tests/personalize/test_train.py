@@ -31,6 +31,10 @@ def tiny_config(*overrides: str, preset: str = "tiny"):
 
 FAMILY_PRESETS = pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-qwenimage",
                                                     "tiny-zimage"])
+QUICK_TIER_PRESETS = pytest.mark.parametrize("preset", ["tiny", "tiny-sd3", *(
+    pytest.param(preset, marks=pytest.mark.slow) for preset in ("tiny-sdxl", "tiny-flux", "tiny-qwenimage",
+                                                                "tiny-zimage"))])
+"""Every family, the quick tier one UNet and one flow family: for tests whose other four cases cost it most."""
 
 
 @pytest.fixture
@@ -105,7 +109,7 @@ class Killed(Exception):
     pass
 
 
-@FAMILY_PRESETS
+@QUICK_TIER_PRESETS
 def test_killed_run_resumes_to_the_same_weights(tmp_path, subject, monkeypatch, preset):
     overrides = ("personalize.max_train_steps=6", "personalize.checkpointing_steps=2",
                  "personalize.gradient_accumulation_steps=2", "personalize.lr_scheduler=linear",
