@@ -33,13 +33,16 @@ class Algorithm(ABC):
     def __init__(self, trainer: "DDPOTrainer") -> None:
         self.trainer = trainer
 
-    @abstractmethod
     def sampling_inputs(self, cond: "Conditioning") -> tuple["Conditioning", float]:
-        """The rows `guided_noise` runs while sampling and the guidance scale."""
+        """The rows `guided_noise` runs while sampling and the guidance scale: CFG at `align.guidance_scale`."""
+        from rlbooth.align.rollout import guidance_inputs
 
-    @abstractmethod
+        t = self.trainer
+        return guidance_inputs(t.family, t.uncond, cond), t.cfg.guidance_scale
+
     def keep(self, rollout: "Rollout") -> "Rollout":
-        """What of a sampled batch is stored until training."""
+        """What of a sampled batch is stored until training: the whole trajectory (and its log-probs)."""
+        return rollout
 
     @abstractmethod
     def loss(self, samples: "Samples", rows: torch.Tensor, step: torch.Tensor, advantages: torch.Tensor

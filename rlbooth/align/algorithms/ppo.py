@@ -10,8 +10,7 @@ import torch
 from rlbooth.align.algorithms.base import Algorithm
 from rlbooth.align.policy import policy_for
 from rlbooth.align.ppo import ppo_clip_loss
-from rlbooth.align.rollout import Rollout, guidance_inputs, guided_noise
-from rlbooth.families import Conditioning
+from rlbooth.align.rollout import guidance_inputs, guided_noise
 
 
 class PPO(Algorithm):
@@ -20,14 +19,6 @@ class PPO(Algorithm):
     def __init__(self, trainer: Any) -> None:
         super().__init__(trainer)
         self.policy = policy_for(trainer.family, trainer.pipe, trainer.cfg, trainer.latent_shape[1:])
-
-    def sampling_inputs(self, cond: Conditioning) -> tuple[Conditioning, float]:
-        t = self.trainer
-        return guidance_inputs(t.family, t.uncond, cond), t.cfg.guidance_scale
-
-    def keep(self, rollout: Rollout) -> Rollout:
-        """The whole trajectory with its log-probs: training replays its steps."""
-        return rollout
 
     def summary(self, logs: dict[str, Any]) -> str:
         return f"approx_kl {logs['approx_kl']:.2e}, clipfrac {logs['clipfrac']:.3f}"

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from rlbooth.align.algorithms.base import Algorithm
 from rlbooth.align.policy import ode_policy_for
-from rlbooth.align.rollout import Rollout, guidance_inputs, guided_noise, to_images
+from rlbooth.align.rollout import guidance_inputs, guided_noise, to_images
 from rlbooth.families import Conditioning
 
 
@@ -77,14 +77,6 @@ class ReFL(Algorithm):
         super().__init__(trainer)
         self.policy = ode_policy_for(trainer.family, trainer.pipe, trainer.latent_shape[1:])
         self.pretrain = PretrainLoss(trainer) if trainer.cfg.refl_pretrain_weight > 0 else None
-
-    def sampling_inputs(self, cond: Conditioning) -> tuple[Conditioning, float]:
-        t = self.trainer
-        return guidance_inputs(t.family, t.uncond, cond), t.cfg.guidance_scale
-
-    def keep(self, rollout: Rollout) -> Rollout:
-        """The whole trajectory: training restarts it at its drawn step."""
-        return rollout
 
     def summary(self, logs: dict[str, Any]) -> str:
         return f"refl_reward {logs['refl_reward']:.4f}"
