@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from rlbooth.align.algorithms import ALGORITHMS, make_algorithm
 from rlbooth.align.algorithms.nft import nft_loss, old_decay, reward_weight
 from rlbooth.align.policy import DDIMODEPolicy, DDIMPolicy, FlowSDEPolicy
-from rlbooth.align.train import DDPOTrainer, align
+from rlbooth.align.train import align
 from rlbooth.config import ConfigError
 from rlbooth.families import get_family
 from rlbooth.stages import read_stage
-from tests.align.conftest import align_config
+from tests.align.conftest import align_config, assert_same_lora, kill_and_resume
 from tests.align.test_distributed import COMMON, run_two_processes
 from tests.align.test_train import brightness_gain, make_trainer
 
@@ -236,10 +236,6 @@ def test_nft_climbs_the_reward_in_its_sign(any_stage_one_8px, tmp_path, weight):
     assert weight * z > 2, f"brightness change {gain.mean():.2e} (z={z:.1f}) does not follow the reward {weight}"
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["stage_one", "stage_one_sd3"])
 def test_killed_nft_run_resumes_to_the_same_weights(stage, request, tmp_path, monkeypatch):
@@ -248,24 +244,11 @@ def test_killed_nft_run_resumes_to_the_same_weights(stage, request, tmp_path, mo
     overrides = (*NFT, "align.num_epochs=4", "align.checkpointing_epochs=2", "align.checkpoints_total_limit=null",
                  "align.learning_rate=1e-2", "align.stat_min_count=1", "align.nft_decay_type=2")
     whole = align(align_config(*overrides), stage_one, tmp_path / "whole")
-    run_epoch = DDPOTrainer.run_epoch
-
-    def dies_in_epoch_three(self, epoch):
-        if epoch == 3:
-            raise Killed
-        run_epoch(self, epoch)
-
-    monkeypatch.setattr(DDPOTrainer, "run_epoch", dies_in_epoch_three)
-    with pytest.raises(Killed):
-        align(align_config(*overrides), stage_one, tmp_path / "resumed")
-    monkeypatch.setattr(DDPOTrainer, "run_epoch", run_epoch)
-    resumed = align(align_config(*overrides), stage_one, tmp_path / "resumed", resume=True)
+    resumed = kill_and_resume(align_config(*overrides), stage_one, tmp_path / "resumed", 3, monkeypatch)
     assert (tmp_path / "resumed" / "checkpoints" / "step-2" / "extra.safetensors").is_file()
     a = load_file(str(whole / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k or ".up." in k), "nothing was trained"
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    assert_same_lora(whole, resumed)
     history = lambda folder: json.loads((folder.parent / "rlbooth.json").read_text())["history"]
     assert history(whole) == history(resumed)
 
