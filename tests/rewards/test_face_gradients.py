@@ -19,6 +19,7 @@ import torch
 from rlbooth.rewards import RewardError, backpropagating, build_reward, identity, reward_is_differentiable
 from rlbooth.rewards.face_torch import TorchArcFace, alignment_matrices, load_torch_arcface, warp_crops
 from rlbooth.rewards.identity import FaceIdentityReward, InsightfaceBackend
+from tests.rewards.test_identity import save_onnx
 from tests.rewards.test_identity import (  # noqa: F401  (fixtures)
     bright_centre_detector,
     insightface,
@@ -41,7 +42,6 @@ def write_resnet_arcface(path: Path, mxnet_style: bool, seed: int = 0, dim: int 
     1x1 stride-2 conv + BN shortcut, Add; BN, Dropout, flatten, fully connected, BN on the features.
     `mxnet_style`: (x - 127.5) * 0.0078125 inside the graph (nodes named Sub/Mul), Reshape and MatMul + Add.
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -101,11 +101,7 @@ def write_resnet_arcface(path: Path, mxnet_style: bool, seed: int = 0, dim: int 
                                                                 ["N", 3, 112, 112])],
         [helper.make_tensor_value_info(features, TensorProto.FLOAT, ["N", dim])],
         [numpy_helper.from_array(value, name) for name, value in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return save_onnx(graph, path)
 
 
 @pytest.fixture(scope="module")

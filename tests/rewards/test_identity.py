@@ -25,6 +25,19 @@ from rlbooth.rewards.identity import DetectedFace, FaceIdentityReward, Insightfa
 from rlbooth.subject import Subject
 from tests.conftest import draw_subject_photos
 
+
+def save_onnx(graph, path: Path) -> Path:
+    """A graph saved as an ONNX model of opset 13 / IR 8 (what onnxruntime here reads), checked first."""
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # DINO
 
@@ -195,7 +208,6 @@ def write_tiny_arcface(path: Path, dim: int = 512, seed: int = 0, batch: int | s
     An int `batch` exports the batch axis fixed, as some recognition models are (onnxruntime then refuses
     any other batch size).
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     weight = (np.random.default_rng(seed).standard_normal((3 * 14 * 14, dim)) / math.sqrt(588)).astype(np.float32)
@@ -207,11 +219,7 @@ def write_tiny_arcface(path: Path, dim: int = 512, seed: int = 0, batch: int | s
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [batch, 3, 112, 112])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [batch, dim])],
         [numpy_helper.from_array(weight, "proj_w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return save_onnx(graph, path)
 
 
 def write_fake_scrfd(path: Path) -> Path:
@@ -220,7 +228,6 @@ def write_fake_scrfd(path: Path) -> Path:
     Only stride 32 fires: a 32-pixel cell brighter than mid-grey is a face whose box spans 1.5 strides
     around the anchor and whose landmarks are insightface's template scaled into that box.
     """
-    import onnx
     from insightface.utils.face_align import arcface_dst
     from onnx import TensorProto, helper, numpy_helper
 
@@ -256,11 +263,7 @@ def write_fake_scrfd(path: Path) -> Path:
         nodes, "fake_scrfd", [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "H", "W"])],
         outputs["score"] + outputs["bbox"] + outputs["kps"],
         [numpy_helper.from_array(value, name) for name, value in consts.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return save_onnx(graph, path)
 
 
 @pytest.fixture(scope="module")
