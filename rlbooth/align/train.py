@@ -22,6 +22,7 @@ Output folder layout:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -198,6 +199,9 @@ class DDPOTrainer:
         self.sampler = PromptSampler(templates, self.subject, self.cfg.identifier_ratio, self.seed)
         self.tracker = PerPromptStatTracker(self.cfg.stat_buffer_size, self.cfg.stat_min_count)
         self.history: list[dict[str, float]] = []
+        self.epoch_seconds: list[float] = []
+        """Wall time of each epoch's sampling, rewards and training (not the evaluation, grids or checkpoints):
+        kept apart from the history, which a resumed run reproduces exactly."""
         self.watch = Watch(self.cfg, output_dir / "best")
         self.pass_key = (0, 0)  # (epoch, inner epoch) of the training pass running: keys NFT's noise
         self.algorithm = make_algorithm(self.cfg.algorithm, self)
@@ -270,6 +274,7 @@ class DDPOTrainer:
         self.algorithm.load_tensors(load_extra_tensors(ckpt, self.acc.device))
         self.tracker.load_state_dict(state["tracker"])
         self.history = state["history"]
+        self.epoch_seconds = state.get("epoch_seconds", [])
         self.watch.load_state_dict(state.get("heldout", {"table": []}))
         logger.info("resumed from %s at epoch %d", ckpt, state["epoch"])
         return state["epoch"]
@@ -459,6 +464,7 @@ class DDPOTrainer:
 
     def run_epoch(self, epoch: int) -> None:
         cfg, acc = self.cfg, self.acc
+        start = time.perf_counter()
         self.policy.use_window(window_steps(cfg, epoch))
         samples = self.sample_epoch(epoch)
         if cfg.reward_standardize:
@@ -467,10 +473,11 @@ class DDPOTrainer:
         logs = {"epoch": epoch} | self.reward_stats(epoch, samples) | self.train_epoch(epoch, samples, advantages)
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]
         self.history.append(logs)
+        self.epoch_seconds.append(time.perf_counter() - start)
         done = epoch + 1
         if self.watch.due(done):
             logs |= self.evaluate(done, logs["reward_mean"])
-        acc.log(logs, step=epoch)
+        acc.log(logs | {"time/epoch_seconds": self.epoch_seconds[-1]}, step=epoch)
         if acc.is_main_process:
             logger.info("epoch %d: reward %.4f +- %.4f, %s", epoch, logs["reward_mean"], logs["reward_std"],
                         self.algorithm.summary(logs))
@@ -478,7 +485,7 @@ class DDPOTrainer:
         if done % cfg.checkpointing_epochs == 0 or done == cfg.num_epochs or self.watch.should_stop():
             save_checkpoint(acc, self.output_dir / "checkpoints", done, self.models(), self.optimizer,
                             self.lr_scheduler, {"epoch": done, "tracker": self.tracker.state_dict(),
-                                                "history": self.history,
+                                                "history": self.history, "epoch_seconds": self.epoch_seconds,
                                                 "heldout": self.watch.state_dict(acc.is_main_process)},
                             cfg.checkpoints_total_limit, extra_tensors=self.algorithm.tensors())
             if acc.is_main_process:
@@ -557,7 +564,7 @@ class DDPOTrainer:
             publish(self.output_dir, write, {
                 "stage": "align", "rlbooth_version": __version__, "stage_one": str(self.stage_one.folder.resolve()),
                 "subject": self.subject.to_dict(), "reward": self.cfg.reward, "epochs": self.cfg.num_epochs,
-                "history": self.history, "replica_checksums": checksums, "config": self.config.to_dict(),
+                "history": self.history, "epoch_seconds": self.epoch_seconds, "replica_checksums": checksums, "config": self.config.to_dict(),
             } | ({"heldout": self.watch.summary()} if self.cfg.eval_every else {}))
         self.acc.wait_for_everyone()
         return self.output_dir / "model"
