@@ -199,9 +199,10 @@ class DDPOTrainer:
         self.sampler = PromptSampler(templates, self.subject, self.cfg.identifier_ratio, self.seed)
         self.tracker = PerPromptStatTracker(self.cfg.stat_buffer_size, self.cfg.stat_min_count)
         self.history: list[dict[str, float]] = []
-        self.epoch_seconds: list[float] = []
-        """Wall time of each epoch's sampling, rewards and training (not the evaluation, grids or checkpoints):
-        kept apart from the history, which a resumed run reproduces exactly."""
+        self.epoch_seconds: dict[str, list[float]] = {"wall": [], "cpu": []}
+        """Wall and process CPU time of each epoch's sampling, rewards and training (not the evaluation, grids or
+        checkpoints), kept apart from the history, which a resumed run reproduces exactly. With one thread the CPU
+        time is the wall time the epoch takes on an idle machine, whatever else shares it."""
         self.watch = Watch(self.cfg, output_dir / "best")
         self.pass_key = (0, 0)  # (epoch, inner epoch) of the training pass running: keys NFT's noise
         self.algorithm = make_algorithm(self.cfg.algorithm, self)
@@ -274,7 +275,7 @@ class DDPOTrainer:
         self.algorithm.load_tensors(load_extra_tensors(ckpt, self.acc.device))
         self.tracker.load_state_dict(state["tracker"])
         self.history = state["history"]
-        self.epoch_seconds = state.get("epoch_seconds", [])
+        self.epoch_seconds = state.get("epoch_seconds", {"wall": [], "cpu": []})
         self.watch.load_state_dict(state.get("heldout", {"table": []}))
         logger.info("resumed from %s at epoch %d", ckpt, state["epoch"])
         return state["epoch"]
@@ -464,7 +465,7 @@ class DDPOTrainer:
 
     def run_epoch(self, epoch: int) -> None:
         cfg, acc = self.cfg, self.acc
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         self.policy.use_window(window_steps(cfg, epoch))
         samples = self.sample_epoch(epoch)
         if cfg.reward_standardize:
@@ -473,11 +474,12 @@ class DDPOTrainer:
         logs = {"epoch": epoch} | self.reward_stats(epoch, samples) | self.train_epoch(epoch, samples, advantages)
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]
         self.history.append(logs)
-        self.epoch_seconds.append(time.perf_counter() - start)
+        self.epoch_seconds["wall"].append(time.perf_counter() - start)
+        self.epoch_seconds["cpu"].append(time.process_time() - cpu_start)
         done = epoch + 1
         if self.watch.due(done):
             logs |= self.evaluate(done, logs["reward_mean"])
-        acc.log(logs | {"time/epoch_seconds": self.epoch_seconds[-1]}, step=epoch)
+        acc.log(logs | {"time/epoch_seconds": self.epoch_seconds["wall"][-1]}, step=epoch)
         if acc.is_main_process:
             logger.info("epoch %d: reward %.4f +- %.4f, %s", epoch, logs["reward_mean"], logs["reward_std"],
                         self.algorithm.summary(logs))

@@ -11,8 +11,9 @@ rescores (minutes).
 
 `--curves` also scores the held-out prompts after every stage-two epoch (stage two's own evaluation,
 `align.eval_every=1`, with the final scoring's steps and guidance on the first `--curve-seeds` seeds) and
-records stage two's wall time per epoch without those evaluations: held-out alignment against minutes of
-training, and how long each run takes to reach the first arm's final held-out gain (`curves.png`).
+records stage two's wall and CPU time per epoch without those evaluations: held-out alignment against CPU
+minutes of training (with one thread, the wall time on an idle machine), and how long each run takes to reach
+the first arm's final held-out gain (`curves.png`).
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ class Results:
     """Training history by run."""
     minutes: dict[str, float] = field(default_factory=dict)
     """Wall time of stage two by run, for the runs trained by this invocation (not the reused ones)."""
-    epoch_seconds: dict[str, list[float]] = field(default_factory=dict)
-    """Stage two's wall time per epoch by run, without its evaluations, grids and checkpoints."""
+    epoch_seconds: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    """Stage two's wall and CPU time per epoch by run (`wall`, `cpu`), without evaluations, grids and checkpoints."""
     curve_baseline: ModelScores | None = None
     """Stage one on the held-out prompts with the per-epoch evaluation's seeds (`--curves`)."""
 
@@ -123,11 +124,13 @@ class Results:
         return "\n".join(lines)
 
     def heldout_curves(self) -> dict[str, list[tuple[float, float, float, float]]]:
-        """By run: (minutes of training, held-out alignment gain, scene accuracy, identity gain) after each epoch."""
+        """By run: (CPU minutes of training, held-out alignment gain, scene accuracy, identity gain) after each epoch.
+
+        CPU time, since with one thread it is the wall time on an idle machine, however loaded this one was."""
         base = self.curve_baseline
         curves = {}
         for run, history in self.curves.items():
-            minutes = np.cumsum(self.epoch_seconds.get(run, [])) / 60
+            minutes = np.cumsum(self.epoch_seconds.get(run, {}).get("cpu", [])) / 60
             curves[run] = [(float(m), h["heldout/toy_alignment"] - base.alignment, h["heldout/toy_scene_accuracy"],
                             h["heldout/toy_identity"] - base.identity)
                            for m, h in zip(minutes, history) if "heldout/toy_alignment" in h]
@@ -136,7 +139,7 @@ class Results:
     def time_to_quality(self, reference: str) -> str:
         """Minutes each run needs to reach the reference arm's final held-out gain with the same seed."""
         curves = self.heldout_curves()
-        lines = ["| run | final held-out gain | minutes | target (reference's final gain) | minutes to reach it |",
+        lines = ["| run | final held-out gain | CPU minutes | target (reference's final gain) | CPU minutes to reach it |",
                  "|---|---|---|---|---|"]
         for run, curve in curves.items():
             ref = curves.get(run_name(reference, run_seed(run)))
@@ -151,7 +154,7 @@ class Results:
     def heldout_curve_table(self) -> str:
         lines = []
         for run, curve in self.heldout_curves().items():
-            lines += [f"\n{run}: minutes | held-out alignment gain | scene accuracy | identity gain"]
+            lines += [f"\n{run}: CPU minutes | held-out alignment gain | scene accuracy | identity gain"]
             lines += [f"{m:6.2f} | {gain:+.3f} | {acc:.3f} | {ident:+.3f}" for m, gain, acc, ident in curve]
         return "\n".join(lines)
 
@@ -209,7 +212,7 @@ def run_experiment(config: Config, subject: Subject, out: Path, arms: dict[str, 
             results.scores[key][name] = score(pipe, texts, seeds, config, rewards)
     for run, (_, folder) in runs.items():
         metadata = read_stage(folder, "align").metadata
-        results.curves[run], results.epoch_seconds[run] = metadata["history"], metadata.get("epoch_seconds", [])
+        results.curves[run], results.epoch_seconds[run] = metadata["history"], metadata.get("epoch_seconds", {})
     if curve_seeds:
         stage_one = load_stage_pipeline(read_stage(one))
         results.curve_baseline = score(stage_one, prompts["heldout"], seeds[:curve_seeds], config, rewards)
@@ -243,7 +246,7 @@ def plot_curves(curves: dict[str, list[tuple[float, ...]]], path: Path, size: tu
     draw.line([at(0, lo), at(x_max, lo)], fill="black")
     draw.line([at(0, lo), at(0, hi)], fill="black")
     draw.line([at(0, 0), at(x_max, 0)], fill="grey")
-    draw.text((w // 2 - 60, h - pad + 20), f"minutes of stage two (0-{x_max:.1f})", fill="black")
+    draw.text((w // 2 - 80, h - pad + 20), f"CPU minutes of stage two (0-{x_max:.1f})", fill="black")
     draw.text((4, 8), f"held-out alignment gain over stage one ({lo:+.2f} to {hi:+.2f})", fill="black")
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
     arms = list(dict.fromkeys(run.split("(")[1].split(",")[0] for run in curves))

@@ -128,7 +128,7 @@ def test_the_held_out_curve_draws_what_the_final_scoring_draws(experiment, rerun
     final = score(load_stage_pipeline(read_stage(out / "nft-seed0", "align")), prompts, seeds, config, rewards)
     one = score(load_stage_pipeline(read_stage(out / "personalize")), prompts, seeds, config, rewards)
     curve = written["heldout_curves"][NFT_RUN]
-    assert len(curve) == len(written["epoch_seconds"][NFT_RUN]) == config.align.num_epochs
+    assert len(curve) == len(written["epoch_seconds"][NFT_RUN]["cpu"]) == config.align.num_epochs
     minutes = [point[0] for point in curve]
     assert all(b > a > 0 for a, b in zip(minutes, minutes[1:])), minutes
     assert curve[-1][1] == pytest.approx(final.alignment - one.alignment, abs=1e-6)
