@@ -49,6 +49,9 @@ ARMS: dict[str, list[str]] = {
     # DiffusionNFT: its deterministic sampler would give a group sharing x_T one image, so no groups; it
     # trains every sampling step, as the reference does.
     "nft": ["align.algorithm=nft", "align.samples_per_noise=1", "align.timestep_window=[0.0,1.0]"],
+    # DiffusionNFT sampling and training with CFG at the preset's guidance, where the toy model draws the subject.
+    "nft-cfg": ["align.algorithm=nft", "align.samples_per_noise=1", "align.timestep_window=[0.0,1.0]",
+                "align.nft_guidance_scale=4.0"],
     # Reward feedback learning: its deterministic sampler would also give a group one image; the gradient
     # step is drawn from the last two of the five steps (the reference: the last quarter of 40).
     "refl": ["align.algorithm=refl", "align.samples_per_noise=1", "align.refl_window=[1,2]"],
