@@ -87,10 +87,12 @@ def test_sliced_decoding_gives_the_same_images_one_slice_per_call(stage_one, tmp
     assert rows and max(rows) == 2 and sum(rows) == trainer.cfg.sample_batch_size * trainer.cfg.num_batches_per_epoch
 
 
-def test_offloaded_reward_models_train_the_same_lora(stage_one, tmp_path, tiny_clip, head_file,  # noqa: F811
-                                                     monkeypatch):
+@pytest.mark.parametrize("algorithm", ["ppo", "refl"])
+def test_offloaded_reward_models_train_the_same_lora(algorithm, stage_one, tmp_path, tiny_clip,  # noqa: F811
+                                                     head_file, monkeypatch):  # noqa: F811
     """align.offload_rewards moves the reward models, training's and the held-out evaluation's, and nothing else:
-    the LoRA is bit-identical (the models' placement during a call: tests/rewards/test_offload.py)."""
+    the LoRA is bit-identical, reward feedback learning's too (the models' placement during a call and the backward
+    pass: tests/rewards/test_offload.py)."""
     built = []
 
     class Recorded(train.CompositeReward):
@@ -101,7 +103,7 @@ def test_offloaded_reward_models_train_the_same_lora(stage_one, tmp_path, tiny_c
     monkeypatch.setattr(train, "CompositeReward", Recorded)
     options = {"aesthetic": {"clip_model": str(tiny_clip), "head": str(head_file)},
                "clip_t": {"clip_model": str(tiny_clip)}}
-    overrides = ["align.num_epochs=1", "align.learning_rate=1e-2", "align.reward={aesthetic: 0.1, clip_t: 1.0}",
+    overrides = [f"align.algorithm={algorithm}", "align.num_epochs=1", "align.learning_rate=1e-2", "align.reward={aesthetic: 0.1, clip_t: 1.0}",
                  f"align.reward_options={json.dumps(options)}", "align.eval_every=1", "align.eval_num_prompts=2",
                  "align.eval_seeds=[0]", "align.eval_rewards={clip_t: 1.0}"]
     plain = align(align_config(*overrides), stage_one, tmp_path / "a")
