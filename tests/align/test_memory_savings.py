@@ -103,9 +103,10 @@ def test_offloaded_reward_models_train_the_same_lora(algorithm, stage_one, tmp_p
     monkeypatch.setattr(train, "CompositeReward", Recorded)
     options = {"aesthetic": {"clip_model": str(tiny_clip), "head": str(head_file)},
                "clip_t": {"clip_model": str(tiny_clip)}}
-    overrides = [f"align.algorithm={algorithm}", "align.num_epochs=1", "align.learning_rate=1e-2", "align.reward={aesthetic: 0.1, clip_t: 1.0}",
-                 f"align.reward_options={json.dumps(options)}", "align.eval_every=1", "align.eval_num_prompts=2",
-                 "align.eval_seeds=[0]", "align.eval_rewards={clip_t: 1.0}"]
+    overrides = [f"align.algorithm={algorithm}", "align.num_epochs=1", "align.learning_rate=1e-2",
+                 "align.reward={aesthetic: 0.1, clip_t: 1.0}", f"align.reward_options={json.dumps(options)}",
+                 "align.eval_every=1", "align.eval_num_prompts=2", "align.eval_seeds=[0]",
+                 "align.eval_rewards={clip_t: 1.0}"]
     plain = align(align_config(*overrides), stage_one, tmp_path / "a")
     offloaded = align(align_config(*overrides, "align.offload_rewards=true"), stage_one, tmp_path / "b")
     assert built == [False, False, True, True]
