@@ -82,3 +82,15 @@ def load_quantized_denoiser(source: str, denoiser: str, kind: str, **kwargs: Any
     kwargs["torch_dtype"] = kwargs.get("torch_dtype") or torch.float32  # else diffusers picks bf16 for torchao
     return cls.from_pretrained(source, subfolder=denoiser, quantization_config=quantization_config(
         kind, kwargs.get("torch_dtype")), **kwargs)
+
+
+def stored_bytes(module: "torch.nn.Module") -> int:
+    """The bytes the module's parameters and buffers occupy, a quantized tensor counted by the tensors it holds
+    (int8 data, scales, zero points), not by the dtype it presents: the weights' memory a quantized base saves."""
+    def size(t: "torch.Tensor") -> int:
+        if type(t).__name__ not in ("Tensor", "Parameter") and hasattr(t, "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            return sum(size(getattr(t, name)) for name in names)
+        return t.numel() * t.element_size()
+
+    return sum(size(t) for t in [*module.parameters(), *module.buffers()])

@@ -218,6 +218,11 @@ MUTATIONS: list[Mutation] = [
              "for name in family.large_text_encoders if cfg.quantize_text_encoders else ():",
              "for name in ():",
              ("tests/test_quantize.py::test_large_text_encoder_quantized_encodes_trains_and_the_lora_loads_unquantized",)),
+    Mutation("plan-int8-two-bytes", "rlbooth/plan.py", '"int8": 1.0,', '"int8": 2.0,',
+             ("tests/test_quantize.py::test_the_int8_base_stores_what_plan_counts",)),
+    Mutation("stored-bytes-by-presented-dtype", "rlbooth/quantize.py",
+             'if type(t).__name__ not in ("Tensor", "Parameter")', 'if False and type(t).__name__ not in ("Tensor", "Parameter")',
+             ("tests/test_quantize.py::test_the_int8_base_stores_what_plan_counts",)),
     # Reward feedback learning (issue 32): the loss's sign, the weights, the refusal, the reward gradients.
     Mutation("refl-loss-sign", "rlbooth/align/algorithms/refl.py", "refl_loss(total, ", "refl_loss(-total, ",
              ("tests/align/test_refl.py::test_loss_is_minus_the_weighted_reward_of_the_decoded_x0_prediction",)),

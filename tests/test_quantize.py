@@ -121,3 +121,19 @@ def test_text_encoder_quantization_needs_a_scheme_and_a_large_encoder() -> None:
         load_config("tiny-sd3", ["model.quantize_text_encoders=true"])
     with pytest.raises(ConfigError, match="model.quantize_text_encoders: the sd family has no large text encoder"):
         check_model(load_config("tiny", ["model.quantization=int8", "model.quantize_text_encoders=true"]))
+
+
+def test_the_int8_base_stores_what_plan_counts() -> None:
+    """The int8 base's weights, measured by the tensors they hold, are plan's count plus a scale and a zero point
+    per output row, and under three quarters of the fp32 base's (the tiny UNet; its Linear weights alone at 27%).
+    Fails if the base is not quantized or plan counts int8 wrongly."""
+    from rlbooth.plan import plan
+    from rlbooth.quantize import stored_bytes
+
+    overrides = ["runtime.mixed_precision=no", "personalize.mode=lora"]
+    measured = {kind: load_pipeline(load_config("tiny", overrides + [f"model.quantization={kind}"]).model).unet
+                for kind in ("none", "int8")}
+    planned = {r.name: r.bytes for r in plan(load_config("tiny", overrides + ["model.quantization=int8"]))[0].rows}
+    rows = sum(m.out_features for m in measured["int8"].modules() if isinstance(m, torch.nn.Linear))
+    assert planned["unet"] <= stored_bytes(measured["int8"]) <= planned["unet"] + 5 * rows
+    assert stored_bytes(measured["int8"]) < 0.75 * stored_bytes(measured["none"])

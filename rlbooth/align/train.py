@@ -22,6 +22,7 @@ Output folder layout:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -198,6 +199,10 @@ class DDPOTrainer:
         self.sampler = PromptSampler(templates, self.subject, self.cfg.identifier_ratio, self.seed)
         self.tracker = PerPromptStatTracker(self.cfg.stat_buffer_size, self.cfg.stat_min_count)
         self.history: list[dict[str, float]] = []
+        self.epoch_seconds: dict[str, list[float]] = {"wall": [], "cpu": []}
+        """Wall and process CPU time of each epoch's sampling, rewards and training (not the evaluation, grids or
+        checkpoints), kept apart from the history, which a resumed run reproduces exactly. With one thread the CPU
+        time is the wall time the epoch takes on an idle machine, whatever else shares it."""
         self.watch = Watch(self.cfg, output_dir / "best")
         self.pass_key = (0, 0)  # (epoch, inner epoch) of the training pass running: keys NFT's noise
         self.algorithm = make_algorithm(self.cfg.algorithm, self)
@@ -270,6 +275,7 @@ class DDPOTrainer:
         self.algorithm.load_tensors(load_extra_tensors(ckpt, self.acc.device))
         self.tracker.load_state_dict(state["tracker"])
         self.history = state["history"]
+        self.epoch_seconds = state.get("epoch_seconds", {"wall": [], "cpu": []})
         self.watch.load_state_dict(state.get("heldout", {"table": []}))
         logger.info("resumed from %s at epoch %d", ckpt, state["epoch"])
         return state["epoch"]
@@ -459,6 +465,7 @@ class DDPOTrainer:
 
     def run_epoch(self, epoch: int) -> None:
         cfg, acc = self.cfg, self.acc
+        start, cpu_start = time.perf_counter(), time.process_time()
         self.policy.use_window(window_steps(cfg, epoch))
         samples = self.sample_epoch(epoch)
         if cfg.reward_standardize:
@@ -467,10 +474,12 @@ class DDPOTrainer:
         logs = {"epoch": epoch} | self.reward_stats(epoch, samples) | self.train_epoch(epoch, samples, advantages)
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]
         self.history.append(logs)
+        self.epoch_seconds["wall"].append(time.perf_counter() - start)
+        self.epoch_seconds["cpu"].append(time.process_time() - cpu_start)
         done = epoch + 1
         if self.watch.due(done):
             logs |= self.evaluate(done, logs["reward_mean"])
-        acc.log(logs, step=epoch)
+        acc.log(logs | {"time/epoch_seconds": self.epoch_seconds["wall"][-1]}, step=epoch)
         if acc.is_main_process:
             logger.info("epoch %d: reward %.4f +- %.4f, %s", epoch, logs["reward_mean"], logs["reward_std"],
                         self.algorithm.summary(logs))
@@ -478,7 +487,7 @@ class DDPOTrainer:
         if done % cfg.checkpointing_epochs == 0 or done == cfg.num_epochs or self.watch.should_stop():
             save_checkpoint(acc, self.output_dir / "checkpoints", done, self.models(), self.optimizer,
                             self.lr_scheduler, {"epoch": done, "tracker": self.tracker.state_dict(),
-                                                "history": self.history,
+                                                "history": self.history, "epoch_seconds": self.epoch_seconds,
                                                 "heldout": self.watch.state_dict(acc.is_main_process)},
                             cfg.checkpoints_total_limit, extra_tensors=self.algorithm.tensors())
             if acc.is_main_process:
@@ -557,7 +566,7 @@ class DDPOTrainer:
             publish(self.output_dir, write, {
                 "stage": "align", "rlbooth_version": __version__, "stage_one": str(self.stage_one.folder.resolve()),
                 "subject": self.subject.to_dict(), "reward": self.cfg.reward, "epochs": self.cfg.num_epochs,
-                "history": self.history, "replica_checksums": checksums, "config": self.config.to_dict(),
+                "history": self.history, "epoch_seconds": self.epoch_seconds, "replica_checksums": checksums, "config": self.config.to_dict(),
             } | ({"heldout": self.watch.summary()} if self.cfg.eval_every else {}))
         self.acc.wait_for_everyone()
         return self.output_dir / "model"

@@ -8,6 +8,12 @@ three prompt sets: held-out prompts (stage two's scenes in wordings it never tra
 noise it never trained on. It prints the tables, each run's gain over stage one and training-reward
 curve, and writes them to `results.json` and `results.md`. Finished stages are reused, so a rerun only
 rescores (minutes).
+
+`--curves` also scores the held-out prompts after every stage-two epoch (stage two's own evaluation,
+`align.eval_every=1`, with the final scoring's steps and guidance on the first `--curve-seeds` seeds) and
+records stage two's wall and CPU time per epoch without those evaluations: held-out alignment against CPU
+minutes of training (with one thread, the wall time on an idle machine), and how long each run takes to reach
+the first arm's final held-out gain (`curves.png`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 from rlbooth.config import Config, apply_overrides, from_dict, load_config
 from rlbooth.prompts import read_prompt_file
 from rlbooth.files import write_text_atomic
+from rlbooth.images import save_image_atomic
 from rlbooth.stages import is_finished, load_stage_pipeline, read_stage
 from rlbooth.subject import Subject
 from rlbooth.rewards import RewardFn, build_reward
@@ -42,6 +49,9 @@ ARMS: dict[str, list[str]] = {
     # DiffusionNFT: its deterministic sampler would give a group sharing x_T one image, so no groups; it
     # trains every sampling step, as the reference does.
     "nft": ["align.algorithm=nft", "align.samples_per_noise=1", "align.timestep_window=[0.0,1.0]"],
+    # DiffusionNFT sampling and training with CFG at the preset's guidance, where the toy model draws the subject.
+    "nft-cfg": ["align.algorithm=nft", "align.samples_per_noise=1", "align.timestep_window=[0.0,1.0]",
+                "align.nft_guidance_scale=4.0"],
     # Reward feedback learning: its deterministic sampler would also give a group one image; the gradient
     # step is drawn from the last two of the five steps (the reference: the last quarter of 40).
     "refl": ["align.algorithm=refl", "align.samples_per_noise=1", "align.refl_window=[1,2]"],
@@ -74,6 +84,10 @@ class Results:
     """Training history by run."""
     minutes: dict[str, float] = field(default_factory=dict)
     """Wall time of stage two by run, for the runs trained by this invocation (not the reused ones)."""
+    epoch_seconds: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    """Stage two's wall and CPU time per epoch by run (`wall`, `cpu`), without evaluations, grids and checkpoints."""
+    curve_baseline: ModelScores | None = None
+    """Stage one on the held-out prompts with the per-epoch evaluation's seeds (`--curves`)."""
 
     def table(self) -> str:
         lines = ["| model | " + " | ".join(f"{label} alignment | scene accuracy | identity"
@@ -112,6 +126,41 @@ class Results:
                       for h in history]
         return "\n".join(lines)
 
+    def heldout_curves(self) -> dict[str, list[tuple[float, float, float, float]]]:
+        """By run: (CPU minutes of training, held-out alignment gain, scene accuracy, identity gain) after each epoch.
+
+        CPU time, since with one thread it is the wall time on an idle machine, however loaded this one was."""
+        base = self.curve_baseline
+        curves = {}
+        for run, history in self.curves.items():
+            minutes = np.cumsum(self.epoch_seconds.get(run, {}).get("cpu", [])) / 60
+            curves[run] = [(float(m), h["heldout/toy_alignment"] - base.alignment, h["heldout/toy_scene_accuracy"],
+                            h["heldout/toy_identity"] - base.identity)
+                           for m, h in zip(minutes, history) if "heldout/toy_alignment" in h]
+        return curves
+
+    def time_to_quality(self, reference: str) -> str:
+        """Minutes each run needs to reach the reference arm's final held-out gain with the same seed."""
+        curves = self.heldout_curves()
+        lines = ["| run | final held-out gain | CPU minutes | target (reference's final gain) | CPU minutes to reach it |",
+                 "|---|---|---|---|---|"]
+        for run, curve in curves.items():
+            ref = curves.get(run_name(reference, run_seed(run)))
+            if not curve or not ref:
+                continue
+            target = ref[-1][1]
+            reached = next((m for m, gain, *_ in curve if gain >= target), None)
+            lines.append(f"| {run} | {curve[-1][1]:+.3f} | {curve[-1][0]:.2f} | {target:+.3f} | "
+                         + ("not reached" if reached is None else f"{reached:.2f}") + " |")
+        return "\n".join(lines)
+
+    def heldout_curve_table(self) -> str:
+        lines = []
+        for run, curve in self.heldout_curves().items():
+            lines += [f"\n{run}: CPU minutes | held-out alignment gain | scene accuracy | identity gain"]
+            lines += [f"{m:6.2f} | {gain:+.3f} | {acc:.3f} | {ident:+.3f}" for m, gain, acc, ident in curve]
+        return "\n".join(lines)
+
 
 @torch.no_grad()
 def score(pipe, prompts: list[str], seeds: list[int], config: Config, rewards: dict[str, RewardFn]) -> ModelScores:
@@ -129,8 +178,11 @@ def score(pipe, prompts: list[str], seeds: list[int], config: Config, rewards: d
 
 
 def run_experiment(config: Config, subject: Subject, out: Path, arms: dict[str, list[str]],
-                   seeds: list[int], train_seeds: tuple[int, ...] = (0,)) -> Results:
-    """Stage one once, stage two per arm and training seed (each resumable), then every model scored."""
+                   seeds: list[int], train_seeds: tuple[int, ...] = (0,), curve_seeds: int = 0) -> Results:
+    """Stage one once, stage two per arm and training seed (each resumable), then every model scored.
+
+    With `curve_seeds`, stage two also evaluates the held-out prompts on that many seeds after every epoch.
+    """
     from rlbooth.align.train import align
     from rlbooth.models import load_pipeline
     from rlbooth.personalize.train import personalize
@@ -138,8 +190,9 @@ def run_experiment(config: Config, subject: Subject, out: Path, arms: dict[str, 
     one = out / "personalize"
     if not is_finished(one):
         personalize(config, subject, one)
-    runs = {run_name(arm, seed): (overrides + [f"runtime.seed={seed}"], out / f"{arm}-seed{seed}")
-            for arm, overrides in arms.items() for seed in train_seeds}
+    every_epoch = curve_overrides(config, seeds[:curve_seeds]) if curve_seeds else []
+    runs = {run_name(arm, seed): (overrides + every_epoch + [f"runtime.seed={seed}"], out / f"{arm}-seed{seed}")
+            for seed in train_seeds for arm, overrides in arms.items()}
     minutes = {}
     for run, (overrides, folder) in runs.items():
         if not is_finished(folder):
@@ -161,12 +214,60 @@ def run_experiment(config: Config, subject: Subject, out: Path, arms: dict[str, 
         for key, texts in prompts.items():
             results.scores[key][name] = score(pipe, texts, seeds, config, rewards)
     for run, (_, folder) in runs.items():
-        results.curves[run] = read_stage(folder, "align").metadata["history"]
+        metadata = read_stage(folder, "align").metadata
+        results.curves[run], results.epoch_seconds[run] = metadata["history"], metadata.get("epoch_seconds", {})
+    if curve_seeds:
+        stage_one = load_stage_pipeline(read_stage(one))
+        results.curve_baseline = score(stage_one, prompts["heldout"], seeds[:curve_seeds], config, rewards)
     return results
+
+
+def curve_overrides(config: Config, seeds: list[int]) -> list[str]:
+    """Stage two's own held-out evaluation after every epoch, drawn as the final scoring draws."""
+    heldout = config.report.prompt_file or "toyworld-heldout"
+    if config.align.guidance_scale != config.report.guidance_scale:
+        raise ValueError(f"--curves: stage two evaluates at align.guidance_scale={config.align.guidance_scale}, the "
+                         f"final scoring at report.guidance_scale={config.report.guidance_scale}; set them equal")
+    return ["align.eval_every=1", f"align.eval_prompt_file={heldout}",
+            f"align.eval_num_prompts={len(read_prompt_file(heldout))}", f"align.eval_seeds={seeds}",
+            f"align.eval_num_steps={config.report.num_inference_steps}",
+            "align.eval_rewards={toy_alignment: 1.0, toy_identity: 0.0, toy_scene_accuracy: 0.0}"]
+
+
+def plot_curves(curves: dict[str, list[tuple[float, ...]]], path: Path, size: tuple[int, int] = (720, 420)) -> None:
+    """Held-out alignment gain against minutes of stage two, a line per run, coloured by arm (PIL only)."""
+    from PIL import Image, ImageDraw
+
+    points = [(m, gain) for curve in curves.values() for m, gain, *_ in curve]
+    if not points:
+        return
+    (w, h), pad = size, 48
+    x_max, lo, hi = max(m for m, _ in points), min(0.0, *(g for _, g in points)), max(g for _, g in points)
+    at = lambda m, g: (pad + (w - 2 * pad) * m / x_max, h - pad - (h - 2 * pad) * (g - lo) / ((hi - lo) or 1))
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.line([at(0, lo), at(x_max, lo)], fill="black")
+    draw.line([at(0, lo), at(0, hi)], fill="black")
+    draw.line([at(0, 0), at(x_max, 0)], fill="grey")
+    draw.text((w // 2 - 80, h - pad + 20), f"CPU minutes of stage two (0-{x_max:.1f})", fill="black")
+    draw.text((4, 8), f"held-out alignment gain over stage one ({lo:+.2f} to {hi:+.2f})", fill="black")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    arms = list(dict.fromkeys(run.split("(")[1].split(",")[0] for run in curves))
+    for run, curve in curves.items():
+        arm = run.split("(")[1].split(",")[0]
+        colour = colours[arms.index(arm) % len(colours)]
+        draw.line([at(0, 0)] + [at(m, gain) for m, gain, *_ in curve], fill=colour, width=2)
+    for i, arm in enumerate(arms):
+        draw.text((w - pad - 120, pad + 14 * i), arm, fill=colours[i % len(colours)])
+    save_image_atomic(image, path)
 
 
 def run_name(arm: str, seed: int) -> str:
     return f"stage two ({arm}, seed {seed})"
+
+
+def run_seed(run: str) -> int:
+    return int(run.rsplit(" ", 1)[1].rstrip(")"))
 
 
 def with_overrides(config: Config, overrides: list[str]) -> Config:
@@ -184,22 +285,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=64, help="images per prompt and model")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="stage-two runs per arm, one per `runtime.seed`")
+    parser.add_argument("--curves", action="store_true",
+                        help="score the held-out prompts after every stage-two epoch: alignment against minutes")
+    parser.add_argument("--curve-seeds", type=int, default=16, help="images per held-out prompt in each of those")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_config(args.config, args.overrides)
     results = run_experiment(config, Subject.from_yaml(args.subject), args.out,
-                             {arm: ARMS[arm] for arm in args.arms}, list(range(args.seeds)), tuple(args.train_seeds))
+                             {arm: ARMS[arm] for arm in args.arms}, list(range(args.seeds)), tuple(args.train_seeds),
+                             args.curve_seeds if args.curves else 0)
     report = "".join(f"{label}: {results.prompts[key]}\n" for key, label in PROMPT_SETS.items())
     report += (f"{len(results.seeds)} seeds each, the same for every model\n\n{results.table()}\n\n"
                f"gain over stage one:\n\n{results.gain_table()}\n"
                f"\nstage two wall time (minutes): {results.minutes}\n"
                f"\ntraining reward per epoch (stage two's own samples):{results.curve_table()}\n")
+    if args.curves:
+        report += (f"\nheld-out after every epoch ({args.curve_seeds} seeds; gains over stage one's "
+                   f"{results.curve_baseline.alignment:.3f} alignment, {results.curve_baseline.identity:.3f} identity):"
+                   f"{results.heldout_curve_table()}\n\ntime to the {args.arms[0]} arm's final held-out gain:\n\n"
+                   f"{results.time_to_quality(args.arms[0])}\n")
+        plot_curves(results.heldout_curves(), args.out / "curves.png")
     print(report)
     write_text_atomic(args.out / "results.md", report)
     write_text_atomic(args.out / "results.json", json.dumps(
         {"prompts": results.prompts, "seeds": results.seeds,
          "scores": {key: {k: vars(v) for k, v in by_model.items()} for key, by_model in results.scores.items()},
-         "gains": results.gains(), "curves": results.curves, "stage_two_minutes": results.minutes}, indent=2))
+         "gains": results.gains(), "curves": results.curves, "stage_two_minutes": results.minutes,
+         "epoch_seconds": results.epoch_seconds,
+         "heldout_curves": results.heldout_curves() if args.curves else {}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -26,13 +26,16 @@ import json
 import pytest
 
 from rlbooth.config import load_config
+from rlbooth.rewards import build_reward
+from rlbooth.stages import load_stage_pipeline, read_stage
 from rlbooth.subject import Subject
-from rlbooth.toyworld.experiment import ARMS, EXAMPLE_SUBJECT, Results, main, run_experiment
+from rlbooth.toyworld.experiment import ARMS, EXAMPLE_SUBJECT, Results, main, run_experiment, score
 
 SHORT = ["runtime.report_to=none", "personalize.validation_steps=0", "align.grid_every=0", "align.num_epochs=8",
          "report.num_inference_steps=10"]
 RUN = "stage two (identifier-only, seed 0)"
 NFT_RUN = "stage two (nft, seed 0)"
+CURVE_SEEDS = 4
 pytestmark = pytest.mark.slow  # two toy-world experiments: minutes each
 
 
@@ -79,13 +82,14 @@ def test_training_alignment_climbs(experiment) -> None:
 @pytest.fixture(scope="module")
 def rerun(experiment) -> tuple[dict, str, str]:
     """The command rerun on `experiment`'s folder with DiffusionNFT added as an arm: stage one and the ppo run
-    are reused, NFT trains on the same stage one, and every model is scored again (one scoring for both
-    checks). Returns results.json, results.md and what it printed."""
+    are reused, NFT trains on the same stage one with the held-out curve (`--curves`), and every model is
+    scored again (one scoring for all checks). Returns results.json, results.md and what it printed."""
     _, out, preset = experiment
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         main(["--out", str(out), "--config", preset, "--arms", "identifier-only", "nft", "--seeds", "32",
-              "--train-seeds", "0", *(a for s in SHORT for a in ("--set", s))])
+              "--train-seeds", "0", "--curves", "--curve-seeds", str(CURVE_SEEDS),
+              *(a for s in SHORT for a in ("--set", s))])
     return json.loads((out / "results.json").read_text()), (out / "results.md").read_text(), printed.getvalue()
 
 
@@ -109,3 +113,25 @@ def test_nft_wins_the_scene_back_on_held_out_prompts(rerun) -> None:
     one, two = written["scores"]["heldout"]["stage one"], written["scores"]["heldout"][NFT_RUN]
     assert two["alignment"] > one["alignment"] + 0.1, table
     assert two["identity"] > one["identity"] - 0.3, table
+
+
+def test_the_held_out_curve_draws_what_the_final_scoring_draws(experiment, rerun) -> None:
+    """The last point of NFT's per-epoch held-out curve is its saved model scored by the final scoring's code
+    on the same seeds (so the curve measures what the tables do), one point per epoch, with time rising."""
+    _, out, preset = experiment
+    written, _, printed = rerun
+    config = load_config(preset, SHORT)
+    subject = Subject.from_yaml(EXAMPLE_SUBJECT)
+    rewards = {"toy_alignment": build_reward("toy_alignment"),
+               "toy_identity": build_reward("toy_identity", subject=subject)}
+    seeds, prompts = list(range(CURVE_SEEDS)), written["prompts"]["heldout"]
+    final = score(load_stage_pipeline(read_stage(out / "nft-seed0", "align")), prompts, seeds, config, rewards)
+    one = score(load_stage_pipeline(read_stage(out / "personalize")), prompts, seeds, config, rewards)
+    curve = written["heldout_curves"][NFT_RUN]
+    assert len(curve) == len(written["epoch_seconds"][NFT_RUN]["cpu"]) == config.align.num_epochs
+    minutes = [point[0] for point in curve]
+    assert all(b > a > 0 for a, b in zip(minutes, minutes[1:])), minutes
+    assert curve[-1][1] == pytest.approx(final.alignment - one.alignment, abs=1e-6)
+    assert curve[-1][3] == pytest.approx(final.identity - one.identity, abs=1e-6)
+    assert not written["heldout_curves"][RUN]  # reused, trained without the evaluation
+    assert "time to the identifier-only arm's final held-out gain" in printed
