@@ -1,7 +1,9 @@
-"""Memory at the real models' size: `rlbooth plan`'s figures for the presets, and measured training passes.
+"""Memory at the real models' size: `rlbooth plan`'s figures for the presets, measured training passes, and
+measured decodes of stage two's samples.
 
     python benchmarks/memory.py plan [--preset sdxl-lora ...]          # estimates, every saving off and on
     python benchmarks/memory.py measure [--model sdxl sd35] [--px 256 512] [--batch 2] [--checkpointing off on]
+    python benchmarks/memory.py decode [--px 256] [--batch 8] [--slice 0 1 2] [--dtype float32 bfloat16]
 
 `measure` builds the SDXL UNet (2.6 B) and the SD3.5-Medium transformer (2.5 B) from their real configs
 with random bf16 weights, adds a rank-4 LoRA, and runs one forward and backward at the batch both stages use
@@ -10,6 +12,10 @@ gradient checkpointing off and on, each in a fresh process (rlbooth.memory). It 
 the loaded weights beside plan's estimate of the same pass (activations + LoRA gradients). On a CPU the peak
 is RSS; on CUDA the allocator's. Check free memory first: a pass at 512 px without checkpointing needs
 several GB beyond the 5 GB of weights.
+
+`decode` builds the SD 1.5 / SDXL VAE (their configs are the same; SD3's and FLUX's differ in the decoder's first
+conv only) with random weights and decodes a sampling batch of latents as stage two does for the rewards, whole
+(slice 0) or `align.decode_slice` at a time, each in a fresh process; the peak above the loaded VAE.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import sys
 import time
 
 from rlbooth.config import load_config
-from rlbooth.memory import Case, measure
+from rlbooth.memory import Case, DecodeCase, measure
 from rlbooth.plan import ARCHITECTURES, GIB, activations, build_meta, lora_parameters, plan
 
 REAL = {"sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "unet", 77),
@@ -73,6 +79,22 @@ def measure_table(models: list[str], sizes: list[int], batch: int, checkpointing
                       f"{estimate(model, batch, px, on == 'on') / GIB:.2f} | {seconds:.0f} |", flush=True)
 
 
+def decode_table(sizes: list[int], batch: int, slices: list[int], dtypes: list[str]) -> None:
+    print("| px | batch | dtype | decode_slice | measured peak above the VAE GiB | of the whole batch's | s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    config = ARCHITECTURES["stabilityai/stable-diffusion-xl-base-1.0"]["vae"][2]
+    for px in sizes:
+        for dtype in dtypes:
+            whole = None
+            for size in slices:
+                start = time.perf_counter()
+                result = measure(DecodeCase(config, batch, px // 8, size, dtype), timeout=3600)
+                seconds = time.perf_counter() - start
+                whole = whole or result["peak_bytes"]
+                print(f"| {px} | {batch} | {dtype} | {size} | {result['peak_bytes'] / GIB:.2f} "
+                      f"({result['device']}) | {result['peak_bytes'] / whole:.0%} | {seconds:.0f} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,11 +106,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"],
                    help="1024 px without checkpointing needs more than 24 GB of host memory")
+    p = sub.add_parser("decode")
+    p.add_argument("--px", nargs="+", type=int, default=[256])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--slice", nargs="+", type=int, default=[0, 1, 2], help="the first is the baseline (0: whole)")
+    p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     args = parser.parse_args(argv)
     if args.command == "plan":
         plan_table(args.preset)
-    else:
+    elif args.command == "measure":
         measure_table(args.model, args.px, args.batch, args.checkpointing)
+    else:
+        decode_table(args.px, args.batch, args.slice, args.dtype)
 
 
 if __name__ == "__main__":

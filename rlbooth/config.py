@@ -335,6 +335,10 @@ class AlignConfig:
     """Encode every prompt of the run (training, sample grids, held-out set) at the start, before the denoiser
     comes to the device, then keep the text encoders in host memory (T5-XXL is about 9.5 GB in bf16): grids and
     held-out sets are drawn from the embeddings."""
+    offload_rewards: bool = False
+    """Keep the model-based rewards' torch models (CLIP, BLIP, DINO, the torch ArcFace) in host memory and bring
+    each to the device only while it scores (align.eval_rewards' too); with align.algorithm refl, a training pass's
+    rewards stay until its backward pass has gone through them. ONNX and dlib models stay where they are."""
     decode_slice: int = 0
     """Samples the VAE decodes per call for the rewards (0: a whole sampling batch at once); the decoder's
     activations at full resolution are the largest transient of sampling (SDXL at 1024 px: about 1 GB per image)."""

@@ -1,5 +1,5 @@
 """Memory savings that move frozen components off the device, and the measured peak memory of one training
-pass of a denoiser with a LoRA (what `rlbooth plan` estimates).
+pass of a denoiser with a LoRA (what `rlbooth plan` estimates) or of one decode of stage two's samples.
 
 Offloading: each stage encodes every prompt it will use first, with the denoiser not yet on the device
 (`to_device` leaves it out), then the frozen text encoders wait in host memory for good: grids and class images
@@ -8,8 +8,9 @@ decode validation grids (`on_device`).
 
 A pass is the denoiser's forward and backward at a stage's batch: stage one's rows are the photos and the
 prior-preservation images, stage two's the CFG pair of each trajectory (the PPO loss on top is a few
-tensors per row). On CUDA the figure is the allocator's peak above what was allocated before the pass; on a
-CPU, the process's peak RSS above the peak before it, so each measurement runs in a fresh process
+tensors per row). A decode is the VAE turning a sampling batch's latents into the rewards' images, whole or
+`align.decode_slice` at a time. On CUDA the figure is the allocator's peak above what was allocated before the
+pass; on a CPU, the process's peak RSS above the peak before it, so each measurement runs in a fresh process
 (`measure`), where nothing earlier peaked higher.
 """
 
@@ -21,7 +22,7 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -78,21 +79,40 @@ class Case:
     lora_targets: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
 
 
-def build(case: Case, device: str) -> torch.nn.Module:
-    """The denoiser with random weights in `case.dtype` (Linear weights int8 with `int8`), and a rank-4 LoRA."""
+@dataclass
+class DecodeCase:
+    """One decode of stage two's samples for the rewards (`rlbooth.align.rollout.decode`): an AutoencoderKL built
+    from its config with random weights, `batch` random latents of side `latent`, `slice` per VAE call."""
+
+    config: dict
+    batch: int
+    latent: int
+    slice: int = 0
+    """Latents per VAE call (align.decode_slice; 0: the whole batch at once)."""
+    dtype: str = "float32"
+
+
+def from_config(library: str, class_name: str, config: dict, dtype: str, device: str) -> torch.nn.Module:
+    """A model with random weights, built in `dtype` on the device: no fp32 copy of a 12B model, and no transient
+    that would raise the peak a measurement starts from."""
     import importlib
 
-    from rlbooth.models import add_lora
-
-    cls = getattr(importlib.import_module(case.library), case.class_name)
+    cls = getattr(importlib.import_module(library), class_name)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, case.dtype))  # built in its dtype: no fp32 copy of a 12B model
+    torch.set_default_dtype(getattr(torch, dtype))
     try:
         with torch.device(device):
-            model = cls.from_config(case.config)
+            return cls.from_config(config)
     finally:
         torch.set_default_dtype(default)
+
+
+def build(case: Case, device: str) -> torch.nn.Module:
+    """The denoiser with random weights in `case.dtype` (Linear weights int8 with `int8`), and a rank-4 LoRA."""
+    from rlbooth.models import add_lora
+
+    model = from_config(case.library, case.class_name, case.config, case.dtype, device)
     if case.quantization == "int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -150,32 +170,52 @@ def host_peak_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def peak_of_pass(case: Case) -> dict:
-    """Run one pass in this process and return its peak (bytes above the peak before it) and the LoRA grads'
-    checksum (equal with checkpointing on and off)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build(case, device)
-    inputs = real_inputs(case, model, device)
+def peak_while(run: Callable[[], Any], device: str) -> tuple[int, Any]:
+    """What `run()` returns and its peak memory on the device: bytes above the peak before it."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
         before = host_peak_bytes()
-    one_pass(model, inputs)
+    result = run()
     if device == "cuda":
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = host_peak_bytes() - before
+        return torch.cuda.max_memory_allocated() - before, result
+    return host_peak_bytes() - before, result
+
+
+def peak_of_pass(case: Case) -> dict:
+    """Run one pass in this process and return its peak (bytes above the peak before it) and the LoRA grads'
+    checksum (equal with checkpointing on and off)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build(case, device)
+    inputs = real_inputs(case, model, device)
+    peak, _ = peak_while(lambda: one_pass(model, inputs), device)
     grads = sum(p.grad.double().sum().item() for p in model.parameters() if p.grad is not None)
     return {"peak_bytes": peak, "grad_sum": grads, "device": device}
 
 
-def measure(case: Case, timeout: float = 900) -> dict:
-    """`peak_of_pass` in a fresh Python process."""
-    done = subprocess.run([sys.executable, "-m", "rlbooth.memory", json.dumps(asdict(case))], capture_output=True,
-                          text=True, timeout=timeout, check=False)
+def peak_of_decode(case: DecodeCase) -> dict:
+    """Decode in this process and return its peak (bytes above the peak before it) and the images' checksum
+    (equal, to float rounding, whatever the slice)."""
+    from rlbooth.align.rollout import decode
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vae = from_config("diffusers", "AutoencoderKL", case.config, case.dtype, device).eval()
+    latents = torch.randn(case.batch, vae.config.latent_channels, case.latent, case.latent, device=device)
+    peak, images = peak_while(lambda: decode(vae, latents, case.slice), device)
+    return {"peak_bytes": peak, "image_sum": images.double().sum().item(), "device": device}
+
+
+MEASURED = {"Case": (Case, peak_of_pass), "DecodeCase": (DecodeCase, peak_of_decode)}
+"""What a fresh process measures, by the case's class name."""
+
+
+def measure(case: Case | DecodeCase, timeout: float = 900) -> dict:
+    """`peak_of_pass` (or `peak_of_decode`) in a fresh Python process."""
+    done = subprocess.run([sys.executable, "-m", "rlbooth.memory", type(case).__name__, json.dumps(asdict(case))],
+                          capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory measurement failed ({done.returncode}): {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -183,4 +223,5 @@ def measure(case: Case, timeout: float = 900) -> dict:
 
 if __name__ == "__main__":
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(json.dumps(peak_of_pass(Case(**json.loads(sys.argv[1])))))
+    kind, run = MEASURED[sys.argv[1]]
+    print(json.dumps(run(kind(**json.loads(sys.argv[2])))))

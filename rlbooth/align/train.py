@@ -110,9 +110,9 @@ def align(config: Config, stage_one_dir: str | Path, output_dir: str | Path, res
     context = {"device": str(accelerator.device), "dtype": str(weight_dtype(accelerator)).removeprefix("torch."),
                "subject": stage_one.subject}
     with CompositeReward(cfg.reward, cfg.reward_options, executor_workers=reward_workers(cfg, accelerator.device),
-                         context=context) as reward:
+                         context=context, offload_models=cfg.offload_rewards) as reward:
         eval_reward = None if cfg.eval_rewards is None else CompositeReward(
-            cfg.eval_rewards, eval_reward_options(cfg), context=context)
+            cfg.eval_rewards, eval_reward_options(cfg), context=context, offload_models=cfg.offload_rewards)
         trainer = DDPOTrainer(config, accelerator, stage_one, templates, reward, output_dir, eval_reward)
         start_epoch = trainer.restore() if resume else 0
         trainer.log_plan()

@@ -47,6 +47,11 @@ class RewardFn(Protocol):
     float32 on the images' device, connected to them (torch ops only: no PIL, numpy or ONNX on that
     path). Reward feedback learning (`align.algorithm: refl`) needs every weighted reward to be so.
     Any other call, images that require grad included, gets the detached CPU scores above.
+
+    A reward that holds torch models lists them in `torch_modules` (a list of `torch.nn.Module`, an
+    attribute of the callable); with `align.offload_rewards` they wait in host memory and come to the
+    reward's device for each call (`CompositeReward`), so such a reward sends its inputs to wherever its
+    modules are at call time rather than to a device it noted when built.
     """
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor: ...

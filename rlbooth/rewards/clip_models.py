@@ -156,7 +156,12 @@ class ClipEncoder:
 
     def __init__(self, model: CLIPModel, preprocess: ClipPreprocess, tokenizer: Any = None, batch_size: int = 16):
         self.model, self.preprocess, self.tokenizer, self.batch_size = model, preprocess, tokenizer, batch_size
-        self.device, self.dtype = model.device, model.dtype
+        self.dtype = model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is now: inputs follow it when `align.offload_rewards` moves it."""
+        return self.model.device
 
     def images(self, images: torch.Tensor) -> torch.Tensor:
         grad = wanted(images)
@@ -275,6 +280,7 @@ def aesthetic(clip_model: str = "openai/clip-vit-large-patch14", head: str = AES
         with torch.set_grad_enabled(wanted(images)):
             return place(mlp(encoder.images(images)).squeeze(-1), images)
 
+    reward.torch_modules = [encoder.model, mlp]
     return reward
 
 
@@ -293,6 +299,7 @@ def clip_t(clip_model: str = "openai/clip-vit-base-patch32", device: str = "cpu"
             return torch.zeros(0)
         return place((encoder.images(images) * encoder.texts(prompts)).sum(-1), images)
 
+    reward.torch_modules = [encoder.model]
     return reward
 
 
@@ -309,4 +316,5 @@ def pickscore(model: str = "yuvalkirstain/PickScore_v1", processor: str = "laion
             return torch.zeros(0)
         return place(scale.to(encoder.device) * (encoder.images(images) * encoder.texts(prompts)).sum(-1), images)
 
+    reward.torch_modules = [encoder.model]
     return reward

@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 import numbers
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from types import TracebackType
 
 import torch
 
+from rlbooth.memory import offload, on_device
 from rlbooth.rewards import (RewardError, backpropagating, build_reward, check_reward_options,
                              import_reward_modules, reward_is_differentiable, reward_parameters, validate_batch)
 
@@ -26,19 +29,31 @@ class CompositeReward:
     threads compute `submit`ted batches while the caller samples the next one (GPU kernels, PIL
     and ONNX runtime release the GIL); 0 computes them inline, which keeps runs single-threaded.
     The worker threads run torch's CPU ops on one thread each: see `_start_executor`.
+
+    `offload_models` (align.offload_rewards) keeps each reward's `torch_modules` in host memory once built, and
+    brings them to the device the reward was built for (its `device` option, else the context's) for each call,
+    one reward at a time.
     """
 
     def __init__(self, weights: dict[str, float], options: dict[str, dict] | None = None,
-                 executor_workers: int = 0, context: dict[str, object] | None = None) -> None:
-        options = options or {}
+                 executor_workers: int = 0, context: dict[str, object] | None = None,
+                 offload_models: bool = False) -> None:
+        options, context = options or {}, context or {}
         check_composite(weights, options)
         if executor_workers < 0:
             raise RewardError(f"executor_workers must be >= 0, got {executor_workers}")
         self.weights = {name: float(weight) for name, weight in weights.items()}
-        self.components = {name: build_reward(name, **(_accepted(name, context or {}) | options.get(name, {})))
-                            for name in weights}
+        kwargs = {name: _accepted(name, context) | options.get(name, {}) for name in weights}
+        self.components = {name: build_reward(name, **kwargs[name]) for name in weights}
         self.executor_workers = executor_workers
         self._executor: ThreadPoolExecutor | None = None
+        held = {name: list(getattr(reward, "torch_modules", [])) for name, reward in self.components.items()}
+        self._offloaded = {name: modules for name, modules in held.items() if offload_models and modules}
+        self._devices = {name: str(kwargs[name].get("device", context.get("device", "cpu")))
+                         for name in self._offloaded}
+        self._moving = threading.Lock()
+        for modules in self._offloaded.values():
+            offload(modules)
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> Result:
         """Returns the (B,) float32 total and the raw (B,) score of each component by name."""
@@ -80,7 +95,8 @@ class CompositeReward:
             rows = self._rows(reward, metadata, batch)
             component = torch.full((batch,), float("nan"))
             if rows:
-                score = reward(images[rows], [prompts[i] for i in rows], [metadata[i] for i in rows])
+                with self._placed(name):
+                    score = reward(images[rows], [prompts[i] for i in rows], [metadata[i] for i in rows])
                 component[rows] = self._checked(name, score, rows, prompts).detach().to("cpu", torch.float32)
             components[name] = component
         return self.total(components), components
@@ -96,8 +112,9 @@ class CompositeReward:
                 rows = self._rows(reward, metadata, batch)
                 component = torch.full((batch,), float("nan"))
                 if rows:
-                    score = self._checked(name, reward(images[rows], [prompts[i] for i in rows],
-                                                       [metadata[i] for i in rows]), rows, prompts)
+                    with self._placed(name, until_backward=images):
+                        score = self._checked(name, reward(images[rows], [prompts[i] for i in rows],
+                                                           [metadata[i] for i in rows]), rows, prompts)
                     if not score.requires_grad:
                         raise RewardError(f"reward {name!r} returned scores without a gradient to the images; "
                                           "it is not differentiable: remove it or use align.algorithm ppo or nft")
@@ -106,6 +123,33 @@ class CompositeReward:
                     component[rows] = score.detach().to("cpu", torch.float32)
                 components[name] = component
         return total, components
+
+    @contextmanager
+    def _placed(self, name: str, until_backward: torch.Tensor | None = None) -> Iterator[None]:
+        """Reward `name`'s offloaded modules on its device for a call, then back in host memory; with
+        `until_backward`, once the backward pass has reached those images (a tensor hook): autograd keeps some
+        weights by reference, and moving them before would leave the backward pass with host copies."""
+        modules = self._offloaded.get(name)
+        if not modules:
+            yield
+            return
+        if until_backward is None or not until_backward.requires_grad:
+            with self._moving, on_device(modules, self._devices[name]):
+                yield
+            return
+        with self._moving:
+            for module in modules:
+                module.to(self._devices[name])
+        try:
+            yield
+        except BaseException:
+            self._offload(modules)
+            raise
+        until_backward.register_hook(lambda grad: self._offload(modules))
+
+    def _offload(self, modules: list[torch.nn.Module]) -> None:
+        with self._moving:
+            offload(modules)
 
     @staticmethod
     def _rows(reward: object, metadata: list[dict], batch: int) -> list[int]:

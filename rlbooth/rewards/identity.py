@@ -118,13 +118,17 @@ class DinoIdentityReward:
 
     identifier_only = True
 
-    def __init__(self, model: torch.nn.Module, photos: Sequence[torch.Tensor], device: str,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, model: torch.nn.Module, photos: Sequence[torch.Tensor], dtype: torch.dtype) -> None:
         self.model = model
-        self.device = torch.device(device)
+        self.torch_modules = [model]
         self.dtype = dtype
         self.image_size = int(model.config.image_size)
         self.reference = reference_embedding(torch.cat([self.embed(photo) for photo in photos]))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is now: inputs follow it when `align.offload_rewards` moves it."""
+        return self.model.device
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, D) unnormalized CLS embeddings, float32 on the CPU (with gradients: on the
@@ -158,7 +162,7 @@ def identity_dino(model: str = "facebook/dino-vits16", device: str = "cpu", dtyp
     vit = load_or_explain(lambda name: ViTModel.from_pretrained(name, add_pooling_layer=False), model,
                           field="align.reward_options.identity_dino.model")
     vit = vit.to(device=device, dtype=torch_dtype).eval().requires_grad_(False)
-    return DinoIdentityReward(vit, photos, device, torch_dtype)
+    return DinoIdentityReward(vit, photos, torch_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,6 +312,8 @@ class FaceIdentityReward:
 
     def __init__(self, backend: FaceBackend, photos: Sequence[Path], no_face_score: float = -1.0) -> None:
         self.backend = backend
+        arcface = getattr(backend, "arcface", None)
+        self.torch_modules = [arcface] if arcface is not None else []  # ONNX and dlib models are not torch's
         self.no_face_score = float(no_face_score)
         self._lock = threading.Lock()
         self._counts = {"no_face": 0, "several_faces": 0, "scored": 0}

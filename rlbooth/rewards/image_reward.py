@@ -268,9 +268,15 @@ class ImageRewardScorer:
                  batch_size: int = 16, ignored_missing_keys: list[str] | None = None):
         self.model, self.head, self.tokenizer, self.batch_size = model, head, tokenizer, batch_size
         self.ignored_missing_keys = list(ignored_missing_keys or [])
-        self.device, self.dtype = model.device, model.dtype
+        self.dtype = model.dtype
+        self.torch_modules = [model, head]
         self.image_size = int(model.config.vision_config.image_size)
         self.text_length = min(TEXT_LENGTH, int(model.config.text_config.max_position_embeddings))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is now: inputs follow it when `align.offload_rewards` moves it."""
+        return self.model.device
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         return preprocess(images, self.image_size)

@@ -1,14 +1,20 @@
-"""Stage two's gradient checkpointing trains the same LoRA (it only recomputes the training passes' activations)."""
+"""Stage two's memory savings change nothing they should not: gradient checkpointing trains the same LoRA (it only
+recomputes the training passes' activations), and so do offloaded text encoders and reward models."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from rlbooth.align import train
+from rlbooth.align.train import align
 from tests.align.conftest import align_config
 from tests.align.test_train import make_trainer
+from tests.rewards.test_clip_models import head_file, tiny_clip  # noqa: F401  (module fixtures)
 
 
 def trained_lora(config, stage_one: Path, out: Path) -> dict[str, torch.Tensor]:
@@ -79,3 +85,33 @@ def test_sliced_decoding_gives_the_same_images_one_slice_per_call(stage_one, tmp
     monkeypatch.setattr(trainer.pipe.vae, "decode", lambda z, *a, **k: rows.append(len(z)) or real(z, *a, **k))
     trainer.sample_epoch(0)
     assert rows and max(rows) == 2 and sum(rows) == trainer.cfg.sample_batch_size * trainer.cfg.num_batches_per_epoch
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "refl"])
+def test_offloaded_reward_models_train_the_same_lora(algorithm, stage_one, tmp_path, tiny_clip,  # noqa: F811
+                                                     head_file, monkeypatch):  # noqa: F811
+    """align.offload_rewards moves the reward models, training's and the held-out evaluation's, and nothing else:
+    the LoRA is bit-identical, reward feedback learning's too (the models' placement during a call and the backward
+    pass: tests/rewards/test_offload.py)."""
+    built = []
+
+    class Recorded(train.CompositeReward):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(kwargs["offload_models"])
+
+    monkeypatch.setattr(train, "CompositeReward", Recorded)
+    options = {"aesthetic": {"clip_model": str(tiny_clip), "head": str(head_file)},
+               "clip_t": {"clip_model": str(tiny_clip)}}
+    overrides = [f"align.algorithm={algorithm}", "align.num_epochs=1", "align.learning_rate=1e-2",
+                 "align.reward={aesthetic: 0.1, clip_t: 1.0}", f"align.reward_options={json.dumps(options)}",
+                 "align.eval_every=1", "align.eval_num_prompts=2", "align.eval_seeds=[0]",
+                 "align.eval_rewards={clip_t: 1.0}"]
+    plain = align(align_config(*overrides), stage_one, tmp_path / "a")
+    offloaded = align(align_config(*overrides, "align.offload_rewards=true"), stage_one, tmp_path / "b")
+    assert built == [False, False, True, True]
+    a = load_file(str(plain / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(offloaded / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in a.items() if k.endswith("up.weight"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

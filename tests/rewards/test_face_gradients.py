@@ -277,3 +277,10 @@ def test_factory_option_and_registry(pack, textures, tmp_path):
         build_reward("identity_face", backend="dlib", differentiable=True, subject=textures)
     with pytest.raises(RewardError, match="differentiable"):
         build_reward("identity_face", pack=str(pack), differentiable="yes", subject=textures)
+
+
+def test_only_the_torch_arcface_is_offloadable(pack, textures):
+    """align.offload_rewards moves the torch ArcFace; the ONNX detector and recognizer are not torch modules."""
+    reward = build_reward("identity_face", pack=str(pack), det_size=128, differentiable=True, subject=textures)
+    assert reward.torch_modules == [reward.backend.arcface]
+    assert build_reward("identity_face", pack=str(pack), det_size=128, subject=textures).torch_modules == []
