@@ -258,7 +258,7 @@ def plot_curves(curves: dict[str, list[tuple[float, ...]]], path: Path, size: tu
         colour = colours[arms.index(arm) % len(colours)]
         draw.line([at(0, 0)] + [at(m, gain) for m, gain, *_ in curve], fill=colour, width=2)
     for i, arm in enumerate(arms):
-        draw.text((w - pad - 120, pad + 14 * i), arm, fill=colours[i % len(colours)])
+        draw.text((w - pad - 120, h - pad - 14 * (len(arms) - i + 1)), arm, fill=colours[i % len(colours)])
     save_image_atomic(image, path)
 
 
