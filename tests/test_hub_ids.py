@@ -15,7 +15,7 @@ from tests.conftest import REPO
 ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.+-]+(?:/[\w.+-]+\.(?:pth|safetensors|pt))?")
 """`owner/repo`, or a hub file spec `owner/repo/file.pth` (the aesthetic head)."""
 NOT_HUB = {"runs", "samples", "model", "reward", "heldout", "report", "config", "owner", "my-dog", "identity_face",
-           "weights-flow"}
+           "weights-flow", "time"}
 """First parts of paths in examples and logs that are no hub owners (plus the repository's own folders)."""
 
 
