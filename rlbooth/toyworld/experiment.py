@@ -252,10 +252,9 @@ def plot_curves(curves: dict[str, list[tuple[float, ...]]], path: Path, size: tu
     draw.text((w // 2 - 80, h - pad + 20), f"CPU minutes of stage two (0-{x_max:.1f})", fill="black")
     draw.text((4, 8), f"held-out alignment gain over stage one ({lo:+.2f} to {hi:+.2f})", fill="black")
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
-    arms = list(dict.fromkeys(run.split("(")[1].split(",")[0] for run in curves))
+    arms = list(dict.fromkeys(map(run_arm, curves)))
     for run, curve in curves.items():
-        arm = run.split("(")[1].split(",")[0]
-        colour = colours[arms.index(arm) % len(colours)]
+        colour = colours[arms.index(run_arm(run)) % len(colours)]
         draw.line([at(0, 0)] + [at(m, gain) for m, gain, *_ in curve], fill=colour, width=2)
     for i, arm in enumerate(arms):
         draw.text((w - pad - 120, h - pad - 14 * (len(arms) - i + 1)), arm, fill=colours[i % len(colours)])
@@ -266,7 +265,13 @@ def run_name(arm: str, seed: int) -> str:
     return f"stage two ({arm}, seed {seed})"
 
 
+def run_arm(run: str) -> str:
+    """The arm of a `run_name`."""
+    return run.split("(", 1)[1].split(",", 1)[0]
+
+
 def run_seed(run: str) -> int:
+    """The training seed of a `run_name`."""
     return int(run.rsplit(" ", 1)[1].rstrip(")"))
 
 
