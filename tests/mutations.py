@@ -285,7 +285,8 @@ MUTATIONS: list[Mutation] = [
     Mutation("nft-r-flipped-toy-world", "rlbooth/align/algorithms/nft.py",
              "return (advantages / adv_clip_max / 2 + 0.5).clamp(0, 1)",
              "return (0.5 - advantages / adv_clip_max / 2).clamp(0, 1)",
-             ("tests/toyworld/test_experiment.py::test_nft_wins_the_scene_back_on_held_out_prompts",), slow=True),
+             tuple(f"tests/toyworld/test_experiment.py::{world}::test_nft_wins_the_scene_back_on_held_out_prompts"
+                   for world in ("TestUNetWorld", "TestFlowWorld")), slow=True),
     Mutation("refl-loss-sign-all-families", "rlbooth/align/algorithms/refl.py", "refl_loss(total, ",
              "refl_loss(-total, ", ("tests/align/test_refl.py::test_refl_climbs_the_reward_in_its_sign",), slow=True),
     Mutation("ppo-surrogate-sign-all-families", "rlbooth/align/ppo.py",

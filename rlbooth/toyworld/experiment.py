@@ -78,8 +78,8 @@ class Results:
     prompts: dict[str, list[str]]
     """By prompt set (`PROMPT_SETS`)."""
     seeds: list[int]
-    scores: dict[str, dict[str, ModelScores]] = field(default_factory=lambda: {key: {} for key in PROMPT_SETS})
-    """By prompt set, then model."""
+    scores: dict[str, dict[str, ModelScores]] = field(default_factory=dict)
+    """By prompt set (those of `prompts`), then model."""
     curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     """Training history by run."""
     minutes: dict[str, float] = field(default_factory=dict)
@@ -90,12 +90,12 @@ class Results:
     """Stage one on the held-out prompts with the per-epoch evaluation's seeds (`--curves`)."""
 
     def table(self) -> str:
-        lines = ["| model | " + " | ".join(f"{label} alignment | scene accuracy | identity"
-                                          for label in PROMPT_SETS.values()) + " |",
-                 "|---|" + "---|" * 3 * len(PROMPT_SETS)]
+        lines = ["| model | " + " | ".join(f"{PROMPT_SETS[key]} alignment | scene accuracy | identity"
+                                          for key in self.scores) + " |",
+                 "|---|" + "---|" * 3 * len(self.scores)]
         for name in self.scores["heldout"]:
             cells = [f"{s.alignment:.3f} | {s.scene_accuracy:.3f} | {s.identity:.3f}"
-                     for s in (self.scores[key][name] for key in PROMPT_SETS)]
+                     for s in (by_model[name] for by_model in self.scores.values())]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -111,8 +111,8 @@ class Results:
         return gains
 
     def gain_table(self) -> str:
-        lines = ["| run | " + " | ".join(f"{label} alignment | identity" for label in PROMPT_SETS.values()) + " |",
-                 "|---|" + "---|" * 2 * len(PROMPT_SETS)]
+        lines = ["| run | " + " | ".join(f"{PROMPT_SETS[key]} alignment | identity" for key in self.scores) + " |",
+                 "|---|" + "---|" * 2 * len(self.scores)]
         lines += [f"| {run} | " + " | ".join(f"{value:+.3f}" for value in g.values()) + " |"
                   for run, g in self.gains().items()]
         return "\n".join(lines)
@@ -178,8 +178,10 @@ def score(pipe, prompts: list[str], seeds: list[int], config: Config, rewards: d
 
 
 def run_experiment(config: Config, subject: Subject, out: Path, arms: dict[str, list[str]],
-                   seeds: list[int], train_seeds: tuple[int, ...] = (0,), curve_seeds: int = 0) -> Results:
-    """Stage one once, stage two per arm and training seed (each resumable), then every model scored.
+                   seeds: list[int], train_seeds: tuple[int, ...] = (0,), curve_seeds: int = 0,
+                   prompt_sets: tuple[str, ...] = tuple(PROMPT_SETS)) -> Results:
+    """Stage one once, stage two per arm and training seed (each resumable), then every model scored on
+    `prompt_sets` (keys of `PROMPT_SETS`; the held-out set always).
 
     With `curve_seeds`, stage two also evaluates the held-out prompts on that many seeds after every epoch.
     """
@@ -202,10 +204,11 @@ def run_experiment(config: Config, subject: Subject, out: Path, arms: dict[str, 
 
     files = {"heldout": config.report.prompt_file or "toyworld-heldout", "unseen": "toyworld-unseen",
              "train": config.align.prompt_file or "toyworld-train"}
-    prompts = {key: [subject.prompt(t) for t in read_prompt_file(name)] for key, name in files.items()}
+    prompts = {key: [subject.prompt(t) for t in read_prompt_file(name)] for key, name in files.items()
+               if key == "heldout" or key in prompt_sets}
     rewards = {"toy_alignment": build_reward("toy_alignment"),
                "toy_identity": build_reward("toy_identity", subject=subject)}
-    results = Results(prompts=prompts, seeds=seeds, minutes=minutes)
+    results = Results(prompts=prompts, seeds=seeds, minutes=minutes, scores={key: {} for key in prompts})
     models = {"base": lambda: load_pipeline(config.model), "stage one": lambda: load_stage_pipeline(read_stage(one))}
     models |= {run: (lambda folder=folder: load_stage_pipeline(read_stage(folder, "align")))
                for run, (_, folder) in runs.items()}
@@ -293,13 +296,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--curves", action="store_true",
                         help="score the held-out prompts after every stage-two epoch: alignment against minutes")
     parser.add_argument("--curve-seeds", type=int, default=16, help="images per held-out prompt in each of those")
+    parser.add_argument("--prompt-sets", nargs="+", default=list(PROMPT_SETS), choices=list(PROMPT_SETS),
+                        help="the prompt sets to score (the held-out one always)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_config(args.config, args.overrides)
     results = run_experiment(config, Subject.from_yaml(args.subject), args.out,
                              {arm: ARMS[arm] for arm in args.arms}, list(range(args.seeds)), tuple(args.train_seeds),
-                             args.curve_seeds if args.curves else 0)
-    report = "".join(f"{label}: {results.prompts[key]}\n" for key, label in PROMPT_SETS.items())
+                             args.curve_seeds if args.curves else 0, tuple(args.prompt_sets))
+    report = "".join(f"{PROMPT_SETS[key]}: {texts}\n" for key, texts in results.prompts.items())
     report += (f"{len(results.seeds)} seeds each, the same for every model\n\n{results.table()}\n\n"
                f"gain over stage one:\n\n{results.gain_table()}\n"
                f"\nstage two wall time (minutes): {results.minutes}\n"
@@ -317,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
          "scores": {key: {k: vars(v) for k, v in by_model.items()} for key, by_model in results.scores.items()},
          "gains": results.gains(), "curves": results.curves, "stage_two_minutes": results.minutes,
          "epoch_seconds": results.epoch_seconds,
-         "heldout_curves": results.heldout_curves() if args.curves else {}}, indent=2))
+         "heldout_curves": results.heldout_curves() if args.curves else {},
+         "curve_baseline": vars(results.curve_baseline) if args.curves else None}, indent=2))
 
 
 if __name__ == "__main__":

@@ -178,3 +178,17 @@ def test_per_reward_mode_in_the_trainer_standardizes_each_reward_within_its_nois
     z = {name: h / (np.abs(h) + 1e-6) for name, h in half.items()}
     total = 1.0 * z["brightness"] + 0.5 * z["saturation"]
     np.testing.assert_allclose(advantages, (total - total.mean()) / (total.std() + 1e-6), atol=1e-5)
+
+
+@pytest.mark.parametrize(("stage", "algorithm"), [("stage_one", "ppo"), ("stage_one_sd3", "nft")])
+def test_evaluating_held_out_prompts_leaves_training_unchanged(stage, algorithm, request, tmp_path):
+    """The evaluation draws with generators of its own: a run that evaluates after every epoch trains the LoRA
+    a run without evaluations trains (the toy worlds' guards train their ppo runs with `--curves`)."""
+    stage_one = request.getfixturevalue(stage)
+    common = ("align.num_epochs=2", "align.learning_rate=1e-2", f"align.algorithm={algorithm}",
+              "align.samples_per_noise=1")
+    plain = align(align_config(*common), stage_one, tmp_path / "plain")
+    watched = align(align_config(*common, "align.eval_every=1", "align.eval_num_prompts=2", "align.eval_seeds=[0, 1]",
+                                 "align.eval_num_steps=3"), stage_one, tmp_path / "watched")
+    assert [r["epoch"] for r in heldout(watched.parent)["table"]] == [1, 2]
+    assert_same_lora(plain, watched)
