@@ -18,6 +18,15 @@ torch.set_num_threads(1)  # tiny models run ~50x slower when two threads fight f
 REPO = Path(__file__).resolve().parent.parent
 
 
+LONGEST_FIRST = ("tests/toyworld/test_experiment.py::",)
+"""Where the longest work sits (minutes a class). Collected first, so that under `pytest -n 2 --dist loadscope
+--no-loadscope-reorder` (the README's test command) the two workers start on it and share out the rest."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST_FIRST))  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True, scope="session")
 def rlbooth_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache for the session, so the tiny model and class images are built once."""
