@@ -189,17 +189,18 @@ def run_experiment(config: Config, subject: Subject, out: Path, arms: dict[str, 
     from rlbooth.models import load_pipeline
     from rlbooth.personalize.train import personalize
 
+    every_epoch = curve_overrides(config, seeds[:curve_seeds]) if curve_seeds else []
+    runs = {run_name(arm, seed): (with_overrides(config, overrides + every_epoch + [f"runtime.seed={seed}"]),
+                                  out / f"{arm}-seed{seed}")
+            for seed in train_seeds for arm, overrides in arms.items()}  # every run's config checked before training
     one = out / "personalize"
     if not is_finished(one):
         personalize(config, subject, one)
-    every_epoch = curve_overrides(config, seeds[:curve_seeds]) if curve_seeds else []
-    runs = {run_name(arm, seed): (overrides + every_epoch + [f"runtime.seed={seed}"], out / f"{arm}-seed{seed}")
-            for seed in train_seeds for arm, overrides in arms.items()}
     minutes = {}
-    for run, (overrides, folder) in runs.items():
+    for run, (run_config, folder) in runs.items():
         if not is_finished(folder):
             start = time.perf_counter()
-            align(with_overrides(config, overrides), one, folder)
+            align(run_config, one, folder)
             minutes[run] = (time.perf_counter() - start) / 60
 
     files = {"heldout": config.report.prompt_file or "toyworld-heldout", "unseen": "toyworld-unseen",
@@ -290,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--subject", type=Path, default=EXAMPLE_SUBJECT)
     parser.add_argument("--arms", nargs="+", default=["identifier-only", "mixed"], choices=sorted(ARMS))
+    parser.add_argument("--arm-set", nargs=2, action="append", default=[], metavar=("ARM", "KEY=VALUE"),
+                        help="an override for one arm only, after its own (e.g. `--arm-set nft align.num_epochs=4`)")
     parser.add_argument("--seeds", type=int, default=64, help="images per prompt and model")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="stage-two runs per arm, one per `runtime.seed`")
@@ -300,9 +303,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="the prompt sets to score (the held-out one always)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if stray := sorted({arm for arm, _ in args.arm_set} - set(args.arms)):
+        parser.error(f"--arm-set names {stray}, which --arms does not run")
     config = load_config(args.config, args.overrides)
-    results = run_experiment(config, Subject.from_yaml(args.subject), args.out,
-                             {arm: ARMS[arm] for arm in args.arms}, list(range(args.seeds)), tuple(args.train_seeds),
+    arms = {arm: ARMS[arm] + [item for name, item in args.arm_set if name == arm] for arm in args.arms}
+    results = run_experiment(config, Subject.from_yaml(args.subject), args.out, arms, list(range(args.seeds)),
+                             tuple(args.train_seeds),
                              args.curve_seeds if args.curves else 0, tuple(args.prompt_sets))
     report = "".join(f"{PROMPT_SETS[key]}: {texts}\n" for key, texts in results.prompts.items())
     report += (f"{len(results.seeds)} seeds each, the same for every model\n\n{results.table()}\n\n"
