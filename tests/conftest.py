@@ -29,8 +29,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(autouse=True, scope="session")
 def rlbooth_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One cache for the session, so the tiny model and class images are built once."""
-    path = tmp_path_factory.mktemp("rlbooth-cache")
+    """One cache for the session, so the tiny models and class images are built once; under pytest-xdist one for
+    all workers (the run's shared temporary folder): both are written by atomic renames of identical content."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        path = tmp_path_factory.getbasetemp().parent / "rlbooth-cache"
+        path.mkdir(exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp("rlbooth-cache")
     os.environ["RLBOOTH_CACHE"] = str(path)
     return path
 
