@@ -21,7 +21,10 @@ seeds = 256 images a model and prompt set, differences paired by prompt and seed
 +0.37 (bound 0.2, SE 0.014); its alignment loss +0.45 held-out and trained (bound 0.15, SE 0.014); stage two's
 alignment gain +0.16 held-out, +0.19 trained (bound 0.1, SE 0.015 and 0.014: 4.2 and 6.5 SE above it); its
 identity change +0.03 (bound -0.1, SE 0.013). The held-out gain is the tightest: on 16 seeds it measured
-+0.14 with SE 0.022, 1.8 SE above its bound, so the scoring keeps 32 seeds.
++0.14 with SE 0.022, 1.8 SE above its bound, so the scoring keeps 32 seeds. On the flow world (2026-12-06, 32
+seeds; its standard errors not measured, the UNet world's are a guide): stage one's identity gain +0.53, its
+alignment loss 0.50 held-out and 0.59 trained; ppo's gain +0.19 held-out and +0.27 trained, identity -0.05 and
+-0.03; NFT's held-out gain after 4 epochs +0.22, identity -0.09.
 """
 
 from __future__ import annotations
