@@ -5,9 +5,9 @@ subject, then stage two once per arm (InstructBooth's mixed prompts, and prompts
 subject) and training seed, and scores the base model, stage one and every run with the same seeds on
 three prompt sets: held-out prompts (stage two's scenes in wordings it never trained on), unseen scenes
 (ones that neither the photos nor stage two's prompts show) and stage two's own prompts, drawn from
-noise it never trained on. It prints the tables, each run's gain over stage one and training-reward
-curve, and writes them to `results.json` and `results.md`. Finished stages are reused, so a rerun only
-rescores (minutes).
+noise it never trained on (`--prompt-sets` scores fewer). It prints the tables, each run's gain over
+stage one and training-reward curve, and writes them to `results.json` and `results.md`. Finished stages
+are reused, so a rerun only rescores (minutes). `--arm-set ARM KEY=VALUE` overrides a setting for one arm.
 
 `--curves` also scores the held-out prompts after every stage-two epoch (stage two's own evaluation,
 `align.eval_every=1`, with the final scoring's steps and guidance on the first `--curve-seeds` seeds) and

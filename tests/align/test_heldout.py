@@ -182,8 +182,9 @@ def test_per_reward_mode_in_the_trainer_standardizes_each_reward_within_its_nois
 
 @pytest.mark.parametrize(("stage", "algorithm"), [("stage_one", "ppo"), ("stage_one_sd3", "nft")])
 def test_evaluating_held_out_prompts_leaves_training_unchanged(stage, algorithm, request, tmp_path):
-    """The evaluation draws with generators of its own: a run that evaluates after every epoch trains the LoRA
-    a run without evaluations trains (the toy worlds' guards train their ppo runs with `--curves`)."""
+    """The evaluation changes nothing training reads (weights, adapters, schedulers, random streams): a run that
+    evaluates after every epoch trains the LoRA a run without evaluations trains (the toy worlds' guards train
+    their ppo runs with `--curves`)."""
     stage_one = request.getfixturevalue(stage)
     common = ("align.num_epochs=2", "align.learning_rate=1e-2", f"align.algorithm={algorithm}",
               "align.samples_per_noise=1")
@@ -191,4 +192,6 @@ def test_evaluating_held_out_prompts_leaves_training_unchanged(stage, algorithm,
     watched = align(align_config(*common, "align.eval_every=1", "align.eval_num_prompts=2", "align.eval_seeds=[0, 1]",
                                  "align.eval_num_steps=3"), stage_one, tmp_path / "watched")
     assert [r["epoch"] for r in heldout(watched.parent)["table"]] == [1, 2]
+    trained = load_file(str(plain / "pytorch_lora_weights.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k or ".up." in k), "nothing was trained"
     assert_same_lora(plain, watched)

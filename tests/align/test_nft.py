@@ -217,7 +217,8 @@ def test_nft_climbs_the_reward_in_its_sign(any_stage_one_8px, tmp_path, weight):
     SD3, +7.9 / -7.9 on FLUX, +12.8 / -13.5 on Qwen-Image, +6.7 / -23.2 on Z-Image (32 seeds), +4.9 / -5.3 on
     SDXL (128 seeds; +2.4 / -2.5 on 32; at lr 3e-3 +4.6 / -3.7). With 128 samples an epoch, twice the time:
     +5.6 / -5.6 on SD3 and +17.9 / -17.9 on FLUX; with the 256 used before, SDXL did not pass (at lr 3e-3 on 128
-    seeds: +1.9 / -0.1 and +2.1 / -1.4 at guidance 5 and 1). With r flipped (r -> 1 - r) it fails (tests/mutations.py, nft-r-flipped-all-families).
+    seeds: +1.9 / -0.1 and +2.1 / -1.4 at guidance 5 and 1). With r flipped (r -> 1 - r) it fails
+    (tests/mutations.py, nft-r-flipped-all-families).
 
     The tiny SD 1.x follows the reward's opposite under NFT (README, choosing an algorithm): z -8.0 / +4.5 here
     (lr 1e-2; -7.6 / +5.5 at 3e-3), and with 256 samples an epoch -4.5 (lr 1e-2), -3.1 (1e-3) and -5.3 (3e-3, 6

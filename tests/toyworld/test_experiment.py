@@ -36,13 +36,12 @@ from pathlib import Path
 
 import pytest
 
-from rlbooth.toyworld.experiment import main
+from rlbooth.toyworld.experiment import main, run_name
 
 pytestmark = pytest.mark.slow  # per world: stage one, one or two stage-two runs and their scoring, minutes
 SHORT = ["runtime.report_to=none", "personalize.validation_steps=0", "align.grid_every=0",
          "report.num_inference_steps=10"]
-RUN = "stage two (identifier-only, seed 0)"
-NFT_RUN = "stage two (nft, seed 0)"
+RUN, NFT_RUN = run_name("identifier-only", 0), run_name("nft", 0)
 SEEDS, CURVE_SEEDS = 32, 4
 
 
@@ -67,7 +66,7 @@ class ExperimentGuards:
 
     @property
     def runs(self) -> dict[str, int]:
-        return {f"stage two ({arm}, seed 0)": n for arm, n in self.epochs.items()}
+        return {run_name(arm, 0): n for arm, n in self.epochs.items()}
 
     @pytest.fixture(scope="class")
     def experiment(self, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, Path]:
