@@ -22,11 +22,16 @@ def align_config(*overrides: str):
                                 "align.reward={brightness: 1.0}", *overrides])
 
 
-def make_stage_one(root: Path, resolution: int, preset: str = "tiny") -> Path:
+def make_stage_one(root: Path, resolution: int, preset: str = "tiny", overrides: tuple[str, ...] | None = None
+                   ) -> Path:
+    """8 steps of stage one on the drawn subject. `overrides` stand in for the defaults for a tiny model (learning
+    rate 1e-2, the model built at `resolution`)."""
     subject = Subject(images=draw_subject_photos(root / "photos"), class_noun="toy", description="triangular")
+    if overrides is None:
+        overrides = ("personalize.learning_rate=1e-2", f"model.tiny.resolution={resolution}",
+                     f"personalize.resolution={resolution}")
     config = load_config(preset, ["runtime.report_to=none", "personalize.validation_steps=0",
-                                  "personalize.max_train_steps=8", "personalize.learning_rate=1e-2",
-                                  f"model.tiny.resolution={resolution}", f"personalize.resolution={resolution}"])
+                                  "personalize.max_train_steps=8", *overrides])
     personalize(config, subject, root / "out")
     return root / "out"
 
@@ -82,6 +87,15 @@ def any_stage_one_8px(request: pytest.FixtureRequest, tmp_path_factory: pytest.T
     if request.param == "tiny":
         return request.getfixturevalue("stage_one_8px")
     return make_stage_one(tmp_path_factory.mktemp(f"stage-one-8px-{request.param}"), 8, request.param)
+
+
+@pytest.fixture(scope="session")
+def stage_one_toyworld(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The toy world's shipped UNet (an SD 1.x-class model trained to denoise its world, 32 px), after 8 steps of
+    its preset's full fine-tune at the preset's learning rate: a tiny SD 1.x that draws what it predicts, which
+    the randomly initialized tiny models do not."""
+    return make_stage_one(tmp_path_factory.mktemp("stage-one-toyworld"), 32, "toy",
+                          ("personalize.num_class_images=4", "personalize.class_generation_steps=4"))
 
 
 @pytest.fixture(scope="session")
