@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import socket
-import subprocess
-import sys
+import threading
 import warnings
 
 import pytest
@@ -28,31 +28,58 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(stage_one, output, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """`rlbooth align` under torchrun with 2 processes; run a second time, on a fresh port and folder, if
-    the first hangs (seen once in about fifteen runs, on the SD3 case, and not explained: a real deadlock
-    hangs both runs and still fails the test) or a worker aborts in teardown (TEARDOWN_ABORT)."""
-    def run() -> subprocess.CompletedProcess:
-        args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(free_port()), "-m", "rlbooth.cli", "align", "-c", "tiny", "--stage-one", str(stage_one),
-                "-o", str(output)]
-        for item in COMMON + ["align.sample_batch_size=2", "align.num_batches_per_epoch=1",
-                              "align.train_batch_size=2", *extra]:
-            args += ["--set", item]
-        env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
+def _torchrun_worker(argv: list[str]) -> None:
+    """One worker of `run_two_processes`, forked from the test's process: accelerate's state, which the test's own
+    single-process run set up, is dropped, so the worker sets up its process group from torchrun's environment."""
+    from accelerate.state import AcceleratorState
 
-    try:
-        result = run()
-    except subprocess.TimeoutExpired:
-        warnings.warn("torchrun hung for 240 s; running it once more")
+    from rlbooth.cli import main
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    if main(argv) != 0:
+        raise SystemExit(f"rlbooth {argv[0]} failed")
+
+
+def run_two_processes(stage_one, output, extra: tuple[str, ...] = ()) -> None:
+    """`rlbooth align` as two torchrun workers (torch's elastic launcher, which `torchrun` runs, with the c10d
+    rendezvous) forked from this process, so they start without importing torch again; fails with the workers'
+    stderr. Run a second time, on a fresh port and folder, if the first hangs (seen once in about fifteen
+    runs, on the SD3 case, and not explained: a real deadlock hangs both runs and still fails the test) or a
+    worker aborts in teardown (TEARDOWN_ABORT)."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    argv = ["align", "-c", "tiny", "--stage-one", str(stage_one), "-o", str(output)]
+    for item in COMMON + ["align.sample_batch_size=2", "align.num_batches_per_epoch=1", "align.train_batch_size=2",
+                          *extra]:
+        argv += ["--set", item]
+
+    def run(attempt: int) -> str | None:
+        """None if both workers finished, else their stderr."""
+        logs = output.parent / f"{output.name}-torchrun-{attempt}"
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id=f"{output.name}-{attempt}",
+                              rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
+                              start_method="fork", logs_specs=DefaultLogsSpecs(log_dir=str(logs), redirects=Std.ALL))
+        watchdog = threading.Timer(240, lambda: [p.kill() for p in multiprocessing.active_children()])
+        watchdog.start()
+        try:
+            elastic_launch(config, _torchrun_worker)(argv)
+            return None
+        except ChildFailedError as failure:
+            stderr = "".join(f.read_text() for f in sorted(logs.rglob("stderr.log")))
+            killed = " (killed after 240 s)" if not watchdog.is_alive() else ""
+            return f"the torchrun workers failed{killed}; their stderr ends:\n{stderr[-2500:]}\n{failure}"
+        finally:
+            watchdog.cancel()
+
+    failed = run(0)
+    if failed is not None and ("killed after 240 s" in failed or TEARDOWN_ABORT in failed):
+        warnings.warn(f"a torchrun worker hung or aborted in teardown; running it once more: {failed[-500:]}")
         shutil.rmtree(output, ignore_errors=True)
-        return run()
-    if result.returncode != 0 and TEARDOWN_ABORT in result.stderr:
-        warnings.warn("a torchrun worker aborted in C++ teardown; running it once more")
-        shutil.rmtree(output, ignore_errors=True)
-        return run()
-    return result
+        failed = run(1)
+    assert failed is None, failed
 
 
 TEARDOWN_ABORT = "terminate called without an active exception"
@@ -70,8 +97,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(any_stage_on
                                 "align.train_batch_size=2", "align.gradient_accumulation_steps=2"),
                    any_stage_one, tmp_path / "single")
 
-    result = run_two_processes(any_stage_one, tmp_path / "two")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_processes(any_stage_one, tmp_path / "two")
 
     meta = json.loads((tmp_path / "two" / "rlbooth.json").read_text())
     checksums = torch.tensor(meta["replica_checksums"])

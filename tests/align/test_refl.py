@@ -233,8 +233,7 @@ def test_two_refl_processes_equal_one(stage, extra, request, tmp_path):
     single = align(align_config(*COMMON, *REFL, *extra, "align.sample_batch_size=2", "align.num_batches_per_epoch=2",
                                 "align.train_batch_size=2", "align.gradient_accumulation_steps=2"),
                    stage_one, tmp_path / "single")
-    result = run_two_processes(stage_one, tmp_path / "two", (*REFL, *extra))
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_processes(stage_one, tmp_path / "two", (*REFL, *extra))
     meta = json.loads((tmp_path / "two" / "rlbooth.json").read_text())
     single_history = json.loads((single.parent / "rlbooth.json").read_text())["history"]
     assert [h["reward_mean"] for h in meta["history"]] == [h["reward_mean"] for h in single_history]
