@@ -16,15 +16,19 @@ and is not asserted, so that set is not scored here. A rerun of the same command
 scoring 4 seeds, checks that nothing is trained again and that the per-epoch curve ends where the final
 scoring's code puts it.
 
-Each guard's effect and the standard error of its measurement, on the UNet world (2026-12-06; 8 prompts x 32
-seeds = 256 images a model and prompt set, differences paired by prompt and seed): stage one's identity gain
-+0.37 (bound 0.2, SE 0.014); its alignment loss +0.45 held-out and trained (bound 0.15, SE 0.014); stage two's
-alignment gain +0.16 held-out, +0.19 trained (bound 0.1, SE 0.015 and 0.014: 4.2 and 6.5 SE above it); its
-identity change +0.03 (bound -0.1, SE 0.013). The held-out gain is the tightest: on 16 seeds it measured
-+0.14 with SE 0.022, 1.8 SE above its bound, so the scoring keeps 32 seeds. On the flow world (2026-12-06, 32
-seeds; its standard errors not measured, the UNet world's are a guide): stage one's identity gain +0.53, its
-alignment loss 0.50 held-out and 0.59 trained; ppo's gain +0.19 held-out and +0.27 trained, identity -0.05 and
--0.03; NFT's held-out gain after 4 epochs +0.22, identity -0.09.
+Each guard's effect and the standard error of its measurement (2026-12-06; 8 prompts x 32 seeds = 256 images
+a model and prompt set, differences paired by prompt and seed; measured on the models these settings train,
+scored with 5 and with 10 steps). UNet world, scored with 5 steps as here: stage one's identity gain +0.33 (bound
+0.2, SE 0.013); its alignment loss +0.45 held-out and trained (bound 0.15, SE 0.014); stage two's alignment gain
++0.155 held-out, +0.172 trained (bound 0.1, SE 0.012 and 0.010: 4.8 and 7.0 SE above it); its identity change
++0.08 (bound -0.1, SE 0.010). With 10 steps, as before: +0.37, +0.45, +0.164 (SE 0.015, 4.2 SE above its
+bound) and +0.190 (6.5 SE), identity +0.03 (SE 0.013); the held-out gain is the tightest either way (on 16
+seeds +0.14 with SE 0.022, 1.8 SE above its bound, so the scoring keeps 32 seeds). Flow world, scored with 10
+steps as here: stage one's identity gain +0.53 (SE 0.008), its alignment loss 0.50 held-out and 0.59 trained
+(SE 0.017, 0.012); ppo's gain +0.188 held-out (SE 0.023, 3.8 SE above its bound) and +0.270 trained (SE 0.016),
+identity -0.048 and -0.028 (SE 0.008, 0.009: 6.6 and 8.3 SE above the bound of -0.1); NFT's held-out gain
+after 4 epochs +0.217 (SE 0.021), identity -0.088 (SE 0.010). With 5 steps ppo's held-out identity change
+is -0.070 (2.9 SE above its bound), the tightest guard then, so the flow world keeps 10.
 """
 
 from __future__ import annotations
@@ -39,20 +43,20 @@ import pytest
 from rlbooth.toyworld.experiment import main, run_name
 
 pytestmark = pytest.mark.slow  # per world: stage one, one or two stage-two runs and their scoring, minutes
-SHORT = ["runtime.report_to=none", "personalize.validation_steps=0", "align.grid_every=0",
-         "report.num_inference_steps=10"]
+SHORT = ["runtime.report_to=none", "personalize.validation_steps=0", "align.grid_every=0"]
 RUN, NFT_RUN = run_name("identifier-only", 0), run_name("nft", 0)
 SEEDS, CURVE_SEEDS = 32, 4
 
 
-def run_command(out: Path, preset: str, epochs: dict[str, int], seeds: int) -> tuple[dict, str]:
-    """`python -m rlbooth.toyworld.experiment` in this process, each arm for its number of stage-two epochs:
-    results.json and what it printed."""
+def run_command(out: Path, preset: str, epochs: dict[str, int], seeds: int, prompt_sets: tuple[str, ...],
+                steps: int) -> tuple[dict, str]:
+    """`python -m rlbooth.toyworld.experiment` in this process, each arm for its number of stage-two epochs, every
+    image (the scoring's and the per-epoch curves') drawn with `steps` steps: results.json and what it printed."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         main(["--out", str(out), "--config", preset, "--arms", *epochs, "--train-seeds", "0", "--seeds", str(seeds),
-              "--curves", "--curve-seeds", str(CURVE_SEEDS), "--prompt-sets", "heldout", "train",
-              *(a for s in SHORT for a in ("--set", s)),
+              "--curves", "--curve-seeds", str(CURVE_SEEDS), "--prompt-sets", *prompt_sets,
+              *(a for s in [*SHORT, f"report.num_inference_steps={steps}"] for a in ("--set", s)),
               *(a for arm, n in epochs.items() for a in ("--arm-set", arm, f"align.num_epochs={n}"))])
     return json.loads((out / "results.json").read_text()), printed.getvalue()
 
@@ -63,6 +67,8 @@ class ExperimentGuards:
     preset: str
     epochs: dict[str, int] = {"identifier-only": 8}
     """Stage-two epochs by arm; the effects in the module docstring are ppo's after 8."""
+    steps: int
+    """Sampling steps of every scored image (the preset's are 20); the module docstring has the effects."""
 
     @property
     def runs(self) -> dict[str, int]:
@@ -72,12 +78,13 @@ class ExperimentGuards:
     def experiment(self, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, Path]:
         """Stage one and stage two trained, every model scored on 32 seeds: results.json, the report, the folder."""
         out = tmp_path_factory.mktemp(f"{self.preset}-experiment")
-        return (*run_command(out, self.preset, self.epochs, SEEDS), out)
+        return (*run_command(out, self.preset, self.epochs, SEEDS, ("heldout", "train"), self.steps), out)
 
     @pytest.fixture(scope="class")
     def rerun(self, experiment) -> tuple[dict, str]:
-        """The command again on `experiment`'s folder, scoring the curve's 4 seeds: results.json and the report."""
-        return run_command(experiment[2], self.preset, self.epochs, CURVE_SEEDS)
+        """The command again on `experiment`'s folder, scoring the curve's 4 seeds on the held-out prompts (what
+        its checks read): results.json and the report."""
+        return run_command(experiment[2], self.preset, self.epochs, CURVE_SEEDS, ("heldout",), self.steps)
 
     def test_stage_one_learns_the_subject(self, experiment) -> None:
         written, table, _ = experiment
@@ -134,10 +141,12 @@ class ExperimentGuards:
 
 class TestUNetWorld(ExperimentGuards):
     preset = "toy"
+    steps = 5  # stage two's own; the tightest guard, the held-out gain, is further above its bound (module docstring)
 
 
 class TestFlowWorld(ExperimentGuards):
     preset = "toy-flow"
+    steps = 10
     epochs = {"identifier-only": 8, "nft": 4}
     """NFT's held-out gain after 4 epochs was +0.20 / +0.21 / +0.21 in the three seeds of README's time-to-quality
     runs (its bound here 0.1), +0.27 to +0.30 after 5; its identity -0.06 to -0.09 (bound -0.3)."""
