@@ -29,9 +29,11 @@ def tiny_flow_vae(cfg: "TinyModelConfig", scaling_factor: float, shift_factor: f
     )
 
 
-def tiny_t5_tokenizer(model_max_length: int = 512) -> "T5Tokenizer":
+def tiny_t5_tokenizer(model_max_length: int = 64) -> "T5Tokenizer":
     """A Unigram T5 tokenizer over single characters (with and without the word-start marker), so any
-    ASCII prompt tokenizes; ids 0, 1, 2 are <pad>, </s>, <unk> as in T5's own vocabulary."""
+    ASCII prompt tokenizes; ids 0, 1, 2 are <pad>, </s>, <unk> as in T5's own vocabulary. Its 64 positions (as
+    the tiny Qwen-Image's and Z-Image's) are what the SD3 and FLUX families pad to (`t5_length`), where the
+    pipelines' defaults of 256 and 512 made joint attention most of the tiny models' time."""
     from transformers import T5Tokenizer
 
     chars = string.ascii_letters + string.digits + string.punctuation

@@ -188,7 +188,8 @@ def test_refl_climbs_the_reward_in_its_sign(any_stage_one_8px, tmp_path, weight)
     """+brightness must brighten, -brightness darken under ReFL, as under PPO (tests/align/test_train.py).
 
     One optimizer step per epoch on 8 samples. Measured (z of the brightness change on the evaluation seeds,
-    + / - brightness): SD 1.x +5.4 / -7.3, SD3 +11.2 / -10.8, FLUX +21.8 / -21.7, Qwen-Image +19.7 / -19.6,
+    + / - brightness): SD 1.x +5.4 / -7.3, SD3 +11.3 / -11.4, FLUX +21.0 / -20.6 (their tiny T5 at 64 positions;
+    at 512, +11.2 / -10.8 and +21.8 / -21.7), Qwen-Image +19.7 / -19.6,
     Z-Image +24.0 / -24.6 at the defaults; the tiny
     SDXL moves little (z +1.8 / -0.8 at the defaults, +0.1 / +1.1 at lr 3e-3 with 32 samples), and follows
     the sign at lr 1e-3 over 4 epochs (+3.0 / -2.8 on 256 seeds). With the reward's sign flipped in the loss
@@ -236,7 +237,10 @@ def test_two_refl_processes_equal_one(stage, extra, request, tmp_path):
     run_two_processes(stage_one, tmp_path / "two", (*REFL, *extra))
     meta = json.loads((tmp_path / "two" / "rlbooth.json").read_text())
     single_history = json.loads((single.parent / "rlbooth.json").read_text())["history"]
-    assert [h["reward_mean"] for h in meta["history"]] == [h["reward_mean"] for h in single_history]
+    rewards, single_rewards = ([h["reward_mean"] for h in history] for history in (meta["history"], single_history))
+    assert rewards[0] == single_rewards[0]  # the same samples from the same weights
+    # later epochs draw from LoRAs that differ by the gradients' summation order (about 1e-7 on the tiny SD3)
+    assert rewards[1:] == pytest.approx(single_rewards[1:], rel=1e-5, abs=0)
     a = load_file(str(single / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "two" / "model" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys()

@@ -155,7 +155,8 @@ SIGN_TEST = ("align.num_epochs=3", "align.sample_batch_size=32", "align.num_batc
 reward's variance, which is no action of the policy, so a quarter of the samples carries the signal 256
 ungrouped samples did."""
 SIGN_TEST_SETTINGS = {"sdxl": ((*SIGN_TEST, "align.num_batches_per_epoch=4", "align.gradient_accumulation_steps=2",
-                                "align.learning_rate=3e-3"), 128)}
+                                "align.learning_rate=3e-3"), 128),
+                      "sd3": ((*SIGN_TEST, "align.num_batches_per_epoch=4", "align.gradient_accumulation_steps=2"), 32)}
 """(overrides, evaluation seeds) of the sign test where `SIGN_TEST` and 32 seeds do not fit the tiny model."""
 
 
@@ -168,9 +169,10 @@ def test_training_climbs_the_reward_in_its_sign(any_stage_one_8px, tmp_path, wei
     a random tiny model the reward only moves reliably with few latent dims and a strong signal: 8 px
     images (64 latent dims), groups sharing x_T (`SIGN_TEST`) and one small optimizer step per epoch. The
     change is measured on 32 fixed seeds, stage one and stage two drawing from the same noise. Measured on
-    2026-12-06 with `SIGN_TEST` (runtime.seed 0): z = +4.5 / -8.7 on the tiny SD, +5.8 / -6.3 on SD3,
-    +18.4 / -17.8 on FLUX, +14.6 / -14.7 on Qwen-Image and +19.5 / -20.7 on Z-Image, a quarter of the
-    samples of the earlier 256 ungrouped ones (z +6.5 / -5.9 on SD3, +102 / -99 on FLUX). The surrogate's
+    2026-12-06 with `SIGN_TEST` (runtime.seed 0): z = +4.5 / -8.7 on the tiny SD, +15.3 / -15.4 on FLUX,
+    +14.6 / -14.7 on Qwen-Image and +19.5 / -20.7 on Z-Image, a quarter of the samples of the earlier 256
+    ungrouped ones (z +6.5 / -5.9 on SD3, +102 / -99 on FLUX). SD3 takes 128 an epoch: +5.5 / -6.1 (with 64,
+    +4.7 / -4.4; +5.8 / -6.3 when its tiny T5 had 512 positions, not 64, at twice the time). The surrogate's
     sign flipped is the other weight's run exactly (group advantages negate exactly), so it fails every
     family (on SD, z -8.7 with it). The tiny SDXL overshoots at lr 1e-2 and is noisy: with `SIGN_TEST`,
     z +4.0 / +0.2 at lr 1e-2 and +1.8 / -1.6 at 1e-3 (128 seeds). It takes twice the samples (128 an
