@@ -50,14 +50,17 @@ def generate_class_images(
     batch_size: int,
     accelerator: "Accelerator",
     encoded: "Encoded | None" = None,
+    resolution: int | None = None,
 ) -> list[Path]:
     """Fill `folder` with `count` images of `prompt`; image i always comes from seed `seed + i`.
 
-    Each process draws its share of the missing indices, so several GPUs split the work.
+    Each process draws its share of the missing indices, so several GPUs split the work. `resolution` (square)
+    where the pipeline's default size is not wanted (`rlbooth.sampling.fixed_resolution`).
     """
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
+    size = {} if resolution is None else {"height": resolution, "width": resolution}
     todo = missing_class_images(folder, count)[accelerator.process_index::accelerator.num_processes]
     if todo:
         logger.info("drawing %d class images of %r into %s", len(todo), prompt, folder)
@@ -66,7 +69,7 @@ def generate_class_images(
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             generators = [torch.Generator(device=pipe.device).manual_seed(seed + i) for i in chunk]
-            images = pipe(num_inference_steps=num_inference_steps, generator=generators,
+            images = pipe(num_inference_steps=num_inference_steps, generator=generators, **size,
                           **call_kwargs(pipe, prompt, len(chunk), guidance_scale, encoded)).images
             for index, image in zip(chunk, images):
                 save_image_atomic(image, class_image_path(folder, index))

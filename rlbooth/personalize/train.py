@@ -69,11 +69,14 @@ def train(config: Config, subject: Subject, output_dir: Path, instance_paths: li
 
     class_paths = None
     if cfg.with_prior_preservation:
-        folder = Path(cfg.class_data_dir) if cfg.class_data_dir else default_class_dir(config, class_prompt)
+        # drawn where the grids are: the denoiser's native size, else the size trained at (FLUX's pipeline
+        # would draw 1024 px for a 512 px run, four times the tokens)
+        size = fixed_resolution(pipe, cfg.resolution)
+        folder = Path(cfg.class_data_dir) if cfg.class_data_dir else default_class_dir(config, class_prompt, size)
         class_paths = generate_class_images(
             pipe, class_prompt, folder, cfg.num_class_images, seed=config.runtime.seed,
             num_inference_steps=cfg.class_generation_steps, guidance_scale=cfg.class_guidance_scale,
-            batch_size=cfg.class_batch_size, accelerator=accelerator, encoded=encoded)
+            batch_size=cfg.class_batch_size, accelerator=accelerator, encoded=encoded, resolution=size)
 
     params = setup_trainable(pipe, family, cfg, config.runtime.seed)
     objective = objective_for(family, pipe, cfg)
@@ -126,9 +129,11 @@ def preflight(config: Config, subject: Subject, output_dir: Path, resume: bool) 
     return paths
 
 
-def default_class_dir(config: Config, class_prompt: str) -> Path:
+def default_class_dir(config: Config, class_prompt: str, resolution: int | None = None) -> Path:
+    """The cache folder of a model's class images of a prompt; one per size where the size is chosen."""
     slug = "".join(c if c.isalnum() else "_" for c in class_prompt)[:60]
-    return cache_dir() / "class_images" / model_key(config.model) / f"{slug}-seed{config.runtime.seed}"
+    size = f"-{resolution}px" if resolution else ""
+    return cache_dir() / "class_images" / model_key(config.model) / f"{slug}-seed{config.runtime.seed}{size}"
 
 
 def trained_encoders(pipe: Any, family: Family, cfg: PersonalizeConfig) -> list[torch.nn.Module]:

@@ -227,9 +227,10 @@ def nft_sign_stage_one(any_stage_one_8px: Path, request: pytest.FixtureRequest) 
 def test_nft_climbs_the_reward_in_its_sign(nft_sign_stage_one, tmp_path, weight):
     """+brightness must brighten, -brightness darken under NFT, as under PPO (tests/align/test_train.py), with
     64 samples an epoch and one optimizer step. Measured on 2026-12-06 (runtime.seed 0): z = +9.6 / -8.9 on
-    SD3 and +13.2 / -11.2 on FLUX (128 seeds; +4.0 / -3.0 and +7.5 / -6.1 on 32; +7.9 / -7.6 and +7.9 / -7.9
-    on 32 when their tiny T5 had 512 positions, not 64), +12.8 / -13.5 on Qwen-Image, +6.7 / -23.2 on Z-Image
-    (32 seeds), +4.9 / -5.3 on SDXL (128 seeds; +2.4 / -2.5 on 32; at lr 3e-3 +4.6 / -3.7), +12.7 / -26.2 on
+    SD3 and +12.9 / -11.0 on FLUX (128 seeds; +4.0 / -3.0 and +7.5 / -6.1 on 32; +7.9 / -7.6 and +7.9 / -7.9
+    on 32 when their tiny T5 had 512 positions, not 64), +12.8 / -13.5 on Qwen-Image, +16.3 / -18.6 on Z-Image
+    (32 seeds; +6.7 / -23.2 when its stage one had no prior preservation; FLUX +13.2 / -11.2 when its class
+    images were drawn at 256 px), +4.9 / -5.3 on SDXL (128 seeds; +2.4 / -2.5 on 32; at lr 3e-3 +4.6 / -3.7), +12.7 / -26.2 on
     SD 1.x (the toy world's UNet, 32 seeds). With 256 samples an epoch SDXL did not pass (at lr 3e-3 on 128
     seeds: +1.9 / -0.1 and +2.1 / -1.4 at guidance 5 and 1). With r flipped (r -> 1 - r) it fails
     (tests/mutations.py, nft-r-flipped-all-families).

@@ -188,9 +188,9 @@ def test_refl_climbs_the_reward_in_its_sign(any_stage_one_8px, tmp_path, weight)
     """+brightness must brighten, -brightness darken under ReFL, as under PPO (tests/align/test_train.py).
 
     One optimizer step per epoch on 8 samples. Measured (z of the brightness change on the evaluation seeds,
-    + / - brightness): SD 1.x +5.4 / -7.3, SD3 +11.3 / -11.4, FLUX +21.0 / -20.6 (their tiny T5 at 64 positions;
-    at 512, +11.2 / -10.8 and +21.8 / -21.7), Qwen-Image +19.7 / -19.6,
-    Z-Image +24.0 / -24.6 at the defaults; the tiny
+    + / - brightness): SD 1.x +5.4 / -7.3, SD3 +11.3 / -11.4, FLUX +21.1 / -20.5 (their tiny T5 at 64 positions;
+    at 512, +11.2 / -10.8 and +21.8 / -21.7), Qwen-Image +19.8 / -19.6, Z-Image +24.9 / -21.2 at the defaults
+    (FLUX, Qwen-Image and Z-Image since their stage one's class images are drawn at its 8 px: 2026-12-06); the tiny
     SDXL moves little (z +1.8 / -0.8 at the defaults, +0.1 / +1.1 at lr 3e-3 with 32 samples), and follows
     the sign at lr 1e-3 over 4 epochs (+3.0 / -2.8 on 256 seeds). With the reward's sign flipped in the loss
     (refl_loss(-total, ...)) the eight cases of the first four fail (checked once)."""

@@ -169,8 +169,10 @@ def test_training_climbs_the_reward_in_its_sign(any_stage_one_8px, tmp_path, wei
     a random tiny model the reward only moves reliably with few latent dims and a strong signal: 8 px
     images (64 latent dims), groups sharing x_T (`SIGN_TEST`) and one small optimizer step per epoch. The
     change is measured on 32 fixed seeds, stage one and stage two drawing from the same noise. Measured on
-    2026-12-06 with `SIGN_TEST` (runtime.seed 0): z = +4.5 / -8.7 on the tiny SD, +15.3 / -15.4 on FLUX,
-    +14.6 / -14.7 on Qwen-Image and +19.5 / -20.7 on Z-Image, a quarter of the samples of the earlier 256
+    2026-12-06 with `SIGN_TEST` (runtime.seed 0): z = +4.5 / -8.7 on the tiny SD, +15.0 / -15.3 on FLUX,
+    +14.6 / -14.6 on Qwen-Image and +24.4 / -21.4 on Z-Image (these three with class images drawn at 8 px, as
+    stage one trains; +15.3 / -15.4, +14.6 / -14.7 and, without prior preservation, +19.5 / -20.7 before),
+    a quarter of the samples of the earlier 256
     ungrouped ones (z +6.5 / -5.9 on SD3, +102 / -99 on FLUX). SD3 takes 128 an epoch: +5.5 / -6.1 (with 64,
     +4.7 / -4.4; +5.8 / -6.3 when its tiny T5 had 512 positions, not 64, at twice the time). The surrogate's
     sign flipped is the other weight's run exactly (group advantages negate exactly), so it fails every

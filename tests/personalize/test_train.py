@@ -144,6 +144,21 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, subject, monkeypatch, 
         personalize(tiny_config(*overrides, preset=preset), subject, tmp_path / "resumed")
 
 
+@pytest.mark.parametrize("preset, size, folder_suffix", [("tiny", 32, "seed0"), ("tiny-flux", 16, "seed0-16px")])
+def test_class_images_are_drawn_at_the_size_the_grids_are(tmp_path, subject, monkeypatch, preset, size,
+                                                           folder_suffix):
+    """Trained at 16 px on models built at 32 px: the denoiser's native size where it has one (the tiny UNet's
+    32 px), else the size trained at, where FLUX's pipeline would draw its default (1024 px for the real model,
+    256 px for the tiny one). The cache keeps a folder per chosen size, so a run at another size draws its own."""
+    monkeypatch.setenv("RLBOOTH_CACHE", str(tmp_path / "cache"))
+    config = tiny_config("personalize.max_train_steps=1", "personalize.num_class_images=2",
+                         "personalize.resolution=16", preset=preset)
+    personalize(config, subject, tmp_path / "out")
+    drawn = sorted((tmp_path / "cache" / "class_images").glob("*/*/*.png"))
+    assert len(drawn) == 2 and drawn[0].parent.name.endswith(folder_suffix), drawn
+    assert Image.open(drawn[0]).size == (size, size)
+
+
 def test_class_images_are_seeded_and_only_missing_ones_are_drawn(tmp_path, subject, monkeypatch):
     class_dir = tmp_path / "class"
     config = tiny_config("personalize.max_train_steps=1", f"personalize.class_data_dir={class_dir}",
