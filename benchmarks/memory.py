@@ -8,14 +8,14 @@ measured decodes of stage two's samples.
 `measure` builds the SDXL UNet (2.6 B) and the SD3.5-Medium transformer (2.5 B) from their real configs
 with random bf16 weights, adds a rank-4 LoRA, and runs one forward and backward at the batch both stages use
 with these presets (stage one: a photo and a class image; stage two at train batch 1: the CFG pair), with
-gradient checkpointing off and on, each in a fresh process (rlbooth.memory). It prints the measured peak above
-the loaded weights beside plan's estimate of the same pass (activations + LoRA gradients). On a CPU the peak
-is RSS; on CUDA the allocator's. Check free memory first: a pass at 512 px without checkpointing needs
+gradient checkpointing off and on, each in a process of its own (rlbooth.memory.measure). It prints the
+measured peak above the loaded weights beside plan's estimate of the same pass (activations + LoRA gradients).
+On a CPU the peak is RSS; on CUDA the allocator's. Check free memory first: a pass at 512 px without checkpointing needs
 several GB beyond the 5 GB of weights.
 
 `decode` builds the SD 1.5 / SDXL VAE (their configs are the same; SD3's and FLUX's differ in the decoder's first
 conv only) with random weights and decodes a sampling batch of latents as stage two does for the rewards, whole
-(slice 0) or `align.decode_slice` at a time, each in a fresh process; the peak above the loaded VAE.
+(slice 0) or `align.decode_slice` at a time, each in a process of its own; the peak above the loaded VAE.
 """
 
 from __future__ import annotations

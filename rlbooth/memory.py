@@ -10,16 +10,15 @@ A pass is the denoiser's forward and backward at a stage's batch: stage one's ro
 prior-preservation images, stage two's the CFG pair of each trajectory (the PPO loss on top is a few
 tensors per row). A decode is the VAE turning a sampling batch's latents into the rewards' images, whole or
 `align.decode_slice` at a time. On CUDA the figure is the allocator's peak above what was allocated before the
-pass; on a CPU, the process's peak RSS above the peak before it, so each measurement runs in a fresh process
-(`measure`), where nothing earlier peaked higher.
+pass; on a CPU, the process's peak RSS above the peak before it, so each measurement runs in a process of its
+own (`measure`), where nothing earlier peaked higher.
 """
 
 from __future__ import annotations
 
-import json
+import multiprocessing
 import resource
-import subprocess
-import sys
+import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
@@ -208,20 +207,47 @@ def peak_of_decode(case: DecodeCase) -> dict:
     return {"peak_bytes": peak, "image_sum": images.double().sum().item(), "device": device}
 
 
+PRELOADED = [__name__, "rlbooth.align.rollout", "diffusers.models.autoencoders.autoencoder_kl",
+             "diffusers.models.unets.unet_2d_condition"]  # the last brings diffusers.models.transformers
+"""Imported once by `measure`'s server."""
 MEASURED = {"Case": (Case, peak_of_pass), "DecodeCase": (DecodeCase, peak_of_decode)}
-"""What a fresh process measures, by the case's class name."""
+"""What `measure`'s child runs, by the case's class name."""
 
 
 def measure(case: Case | DecodeCase, timeout: float = 900) -> dict:
-    """`peak_of_pass` (or `peak_of_decode`) in a fresh Python process."""
-    done = subprocess.run([sys.executable, "-m", "rlbooth.memory", type(case).__name__, json.dumps(asdict(case))],
-                          capture_output=True, text=True, timeout=timeout, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"memory measurement failed ({done.returncode}): {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """`peak_of_pass` (or `peak_of_decode`) in a process of its own, forked from a server that imported torch
+    and diffusers once (multiprocessing's forkserver), which saves a fresh interpreter's imports per case (about
+    9 s of CPU here). A forked child's peak RSS (VmHWM) starts at its size at the fork, not at its parent's peak,
+    and the server holds nothing but the imports, so the case measures its own peak as a fresh process would.
+    The server never touches CUDA, so the child can. As with any forkserver, a script that calls this runs its
+    top level again in the child unless that sits under `if __name__ == "__main__":`."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOADED)
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_measure_and_send, args=(type(case).__name__, asdict(case), sender), daemon=True)
+    child.start()
+    sender.close()
+    try:
+        if not receiver.poll(timeout):
+            raise RuntimeError(f"memory measurement of {case} did not finish in {timeout:.0f} s")
+        ok, result = receiver.recv()
+    except EOFError:  # killed (the OOM killer) or crashed before it could send
+        child.join()
+        raise RuntimeError(f"memory measurement of {case} died (exit code {child.exitcode})") from None
+    finally:
+        child.kill()
+        child.join()
+        receiver.close()
+    if not ok:
+        raise RuntimeError(f"memory measurement of {case} failed:\n{result}")
+    return result
 
 
-if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    kind, run = MEASURED[sys.argv[1]]
-    print(json.dumps(run(kind(**json.loads(sys.argv[2])))))
+def _measure_and_send(kind: str, fields: dict, sender: Any) -> None:
+    case_class, run = MEASURED[kind]
+    try:
+        sender.send((True, run(case_class(**fields))))
+    except BaseException:  # the traceback goes to the parent, which raises it
+        sender.send((False, traceback.format_exc()))
+    finally:
+        sender.close()
