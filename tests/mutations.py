@@ -170,7 +170,7 @@ MUTATIONS: list[Mutation] = [
              ("tests/align/test_heldout.py::test_resume_keeps_the_table_and_the_best_lora",)),
     Mutation("resume-forgets-reward-tracker", "rlbooth/align/train.py",
              'self.tracker.load_state_dict(state["tracker"])', "pass",
-             ("tests/align/test_train.py::test_killed_run_resumes_to_the_same_result[sd]",), slow=True),
+             ("tests/align/test_train.py::test_killed_run_resumes_to_the_same_result[tiny]",), slow=True),
     # Issue 34: LoRA files, reuse, locks, export metadata.
     Mutation("lora-mixed-layout", "rlbooth/models.py",
              'return {key.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): value\n'

@@ -253,7 +253,7 @@ def test_nft_climbs_the_reward_in_its_sign(nft_sign_stage_one, tmp_path, weight)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["stage_one", "stage_one_sd3"])
+@pytest.mark.parametrize("stage", ["stage_one_8px", "stage_one_sd3"])
 def test_killed_nft_run_resumes_to_the_same_weights(stage, request, tmp_path, monkeypatch):
     """The old policy is part of the checkpoint: without it the resumed run samples from another policy."""
     stage_one = request.getfixturevalue(stage)

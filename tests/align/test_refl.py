@@ -206,7 +206,7 @@ def test_refl_climbs_the_reward_in_its_sign(any_stage_one_8px, tmp_path, weight)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["stage_one", "stage_one_sd3"])
+@pytest.mark.parametrize("stage", ["stage_one_8px", "stage_one_sd3"])
 def test_killed_refl_run_resumes_to_the_same_weights(stage, request, tmp_path, monkeypatch):
     """The drawn steps are keyed by (seed, epoch, pass, sample): the resumed run restarts the same steps."""
     stage_one = request.getfixturevalue(stage)

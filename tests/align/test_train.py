@@ -257,12 +257,14 @@ def test_output_loads_on_top_of_stage_one_with_diffusers(any_stage_one, tmp_path
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_result(any_stage_one, tmp_path, monkeypatch):
-    """Killed in epoch 3 with the last checkpoint after epoch 2: epoch 3 is lost and redone on resume."""
+def test_killed_run_resumes_to_the_same_result(any_stage_one_8px, tmp_path, monkeypatch):
+    """Killed in epoch 3 with the last checkpoint after epoch 2: epoch 3 is lost and redone on resume. On the 8 px
+    stage ones: what a checkpoint holds does not depend on the size (26 s for the six families against 44 s at
+    32 px)."""
     config = align_config("align.num_epochs=4", "align.checkpointing_epochs=2", "align.checkpoints_total_limit=null",
                           "align.learning_rate=1e-2", "align.stat_min_count=1")
-    whole = align(config, any_stage_one, tmp_path / "whole")
-    resumed = kill_and_resume(config, any_stage_one, tmp_path / "resumed", 3, monkeypatch)
+    whole = align(config, any_stage_one_8px, tmp_path / "whole")
+    resumed = kill_and_resume(config, any_stage_one_8px, tmp_path / "resumed", 3, monkeypatch)
     assert_same_lora(whole, resumed)
     history = lambda folder: json.loads((folder.parent / "rlbooth.json").read_text())["history"]
     assert history(whole) == history(resumed)
