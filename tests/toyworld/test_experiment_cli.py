@@ -20,3 +20,10 @@ def test_a_bad_arm_override_names_its_field_before_stage_one_trains(tmp_path):
         main(["--out", str(tmp_path), "--config", "toy-flow", "--arms", "identifier-only", "nft",
               "--arm-set", "nft", "align.num_epochs=0"])
     assert not (tmp_path / "personalize").exists()
+
+
+def test_a_negative_number_of_base_seeds_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--base-seeds", "-1"])
+    assert "--base-seeds -1" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
