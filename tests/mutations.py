@@ -292,7 +292,7 @@ MUTATIONS: list[Mutation] = [
              "self.optimizer, self.lr_scheduler = accelerator.prepare(optimizer, lr_scheduler); self.unet = denoiser",
              ("tests/align/test_distributed.py::test_two_processes_equal_one_process_with_the_same_global_batch[sd]",)),
     Mutation("class-images-at-the-pipelines-default-size", "rlbooth/personalize/class_images.py",
-             "generator=generators, **size,", "generator=generators,",
+             "generator=generators, **size_kwargs(resolution),", "generator=generators,",
              ("tests/personalize/test_train.py::test_class_images_are_drawn_at_the_size_the_grids_are",)),
     Mutation("nft-r-flipped-all-families", "rlbooth/align/algorithms/nft.py",
              "return (advantages / adv_clip_max / 2 + 0.5).clamp(0, 1)",

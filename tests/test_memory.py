@@ -35,7 +35,8 @@ MID_VAE = {"block_out_channels": [64, 128, 128], "down_block_types": ["DownEncod
 def test_sliced_decoding_lowers_the_measured_peak_of_a_decode():
     """A mid-size VAE (3 levels of 64-128 channels where SD's has 4 of 128-512; 3.8 M parameters) decoding 8
     latents to 256 px whole and one at a time (align.decode_slice=1), each in a process of its own, peak RSS
-    measured. Forked from `measure`'s server the peaks were 0.773 and 0.185 GiB, the same twice; in fresh
+    measured. Forked from `measure`'s server the peaks were 0.773 and 0.185 GiB twice from one server, 0.928 and
+    0.277 from another that had served a small decode first (0.83 GiB whole under the mutation run); in fresh
     interpreters (before) the peak before the decode varied by up to 0.1 GiB between processes (0.77-0.92 GiB
     whole, 0.17-0.29 GiB sliced), so the batch is large enough for the gap to stand out either way."""
     case = DecodeCase(MID_VAE, batch=8, latent=64)

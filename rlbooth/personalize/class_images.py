@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from rlbooth.images import is_readable_image, save_image_atomic
-from rlbooth.sampling import call_kwargs
+from rlbooth.sampling import call_kwargs, size_kwargs
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -60,7 +60,6 @@ def generate_class_images(
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
-    size = {} if resolution is None else {"height": resolution, "width": resolution}
     todo = missing_class_images(folder, count)[accelerator.process_index::accelerator.num_processes]
     if todo:
         logger.info("drawing %d class images of %r into %s", len(todo), prompt, folder)
@@ -69,7 +68,7 @@ def generate_class_images(
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             generators = [torch.Generator(device=pipe.device).manual_seed(seed + i) for i in chunk]
-            images = pipe(num_inference_steps=num_inference_steps, generator=generators, **size,
+            images = pipe(num_inference_steps=num_inference_steps, generator=generators, **size_kwargs(resolution),
                           **call_kwargs(pipe, prompt, len(chunk), guidance_scale, encoded)).images
             for index, image in zip(chunk, images):
                 save_image_atomic(image, class_image_path(folder, index))

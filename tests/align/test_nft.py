@@ -243,7 +243,8 @@ def test_nft_climbs_the_reward_in_its_sign(nft_sign_stage_one, tmp_path, weight)
     and -3.0 / -1.5: no direction to test there."""
     family = read_stage(nft_sign_stage_one).metadata["family"]
     config = align_config(*NFT, f"align.reward={{brightness: {weight}}}", "runtime.seed=0",
-                          f"align.num_epochs={NFT_SIGN_EPOCHS.get(family, 3)}", "align.sample_batch_size=32", "align.num_batches_per_epoch=2", "align.train_batch_size=64",
+                          f"align.num_epochs={NFT_SIGN_EPOCHS.get(family, 3)}", "align.sample_batch_size=32",
+                          "align.num_batches_per_epoch=2", "align.train_batch_size=64",
                           "align.learning_rate=1e-2")
     out = align(config, nft_sign_stage_one, tmp_path / "out")
     eval_seeds = NFT_SIGN_EVAL_SEEDS.get(family, 32)

@@ -62,7 +62,8 @@ def run_command(out: Path, preset: str, epochs: dict[str, int], seeds: int, prom
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         main(["--out", str(out), "--config", preset, "--arms", *epochs, "--train-seeds", "0", "--seeds", str(seeds),
-              "--base-seeds", str(BASE_SEEDS), "--curves", "--curve-seeds", str(CURVE_SEEDS), "--prompt-sets", *prompt_sets,
+              "--base-seeds", str(BASE_SEEDS), "--curves", "--curve-seeds", str(CURVE_SEEDS),
+              "--prompt-sets", *prompt_sets,
               *(a for s in [*SHORT, f"report.num_inference_steps={steps}"] for a in ("--set", s)),
               *(a for arm, n in epochs.items() for a in ("--arm-set", arm, f"align.num_epochs={n}"))])
     return json.loads((out / "results.json").read_text()), printed.getvalue()
