@@ -39,7 +39,7 @@ def draw(pipe: "DiffusionPipeline", prompts: list[str], seeds: list[int], num_in
     wait in host memory); without it the pipeline encodes the prompts.
     """
     pipe.set_progress_bar_config(disable=True)
-    size = size_kwargs(resolution)
+    size = {} if resolution is None else {"height": resolution, "width": resolution}
     device = pipe.device
     images = []
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -48,11 +48,6 @@ def draw(pipe: "DiffusionPipeline", prompts: list[str], seeds: list[int], num_in
             images += pipe(num_inference_steps=num_inference_steps, generator=generators, **size,
                            **call_kwargs(pipe, prompt, len(seeds), guidance_scale, encoded)).images
     return images
-
-
-def size_kwargs(resolution: int | None) -> dict:
-    """The pipeline's `height` and `width` for a square `resolution`; none for the pipeline's default size."""
-    return {} if resolution is None else {"height": resolution, "width": resolution}
 
 
 def call_kwargs(pipe: "DiffusionPipeline", prompt: str, n: int, guidance_scale: float,

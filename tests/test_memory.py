@@ -121,7 +121,9 @@ def test_stage_one_offload_draws_class_images_and_grids_without_the_text_encoder
 def test_stage_one_frozen_weights_reach_the_device_in_the_runs_16_bit_dtype(mode, tmp_path, subject_photos,
                                                                             monkeypatch):
     """The frozen components are cast before they move (a bf16 run never holds T5's fp32 copy on the device),
-    and the trained ones stay fp32."""
+    and the trained ones stay fp32. A cache of its own, so that the class images are drawn here: with the full
+    UNet in fp32 beside a bf16 text encoder and VAE they are drawn under autocast, as the grids are (without it
+    the UNet's first layer refused the encoder's bf16 states; a shared cache filled by the LoRA case hid that)."""
     from rlbooth.config import load_config
     from rlbooth.personalize import train as stage_one
     from rlbooth.subject import Subject
@@ -135,9 +137,11 @@ def test_stage_one_frozen_weights_reach_the_device_in_the_runs_16_bit_dtype(mode
         real(pipe, device, but)
 
     monkeypatch.setattr(stage_one, "to_device", to_device)
+    monkeypatch.setenv("RLBOOTH_CACHE", str(tmp_path / "cache"))
     config = load_config("tiny", ["runtime.report_to=none", "runtime.mixed_precision=bf16",
                                   "personalize.max_train_steps=1", "personalize.validation_steps=0",
                                   f"personalize.mode={mode}"])
     stage_one.personalize(config, Subject(images=subject_photos, class_noun="toy"), tmp_path / "out")
+    assert len(list((tmp_path / "cache" / "class_images").glob("*/*/*.png"))) == config.personalize.num_class_images
     assert moved["vae"] == moved["text_encoder"] == {torch.bfloat16}
     assert moved["unet"] == ({torch.bfloat16} if mode == "lora" else {torch.float32})

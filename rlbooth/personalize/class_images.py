@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from rlbooth.images import is_readable_image, save_image_atomic
-from rlbooth.sampling import call_kwargs, size_kwargs
+from rlbooth.sampling import draw
 
 if TYPE_CHECKING:
+    import torch
     from accelerate import Accelerator
     from diffusers import DiffusionPipeline
 
@@ -51,25 +52,23 @@ def generate_class_images(
     accelerator: "Accelerator",
     encoded: "Encoded | None" = None,
     resolution: int | None = None,
+    autocast_dtype: "torch.dtype | None" = None,
 ) -> list[Path]:
     """Fill `folder` with `count` images of `prompt`; image i always comes from seed `seed + i`.
 
-    Each process draws its share of the missing indices, so several GPUs split the work. `resolution` (square)
-    where the pipeline's default size is not wanted (`rlbooth.sampling.fixed_resolution`).
+    Each process draws its share of the missing indices, so several GPUs split the work. Drawn as the sample
+    grids are (`rlbooth.sampling.draw`): at `resolution` where the pipeline's default size is not wanted
+    (`fixed_resolution`), under autocast where the frozen weights are 16-bit and the trained ones are not.
     """
-    import torch
-
     folder.mkdir(parents=True, exist_ok=True)
     todo = missing_class_images(folder, count)[accelerator.process_index::accelerator.num_processes]
     if todo:
         logger.info("drawing %d class images of %r into %s", len(todo), prompt, folder)
-        pipe.set_progress_bar_config(disable=True)
         bar = tqdm(total=len(todo), desc="class images", disable=not accelerator.is_local_main_process)
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            generators = [torch.Generator(device=pipe.device).manual_seed(seed + i) for i in chunk]
-            images = pipe(num_inference_steps=num_inference_steps, generator=generators, **size_kwargs(resolution),
-                          **call_kwargs(pipe, prompt, len(chunk), guidance_scale, encoded)).images
+            images = draw(pipe, [prompt], [seed + i for i in chunk], num_inference_steps, guidance_scale,
+                          autocast_dtype, resolution, encoded)
             for index, image in zip(chunk, images):
                 save_image_atomic(image, class_image_path(folder, index))
             bar.update(len(chunk))

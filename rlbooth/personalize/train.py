@@ -73,10 +73,12 @@ def train(config: Config, subject: Subject, output_dir: Path, instance_paths: li
         # would draw 1024 px for a 512 px run, four times the tokens)
         size = fixed_resolution(pipe, cfg.resolution)
         folder = Path(cfg.class_data_dir) if cfg.class_data_dir else default_class_dir(config, class_prompt, size)
+        dtype = weight_dtype(accelerator)
         class_paths = generate_class_images(
             pipe, class_prompt, folder, cfg.num_class_images, seed=config.runtime.seed,
             num_inference_steps=cfg.class_generation_steps, guidance_scale=cfg.class_guidance_scale,
-            batch_size=cfg.class_batch_size, accelerator=accelerator, encoded=encoded, resolution=size)
+            batch_size=cfg.class_batch_size, accelerator=accelerator, encoded=encoded, resolution=size,
+            autocast_dtype=None if dtype == torch.float32 else dtype)
 
     params = setup_trainable(pipe, family, cfg, config.runtime.seed)
     objective = objective_for(family, pipe, cfg)
