@@ -19,11 +19,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 LONGEST_FIRST = ("tests/toyworld/test_experiment.py::", "tests/align/test_train.py::", "tests/align/test_nft.py::",
-                 "tests/align/test_refl.py::", "tests/test_memory.py::", "tests/align/test_distributed.py::",
-                 "tests/align/test_speedups.py::", "tests/align/test_heldout.py::", "tests/test_run.py::",
-                 "tests/personalize/test_train.py::", "tests/test_export.py::", "tests/test_wheel.py::")
-"""The longest scopes, longest first (2026-12-06: the toy worlds minutes a class, then these modules 117 s down
-to 14 s). Collected in this order before the rest, so that under `pytest -n 2 --dist loadscope
+                 "tests/align/test_refl.py::", "tests/test_memory.py::", "tests/align/test_speedups.py::",
+                 "tests/align/test_distributed.py::", "tests/test_run.py::", "tests/personalize/test_train.py::",
+                 "tests/align/test_heldout.py::", "tests/align/test_memory_savings.py::", "tests/test_export.py::",
+                 "tests/test_wheel.py::", "tests/test_crash_safety.py::", "tests/toyworld/test_model.py::",
+                 "tests/test_output_folders.py::", "tests/test_quiet.py::")
+"""The longest scopes, longest first (2026-12-06: the toy worlds minutes a class, then these modules 132 s down
+to 9 s). Collected in this order before the rest, so that under `pytest -n 2 --dist loadscope
 --no-loadscope-reorder` (the README's test command) the two workers start on the worlds, share out the long
 modules next and end on short ones, which leaves neither waiting long for the other (longest first)."""
 

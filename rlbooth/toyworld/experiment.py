@@ -90,6 +90,15 @@ class Results:
     """Stage one on the held-out prompts with the per-epoch evaluation's seeds (`--curves`)."""
     base_seeds: list[int] = field(default_factory=list)
     """The seeds the base model is scored on: `seeds` or their start (`--base-seeds`)."""
+    train_prompt_seeds: list[int] = field(default_factory=list)
+    """The seeds every model is scored on with stage two's own prompts: `seeds` or their start
+    (`--train-prompt-seeds`); the base model on those of `base_seeds` among them."""
+
+    def seeds_for(self, model: str, prompt_set: str) -> list[int]:
+        """The seeds `model` is scored on in `prompt_set`: the shorter of its model's and its prompt set's."""
+        by_model = self.base_seeds if model == "base" else self.seeds
+        by_set = self.train_prompt_seeds if prompt_set == "train" else self.seeds
+        return by_model if len(by_model) < len(by_set) else by_set
 
     def table(self) -> str:
         lines = ["| model | " + " | ".join(f"{PROMPT_SETS[key]} alignment | scene accuracy | identity"
@@ -181,10 +190,11 @@ def score(pipe, prompts: list[str], seeds: list[int], config: Config, rewards: d
 
 def run_experiment(config: Config, subject: Subject, out: Path, arms: dict[str, list[str]],
                    seeds: list[int], train_seeds: tuple[int, ...] = (0,), curve_seeds: int = 0,
-                   prompt_sets: tuple[str, ...] = tuple(PROMPT_SETS), base_seeds: int = 0) -> Results:
+                   prompt_sets: tuple[str, ...] = tuple(PROMPT_SETS), base_seeds: int = 0,
+                   train_prompt_seeds: int = 0) -> Results:
     """Stage one once, stage two per arm and training seed (each resumable), then every model scored on
     `prompt_sets` (keys of `PROMPT_SETS`; the held-out set always), the base model on the first `base_seeds`
-    of `seeds` where that is set.
+    of `seeds` and stage two's own prompts on the first `train_prompt_seeds` where those are set.
 
     With `curve_seeds`, stage two also evaluates the held-out prompts on that many seeds after every epoch.
     """
@@ -213,15 +223,15 @@ def run_experiment(config: Config, subject: Subject, out: Path, arms: dict[str, 
     rewards = {"toy_alignment": build_reward("toy_alignment"),
                "toy_identity": build_reward("toy_identity", subject=subject)}
     results = Results(prompts=prompts, seeds=seeds, minutes=minutes, scores={key: {} for key in prompts},
-                      base_seeds=seeds[:base_seeds] if base_seeds else seeds)
+                      base_seeds=seeds[:base_seeds] if base_seeds else seeds,
+                      train_prompt_seeds=seeds[:train_prompt_seeds] if train_prompt_seeds else seeds)
     models = {"base": lambda: load_pipeline(config.model), "stage one": lambda: load_stage_pipeline(read_stage(one))}
     models |= {run: (lambda folder=folder: load_stage_pipeline(read_stage(folder, "align")))
                for run, (_, folder) in runs.items()}
     for name, load in models.items():
         pipe = load()
         for key, texts in prompts.items():
-            results.scores[key][name] = score(pipe, texts, results.base_seeds if name == "base" else seeds, config,
-                                              rewards)
+            results.scores[key][name] = score(pipe, texts, results.seeds_for(name, key), config, rewards)
     for run, (_, folder) in runs.items():
         metadata = read_stage(folder, "align").metadata
         results.curves[run], results.epoch_seconds[run] = metadata["history"], metadata.get("epoch_seconds", {})
@@ -309,20 +319,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base-seeds", type=int, default=0,
                         help="score the base model on the first N of the seeds only (default: all); it is the same "
                              "model in every experiment of a preset, and far from stage one")
+    parser.add_argument("--train-prompt-seeds", type=int, default=0,
+                        help="score stage two's own prompts (the `train` set) on the first N of the seeds only "
+                             "(default: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.base_seeds < 0:
-        parser.error(f"--base-seeds {args.base_seeds}: give a number of seeds, or 0 for all of them")
+    for option, value in (("--base-seeds", args.base_seeds), ("--train-prompt-seeds", args.train_prompt_seeds)):
+        if value < 0:
+            parser.error(f"{option} {value}: give a number of seeds, or 0 for all of them")
     if stray := sorted({arm for arm, _ in args.arm_set} - set(args.arms)):
         parser.error(f"--arm-set names {stray}, which --arms does not run")
     config = load_config(args.config, args.overrides)
     arms = {arm: ARMS[arm] + [item for name, item in args.arm_set if name == arm] for arm in args.arms}
     results = run_experiment(config, Subject.from_yaml(args.subject), args.out, arms, list(range(args.seeds)),
                              tuple(args.train_seeds),
-                             args.curve_seeds if args.curves else 0, tuple(args.prompt_sets), args.base_seeds)
+                             args.curve_seeds if args.curves else 0, tuple(args.prompt_sets), args.base_seeds,
+                             args.train_prompt_seeds)
     report = "".join(f"{PROMPT_SETS[key]}: {texts}\n" for key, texts in results.prompts.items())
-    base = "" if results.base_seeds == results.seeds else f" (the base model: the first {len(results.base_seeds)})"
-    report += (f"{len(results.seeds)} seeds each, the same for every model{base}\n\n{results.table()}\n\n"
+    fewer = [f"{what}: the first {len(used)}" for what, used in (("the base model", results.base_seeds),
+             ("trained prompts", results.train_prompt_seeds)) if len(used) < len(results.seeds)]
+    report += (f"{len(results.seeds)} seeds each, the same for every model"
+               + (f" ({'; '.join(fewer)})" if fewer else "") + f"\n\n{results.table()}\n\n"
                f"gain over stage one:\n\n{results.gain_table()}\n"
                f"\nstage two wall time (minutes): {results.minutes}\n"
                f"\ntraining reward per epoch (stage two's own samples):{results.curve_table()}\n")
@@ -336,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     write_text_atomic(args.out / "results.md", report)
     write_text_atomic(args.out / "results.json", json.dumps(
         {"prompts": results.prompts, "seeds": results.seeds, "base_seeds": results.base_seeds,
+         "train_prompt_seeds": results.train_prompt_seeds,
          "scores": {key: {k: vars(v) for k, v in by_model.items()} for key, by_model in results.scores.items()},
          "gains": results.gains(), "curves": results.curves, "stage_two_minutes": results.minutes,
          "epoch_seconds": results.epoch_seconds,

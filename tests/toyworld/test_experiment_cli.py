@@ -22,8 +22,9 @@ def test_a_bad_arm_override_names_its_field_before_stage_one_trains(tmp_path):
     assert not (tmp_path / "personalize").exists()
 
 
-def test_a_negative_number_of_base_seeds_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("option", ["--base-seeds", "--train-prompt-seeds"])
+def test_a_negative_number_of_seeds_is_refused(tmp_path, capsys, option):
     with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path), "--base-seeds", "-1"])
-    assert "--base-seeds -1" in capsys.readouterr().err
+        main(["--out", str(tmp_path), option, "-1"])
+    assert f"{option} -1: give a number of seeds" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
