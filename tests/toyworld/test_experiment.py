@@ -165,7 +165,8 @@ class TestUNetWorld(ExperimentGuards):
     preset = "toy"
     epochs = {"identifier-only": 5}
     arm_overrides = {"identifier-only": ("align.learning_rate=2e-2",)}
-    """5 epochs at twice the preset's learning rate: a larger held-out gain than 8 at the preset's (module docstring)."""
+    """5 epochs at twice the preset's learning rate: a larger held-out gain than 8 epochs at the preset's rate
+    (module docstring)."""
     steps = 5  # stage two's own; the tightest guard, the held-out gain, is further above its bound (module docstring)
 
 
