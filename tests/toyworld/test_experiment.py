@@ -26,8 +26,8 @@ held-out (SE 0.016, 6.2 SE above its bound, the tightest) and +0.203 trained (SE
 +0.048 and +0.046 (SE 0.009, 0.011). The preset's 8 epochs at its own rate gained less: +0.155 held-out (SE 0.012,
 4.8 SE) and +0.172 trained; 6 epochs at 1.6 times it +0.180 (SE 0.011), at 1.33 times +0.142; half the samples an
 epoch (128) for 8 epochs at the preset's rate +0.074, below the bound; 4 epochs at 2.5 times it +0.182, but its
-training alignment climbed 0.025 (first two epochs against last two; bound 0.05). Flow world, scored with 10 steps: stage
-one's identity gain +0.53 (SE 0.008; +0.56 with SE 0.010 trained), its alignment loss 0.50 held-out (SE 0.017)
+training alignment climbed 0.025 (first two epochs against last two; bound 0.05). Flow world, scored with 10
+steps: stage one's identity gain +0.53 (SE 0.008; +0.56 with SE 0.010 trained), its alignment loss 0.50 held-out (SE 0.017)
 and 0.61 trained (SE 0.017). Stage two, ppo for 8 epochs at the preset's settings: gain +0.188 held-out (SE 0.023,
 3.8 SE above its bound, the tightest guard of either world) and +0.297 trained (SE 0.025), identity -0.048 and
 -0.040 (SE 0.008, 0.012: 6.6 and 4.8 SE above the bound of -0.1); fewer epochs at a higher rate lose gain here (6
