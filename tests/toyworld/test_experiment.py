@@ -16,27 +16,27 @@ and is not asserted, so that set is not scored here. A rerun of the same command
 scoring 2 seeds, checks that nothing is trained again and that the per-epoch curve ends where the final
 scoring's code puts it.
 
-Each guard's effect and the standard error (SE) of its measurement, on the models these settings train
-(2026-12-07; 5 prompts a set, held-out prompts on 32 seeds = 160 images a model, stage two's own prompts on the
-first 16 (`--train-prompt-seeds`); differences paired by prompt and seed; the bounds are in the tests).
-UNet world, scored with stage two's 5 steps: stage one's identity gain +0.33 (bound 0.2, SE 0.013; +0.32 with SE
-0.018 on 16 seeds of the trained prompts), its alignment loss +0.45 held-out (bound 0.15, SE 0.014) and +0.43
-trained (SE 0.020). Stage two, ppo for 5 epochs at twice the preset's learning rate: alignment gain +0.198
-held-out (SE 0.016, 6.2 SE above its bound, the tightest) and +0.203 trained (SE 0.018, 5.6 SE), identity
-+0.048 and +0.046 (SE 0.009, 0.011). The preset's 8 epochs at its own rate gained less: +0.155 held-out (SE 0.012,
-4.8 SE) and +0.172 trained; 6 epochs at 1.6 times it +0.180 (SE 0.011), at 1.33 times +0.142; half the samples an
-epoch (128) for 8 epochs at the preset's rate +0.074, below the bound; 4 epochs at 2.5 times it +0.182, but its
-training alignment climbed 0.025 (first two epochs against last two; bound 0.05). Flow world, scored with 10
-steps: stage one's identity gain +0.53 (SE 0.008; +0.56 with SE 0.010 trained), its alignment loss 0.50 held-out (SE 0.017)
-and 0.61 trained (SE 0.017). Stage two, ppo for 8 epochs at the preset's settings: gain +0.188 held-out (SE 0.023,
-3.8 SE above its bound, the tightest guard of either world) and +0.297 trained (SE 0.025), identity -0.048 and
--0.040 (SE 0.008, 0.012: 6.6 and 4.8 SE above the bound of -0.1); fewer epochs at a higher rate lose gain here (6
-at 1.33 and 1.75 times the rate: +0.137 and +0.152), and so does half the samples (+0.068). NFT for 4 epochs of
-128 samples (half the preset's, still one optimizer step): held-out gain +0.196 (SE 0.020, 4.8 SE above its
-bound), identity -0.075 (SE 0.009); with the preset's 256, +0.217 (SE 0.021) and -0.088 (SE 0.010). With 32 seeds
-of the trained prompts the trained-prompt guards were further from their bounds (UNet +0.214, SE 0.014; flow
-+0.270 and -0.028, SE 0.016 and 0.009); on 16 they stay at least 4.8 SE from them. The flow world keeps 10
-scoring steps: with 5, ppo's held-out identity change was -0.070 (2.9 SE above its bound).
+Each guard's effect and the standard error (SE) of its measurement, on the models these settings train (2026-12-07;
+5 prompts a set, held-out prompts on 32 seeds = 160 images a model, stage two's own prompts on the first 16
+(`--train-prompt-seeds`); differences paired by prompt and seed; the bounds are in the tests). UNet world, scored
+with stage two's 5 steps: stage one's identity gain +0.33 (bound 0.2, SE 0.013; +0.32 with SE 0.018 on 16 seeds of
+the trained prompts), its alignment loss +0.45 held-out (bound 0.15, SE 0.014) and +0.43 trained (SE 0.020). Stage
+two, ppo for 5 epochs at twice the preset's learning rate: alignment gain +0.198 held-out (SE 0.016, 6.2 SE above
+its bound, the tightest) and +0.203 trained (SE 0.018, 5.6 SE), identity +0.048 and +0.046 (SE 0.009, 0.011). The
+preset's 8 epochs at its own rate gained less: +0.155 held-out (SE 0.012, 4.8 SE) and +0.172 trained; 6 epochs at
+1.6 times it +0.180 (SE 0.011), at 1.33 times +0.142; half the samples an epoch (128) for 8 epochs at the preset's
+rate +0.074, below the bound; 4 epochs at 2.5 times it +0.182, but its training alignment climbed 0.025 (first two
+epochs against last two; bound 0.05). Flow world, scored with 10 steps: stage one's identity gain +0.53 (SE 0.008;
++0.56 with SE 0.010 trained), its alignment loss 0.50 held-out (SE 0.017) and 0.61 trained (SE 0.017). Stage two,
+ppo for 8 epochs at the preset's settings: gain +0.188 held-out (SE 0.023, 3.8 SE above its bound, the tightest
+guard of either world) and +0.297 trained (SE 0.025), identity -0.048 and -0.040 (SE 0.008, 0.012: 6.6 and 4.8 SE
+above the bound of -0.1); fewer epochs at a higher rate lose gain here (6 at 1.33 and 1.75 times the rate: +0.137
+and +0.152), and so does half the samples (+0.068). NFT for 4 epochs of 128 samples (half the preset's, still one
+optimizer step): held-out gain +0.196 (SE 0.020, 4.8 SE above its bound), identity -0.075 (SE 0.009); with the
+preset's 256, +0.217 (SE 0.021) and -0.088 (SE 0.010). With 32 seeds of the trained prompts the trained-prompt
+guards were further from their bounds (UNet +0.214, SE 0.014; flow +0.270 and -0.028, SE 0.016 and 0.009); on 16
+they stay at least 4.8 SE from them. The flow world keeps 10 scoring steps: with 5, ppo's held-out identity change
+was -0.070 (2.9 SE above its bound).
 
 The base model is scored on the first 8 of the 32 seeds (`--base-seeds`): its guards compare it with stage one
 far from their bounds. Measured on the same models (stage one on 32 seeds, the base on 8, unpaired): UNet world,
