@@ -60,6 +60,15 @@ def weight_dtype(accelerator: "Accelerator") -> "torch.dtype":
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
+def sampling_autocast(accelerator: "Accelerator") -> "torch.dtype | None":
+    """The dtype images are drawn under autocast in (grids, class images, held-out sets): the frozen weights'
+    16-bit dtype, since the trained ones stay float32 beside them; None in full precision."""
+    import torch
+
+    dtype = weight_dtype(accelerator)
+    return None if dtype == torch.float32 else dtype
+
+
 def flat_hparams(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """TensorBoard's hparams take scalars only: nested keys are dotted, lists and None become strings."""
     flat: dict[str, Any] = {}

@@ -294,8 +294,12 @@ MUTATIONS: list[Mutation] = [
     Mutation("class-images-at-the-pipelines-default-size", "rlbooth/personalize/class_images.py",
              "autocast_dtype, resolution, encoded)", "autocast_dtype, None, encoded)",
              ("tests/personalize/test_train.py::test_class_images_are_drawn_at_the_size_the_grids_are",)),
+    Mutation("train-prompt-seeds-ignored", "rlbooth/toyworld/experiment.py",
+             "return by_model if len(by_model) < len(by_set) else by_set", "return by_model",
+             ("tests/toyworld/test_experiment_cli.py::"
+              "test_each_model_and_prompt_set_is_scored_on_the_shorter_of_its_seed_lists",)),
     Mutation("class-images-without-autocast", "rlbooth/personalize/train.py",
-             "autocast_dtype=None if dtype == torch.float32 else dtype)", "autocast_dtype=None)",
+             "autocast_dtype=sampling_autocast(accelerator))", "autocast_dtype=None)",
              ("tests/test_memory.py::test_stage_one_frozen_weights_reach_the_device_in_the_runs_16_bit_dtype",)),
     Mutation("nft-r-flipped-all-families", "rlbooth/align/algorithms/nft.py",
              "return (advantages / adv_clip_max / 2 + 0.5).clamp(0, 1)",

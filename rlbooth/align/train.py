@@ -34,7 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from rlbooth import __version__
-from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, log_grid, make_accelerator, weight_dtype
+from rlbooth.accel import (backward_and_step, check_runtime, flat_hparams, log_grid, make_accelerator,
+                           sampling_autocast, weight_dtype)
 from rlbooth.align.algorithms import make_algorithm
 from rlbooth.align.heldout import HeldoutEvaluator, Watch
 from rlbooth.align.merge import merged_lora
@@ -498,8 +499,7 @@ class DDPOTrainer:
     def evaluate(self, done: int, train_reward: float) -> dict[str, float]:
         """The held-out evaluation after `done` epochs (every process draws it, so all agree on the stop)."""
         self.unet.eval()
-        dtype = weight_dtype(self.acc)
-        scores = self.evaluator(self.pipe, None if dtype == torch.float32 else dtype,
+        scores = self.evaluator(self.pipe, sampling_autocast(self.acc),
                                 fixed_resolution(self.pipe, self.resolution), self.encoded)
         row = {"epoch": done, "train_reward": train_reward} | scores
         alarm = self.watch.record(row, trainable_parameters(self.acc, self.models()))
@@ -527,9 +527,8 @@ class DDPOTrainer:
     def draw_grid(self, epoch: int) -> None:
         acc = self.acc
         if acc.is_main_process:
-            dtype = weight_dtype(acc)
             grid = draw_grid(self.pipe, self.grid_texts, self.cfg.grid_seeds, self.cfg.num_steps,
-                             self.cfg.guidance_scale, autocast_dtype=None if dtype == torch.float32 else dtype,
+                             self.cfg.guidance_scale, autocast_dtype=sampling_autocast(acc),
                              resolution=fixed_resolution(self.pipe, self.resolution), encoded=self.encoded)
             save_image_atomic(grid, self.output_dir / "samples" / f"epoch-{epoch}.png")
             log_grid(acc, "samples", grid, epoch)

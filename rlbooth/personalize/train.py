@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from rlbooth import __version__
-from rlbooth.accel import backward_and_step, check_runtime, flat_hparams, log_grid, make_accelerator, weight_dtype
+from rlbooth.accel import (backward_and_step, check_runtime, flat_hparams, log_grid, make_accelerator,
+                           sampling_autocast, weight_dtype)
 from rlbooth.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlbooth.config import Config, PersonalizeConfig
 from rlbooth.families import Conditioning, Family, family_of
@@ -73,12 +74,11 @@ def train(config: Config, subject: Subject, output_dir: Path, instance_paths: li
         # would draw 1024 px for a 512 px run, four times the tokens)
         size = fixed_resolution(pipe, cfg.resolution)
         folder = Path(cfg.class_data_dir) if cfg.class_data_dir else default_class_dir(config, class_prompt, size)
-        dtype = weight_dtype(accelerator)
         class_paths = generate_class_images(
             pipe, class_prompt, folder, cfg.num_class_images, seed=config.runtime.seed,
             num_inference_steps=cfg.class_generation_steps, guidance_scale=cfg.class_guidance_scale,
             batch_size=cfg.class_batch_size, accelerator=accelerator, encoded=encoded, resolution=size,
-            autocast_dtype=None if dtype == torch.float32 else dtype)
+            autocast_dtype=sampling_autocast(accelerator))
 
     params = setup_trainable(pipe, family, cfg, config.runtime.seed)
     objective = objective_for(family, pipe, cfg)
@@ -347,12 +347,11 @@ class TrainLoop:
             acc.wait_for_everyone()
             return
         prompts = [self.subject.prompt(t) for t in cfg.validation_prompts]
-        dtype = weight_dtype(acc)
         self.train_mode(False)
         back = [self.pipe.vae] if self.encoded else offloaded(self.pipe, self.family, cfg)
         with on_device(back, acc.device):
             grid = draw_grid(self.pipe, prompts, cfg.validation_seeds, cfg.validation_inference_steps,
-                             cfg.validation_guidance_scale, autocast_dtype=None if dtype == torch.float32 else dtype,
+                             cfg.validation_guidance_scale, autocast_dtype=sampling_autocast(acc),
                              resolution=fixed_resolution(self.pipe, cfg.resolution), encoded=self.encoded)
         self.train_mode(True)
         save_image_atomic(grid, self.output_dir / "samples" / f"step-{step}.png")
